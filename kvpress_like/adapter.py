@@ -1,0 +1,160 @@
+"""The one place that knows how Hugging Face model families differ.
+
+kvpress_like owns the layer loop (embed, decoder layers, norm, head) and calls transformers'
+own decoder layers with its own positions. Attention is routed, for the duration of a call only,
+to a function registered under ``kvpress_like`` in transformers' ``AttentionInterface``: it
+receives post-RoPE queries and un-repeated keys, so the families' q/k norms, fused projections
+and partial rotary all stay inside transformers' code. Nothing is patched globally.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+
+from kvpress_like.errors import UnsupportedModelError
+from kvpress_like.plugins import ModelInfo
+
+ATTENTION_NAME = "kvpress_like"
+STATE_KWARG = "kvpress_state"
+
+# Families whose decoder stack this adapter drives and the tests cover (config.model_type).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+
+
+class AttentionRouter(Protocol):
+    """What the routed attention hands each call to (the pipeline's per-forward state)."""
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
+
+
+def _routed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; shapes ``[B, H, T, D]`` in, ``[B, T, Hq, D]`` out."""
+    router: AttentionRouter | None = kwargs.get(STATE_KWARG)
+    if router is None:
+        raise RuntimeError("kvpress_like attention was called outside a kvpress_like pipeline call")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = router.attend(module.layer_idx, query, key, value, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _routed_attention)
+
+
+class ModelAdapter:
+    """Drives one loaded causal LM layer by layer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        name = type(model).__name__
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model: architecture must be one of {list(SUPPORTED_MODEL_TYPES)} "
+                f"(got {name} with model_type={model_type!r})"
+            )
+        base = getattr(model, "model", None)
+        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(base, part):
+                raise UnsupportedModelError(f"model: {name} must have model.model.{part} (it does not)")
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise UnsupportedModelError(
+                f"model: attention logit soft-capping is not supported (got {name} with "
+                f"attn_logit_softcapping={config.attn_logit_softcapping})"
+            )
+        self.model = model
+        self.base = base
+        self.config = config
+        self.layers = list(base.layers)[: config.num_hidden_layers]
+        if getattr(config, "layer_types", None):
+            self.layer_types = tuple(config.layer_types[: len(self.layers)])
+        else:
+            sliding = getattr(config, "sliding_window", None) is not None
+            self.layer_types = ("sliding_attention" if sliding else "full_attention",) * len(self.layers)
+        self._rotary_by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.info = ModelInfo(
+            num_layers=len(self.layers),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            layer_types=self.layer_types,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.embed_tokens.weight.dtype
+
+    @contextmanager
+    def attention_routed(self) -> Iterator[None]:
+        """Route attention to kvpress_like for the block, then restore every config as it was."""
+        configs = {id(self.config): self.config}
+        for layer in self.layers:
+            configs.setdefault(id(layer.self_attn.config), layer.self_attn.config)
+        saved = [(cfg, cfg._attn_implementation) for cfg in configs.values()]
+        try:
+            for cfg, _ in saved:
+                cfg._attn_implementation = ATTENTION_NAME
+            yield
+        finally:
+            for cfg, value in saved:  # parents first: their setter also resets sub-configs
+                cfg._attn_implementation = value
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str) -> tuple:
+        """(cos, sin) for true ``positions`` ``[B, T]``, per layer type where the family has several."""
+        if self._rotary_by_type:
+            return self.base.rotary_emb(hidden, positions, layer_type)
+        return self.base.rotary_emb(hidden, positions)
+
+    def run_layer(
+        self, idx: int, hidden: torch.Tensor, rotary: tuple, positions: torch.Tensor, router: AttentionRouter
+    ) -> torch.Tensor:
+        """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``."""
+        out = self.layers[idx](
+            hidden,
+            attention_mask=None,
+            position_ids=positions,
+            position_embeddings=rotary,
+            **{STATE_KWARG: router},
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits ``[B, V]`` for final-position hidden states ``[B, H]``."""
+        logits = self.model.get_output_embeddings()(self.base.norm(hidden)).float()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

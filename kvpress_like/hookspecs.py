@@ -1,0 +1,77 @@
+"""Every hook point of kvpress_like, declared once.
+
+Shapes: B batch, Hq query heads, Hkv key/value heads (G = Hq // Hkv per group), T queries in this
+forward, S keys at this layer (S == T during prefill), D head dim.
+
+All three hooks are called during prefill only, once per decoder layer, right after the layer's
+keys and values are computed (post-RoPE). They are ``firstresult``: plugins are asked newest first
+and the first answer that is not ``None`` wins, so a plugin registered on top of a strategy can
+override one hook (say ``score``) and leave the others to the strategy. ``None`` from every plugin
+means "no opinion": no scores, keep every entry, propagate every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pluggy
+import torch
+
+PROJECT = "kvpress_like"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a hook sees of one decoder layer during prefill.
+
+    Valid entries of each row are right-aligned (padding and dropped tokens come first) and
+    sorted by position, so the last ``w`` entries of a row are its ``w`` most recent tokens.
+    """
+
+    layer_idx: int
+    num_layers: int
+    queries: torch.Tensor  # [B, Hq, T, D] post-RoPE
+    keys: torch.Tensor  # [B, Hkv, S, D] post-RoPE, not repeated over the group
+    values: torch.Tensor  # [B, Hkv, S, D]
+    positions: torch.Tensor  # [B, S] long: true position of each key in the prompt
+    valid: torch.Tensor  # [B, S] bool: False for padding
+    prompt_lengths: torch.Tensor  # [B] long: real prompt tokens per row (budgets are rates of this)
+    scaling: float  # softmax scale the layer uses
+    sliding_window: int | None  # the layer's attention window, None for full attention
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+class StrategySpec:
+    """The hook points a strategy may implement."""
+
+    @hookspec(firstresult=True)
+    def score(self, layer: LayerView) -> torch.Tensor | None:
+        """Importance of every key at this layer.
+
+        Returns float ``[B, Hkv, S]`` (higher is more important), or None to defer. Scores of
+        padding entries are ignored.
+        """
+
+    @hookspec(firstresult=True)
+    def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Which KV entries this layer keeps in its cache for decoding.
+
+        ``scores`` is the winning ``score`` answer (``[B, Hkv, S]``) or None. Returns bool
+        ``[B, Hkv, S]`` (True = keep), or None to defer; None from all plugins keeps everything.
+        Sliding-window layers are not asked: they keep exactly the entries their window can
+        still reach, which is lossless.
+        """
+
+    @hookspec(firstresult=True)
+    def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Which tokens go on to the next layer.
+
+        Returns bool ``[B, S]`` (True = the token's hidden state, after this layer's MLP, goes on
+        with its original position), or None to defer; None from all plugins propagates every
+        token. The last token of each row must be propagated: its hidden state makes the logits.
+        """

@@ -1,0 +1,382 @@
+"""``pipeline(model, strategy="fastkv", **settings)``: one request, top to bottom.
+
+    encode      text or ids -> left-padded ids, valid mask, true positions
+    prefill     embed -> every decoder layer (attention routed to ``_Forward.attend``, which asks
+                the strategy's hooks ``score`` / ``retain`` / ``propagate``) -> last position's logits
+    extend      (questions on a compressed context) the same loop, nothing compressed
+    decode      one token at a time at true positions (prompt length + step), until EOS or the limit
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from kvpress_like.adapter import ModelAdapter
+from kvpress_like.cache import CompressedCache, LayerCache, empty_layer
+from kvpress_like.config import GenerationConfig, load_config
+from kvpress_like.errors import ConfigError, config_error_from
+from kvpress_like.hookspecs import LayerView
+from kvpress_like.plugins import Strategy, load_strategy_class, make_plugin_manager, make_strategy
+
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+
+
+@dataclass
+class Stats:
+    """What one call did. Per-layer lists are ``[layer][row]``."""
+
+    prompt_tokens: list[int]
+    tokens_per_layer: list[list[int]]  # tokens each layer ran on in prefill
+    kv_kept_per_layer: list[list[float]]  # KV entries kept per KV head after prefill
+    cache_bytes_full: int  # K/V bytes a full cache of every token so far would take
+    cache_bytes_kept: int  # K/V bytes actually kept
+    prefill_seconds: float
+    decode_seconds_per_token: float = 0.0
+    new_tokens: tuple[int, ...] = ()
+
+
+@dataclass
+class Context:
+    """A prefilled (compressed) prompt: continue from it with ``Pipeline.generate(context=...)``."""
+
+    cache: CompressedCache
+    last_logits: torch.Tensor  # [B, V] float: logits for the token after the prompt
+    stats: Stats
+
+    def clone(self) -> Context:
+        return Context(self.cache.clone(), self.last_logits.clone(), self.stats)
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # generated ids per row, up to and including EOS
+    texts: list[str] | None  # decoded text per row (None without a tokenizer)
+    stats: Stats
+
+    @property
+    def text(self) -> str:
+        assert self.texts is not None, "no tokenizer: use token_ids"
+        return self.texts[0]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.token_ids[0]
+
+
+class _Forward:
+    """State of one forward pass over the layers; transformers' attention calls ``attend``."""
+
+    def __init__(self, adapter: ModelAdapter, cache: CompressedCache, positions: torch.Tensor,
+                 valid: torch.Tensor, hooks: pluggy.HookRelay | None) -> None:
+        self.adapter, self.cache, self.hooks = adapter, cache, hooks
+        self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
+        self.all_valid = bool(valid.all())
+        self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
+        self.tokens_per_layer: list[torch.Tensor] = []
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float, sliding_window: int | None) -> torch.Tensor:
+        self.tokens_per_layer.append(self.valid.sum(dim=-1))
+        past = self.cache.layers[layer_idx]
+        if past is None:  # prefill: these are all the keys
+            layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
+        else:
+            layer = past.extended(key, value, self.positions, self.valid)
+        out = self._attention(query, layer, scaling, sliding_window, fresh=past is None)
+        if self.hooks is not None:
+            layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
+        self.cache.layers[layer_idx] = LayerCache(
+            layer.keys, layer.values,
+            layer.positions.expand(*key.shape[:2], -1), layer.valid.expand(*key.shape[:2], -1),
+        )
+        return out
+
+    def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
+        seq = query.shape[2]
+        if fresh and self.all_valid and (sliding_window is None or seq <= sliding_window):
+            # Sorted, unpadded positions: plain causal attention lets SDPA pick its fast kernels.
+            return F.scaled_dot_product_attention(
+                query, layer.keys, layer.values, is_causal=seq > 1, scale=scaling, enable_gqa=True
+            )
+        mask = layer.attention_mask(self.positions, self.valid, sliding_window)
+        if mask.shape[1] > 1:
+            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
+        return F.scaled_dot_product_attention(
+            query, layer.keys, layer.values, attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+
+    def _compress(self, layer_idx, query, layer: LayerCache, scaling, sliding_window) -> LayerCache:
+        batch, kv_heads, seq, _ = layer.keys.shape
+        view = LayerView(
+            layer_idx=layer_idx, num_layers=len(self.cache.layers), queries=query, keys=layer.keys,
+            values=layer.values, positions=self.positions, valid=self.valid,
+            prompt_lengths=self.cache.next_positions, scaling=scaling, sliding_window=sliding_window,
+        )
+        scores = self.hooks.score(layer=view)
+        if sliding_window is None:
+            keep = self.hooks.retain(layer=view, scores=scores)
+        else:  # lossless: decoding can never reach further back than the window
+            keep = self.valid & (self.positions > self.cache.next_positions[:, None] - sliding_window)
+            keep = keep[:, None]
+        propagated = self.hooks.propagate(layer=view, scores=scores)
+        if propagated is not None:  # the last token always goes on: it makes the logits
+            self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
+        if keep is None:
+            return layer
+        full = LayerCache(layer.keys, layer.values, *(t.expand(batch, kv_heads, seq) for t in
+                                                       (layer.positions, layer.valid)))
+        return full.select(keep.expand(batch, kv_heads, seq))
+
+    def take_propagated(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gather the propagated tokens ``[B, T'] `` of ``hidden`` ``[B, T, H]``, right-aligned."""
+        keep, self.propagated = self.propagated, None
+        seq = keep.shape[1]
+        size = int(keep.sum(dim=-1).max())  # one sync, at the TSP layer only
+        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, seq - size:]
+        self.positions = self.positions.gather(1, order)
+        self.valid = keep.gather(1, order) & self.valid.gather(1, order)
+        self.all_valid = bool(self.valid.all())
+        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+class Pipeline:
+    """A model, its tokenizer, one strategy (plus stacked plugins) and generation settings."""
+
+    def __init__(self, model, tokenizer, strategy: Strategy, generation: GenerationConfig,
+                 plugins: Iterable[object] = ()) -> None:
+        self.adapter = ModelAdapter(model)
+        self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
+        self.plugin_manager = make_plugin_manager(strategy, plugins)
+
+    @classmethod
+    def from_config(cls, path: str | Path, model, *, tokenizer=None, plugins: Iterable[object] = (),
+                    **overrides: Any) -> Pipeline:
+        """Build from a YAML/TOML file (see ``kvpress_like.config``); keyword arguments override it."""
+        cfg = load_config(path)
+        settings = {**cfg.settings, **cfg.generation.model_dump(exclude_unset=True), **overrides}
+        return pipeline(model, cfg.strategy, tokenizer=tokenizer, plugins=plugins, **settings)
+
+    def __call__(self, prompts: Prompts, **generation: Any) -> Generation:
+        return self.generate(prompts, **generation)
+
+    def compress(self, prompts: Prompts) -> Context:
+        """Prefill (and compress) prompts once, to ask several questions of them."""
+        ids, valid, _ = self._encode(prompts, self.generation)
+        self.strategy.check_prompt(valid.sum(dim=-1).tolist())
+        with self.adapter.attention_routed(), torch.inference_mode():
+            return self._prefill(ids, valid)
+
+    def generate(self, prompts: Prompts | None = None, *, context: Context | None = None,
+                 **generation: Any) -> Generation:
+        """Generate from prompts, or from a context (optionally followed by more prompt tokens)."""
+        gen = self._generation_config(generation)
+        if prompts is None and context is None:
+            raise ConfigError("prompts: must be given unless a context is (got None)")
+        encoded = None if prompts is None else self._encode(prompts, gen, raw=context is not None)
+        if context is None:
+            self.strategy.check_prompt(encoded[1].sum(dim=-1).tolist())
+        elif encoded is not None and encoded[0].shape[0] != context.last_logits.shape[0]:
+            raise ConfigError(f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
+                              f"(got {encoded[0].shape[0]})")
+        with self.adapter.attention_routed(), torch.inference_mode():
+            if context is None:
+                context = self._prefill(*encoded[:2])
+            else:
+                context = context.clone()
+                if encoded is not None:
+                    context = self._extend(context, *encoded[:2])
+            return self._decode(context, gen)
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _generation_config(self, overrides: dict[str, Any]) -> GenerationConfig:
+        try:
+            return GenerationConfig.model_validate({**self.generation.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise config_error_from(exc, "generation") from None
+
+    def _encode(self, prompts: Prompts, gen: GenerationConfig, raw: bool = False):
+        """Left-padded ids ``[B, T]``, valid mask ``[B, T]`` and whether the input was text."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ConfigError(f"prompts: must be a non-empty string, list of strings or token ids (got {prompts!r})")
+        is_text = isinstance(prompts[0], str)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                rows.append(self._tokenize(prompt, gen, raw))
+            else:
+                rows.append([int(t) for t in prompt])
+            if not rows[-1]:
+                raise ConfigError(f"prompts[{i}]: must contain at least one token (got {prompt!r})")
+        width = max(map(len, rows))
+        pad = self._pad_id()
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.adapter.device)
+        valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=ids.device)
+        return ids, valid, is_text
+
+    def _tokenize(self, text: str, gen: GenerationConfig, raw: bool) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise ConfigError("tokenizer: required for text prompts (got None); pass token ids or a tokenizer")
+        if not text:
+            return []
+        if raw:  # a continuation of a context: no template, no BOS
+            return tok(text, add_special_tokens=False)["input_ids"]
+        use_template = gen.chat_template if gen.chat_template is not None else bool(tok.chat_template)
+        if use_template:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(text)["input_ids"]
+
+    def _pad_id(self) -> int:
+        for source in (self.tokenizer, self.model.generation_config, self.model.config):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None)
+                if isinstance(value, list):
+                    value = value[0] if value else None
+                if value is not None:
+                    return int(value)
+        return 0
+
+    def _eos_ids(self) -> torch.Tensor:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return torch.tensor(sorted(ids), dtype=torch.long, device=self.adapter.device)
+
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> Context:
+        start = time.perf_counter()
+        positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
+        fwd = _Forward(self.adapter, cache, positions, valid, self.plugin_manager.hook)
+        logits = self._run_layers(ids, fwd)
+        return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
+
+    def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor) -> Context:
+        start = time.perf_counter()
+        cache = context.cache
+        positions = cache.next_positions[:, None] + (valid.cumsum(dim=-1) - 1).clamp(min=0)
+        fwd = _Forward(self.adapter, cache, positions, valid, hooks=None)
+        logits = self._run_layers(ids, fwd)
+        cache.next_positions = cache.next_positions + valid.sum(dim=-1)
+        return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
+
+    def _run_layers(self, ids: torch.Tensor, fwd: _Forward) -> torch.Tensor:
+        """Embed, every decoder layer, then logits of the last position only ``[B, V]``."""
+        hidden = self.adapter.embed(ids)
+        rotary: dict[str, tuple] = {}
+        for idx, layer_type in enumerate(self.adapter.layer_types):
+            if layer_type not in rotary:
+                rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
+            hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd)
+            if fwd.propagated is not None:
+                hidden = fwd.take_propagated(hidden)
+                rotary.clear()
+        return self.adapter.logits(hidden[:, -1])
+
+    def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
+        cache, logits = context.cache, context.last_logits
+        eos = self._eos_ids()
+        generator = None
+        if gen.do_sample and gen.seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(gen.seed)
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        steps: list[torch.Tensor] = []
+        start = time.perf_counter()
+        forwards = 0
+        for step in range(gen.max_new_tokens):
+            token = _pick(logits, gen, generator)
+            token = torch.where(finished, eos[0] if len(eos) else token, token)
+            steps.append(token)
+            finished |= torch.isin(token, eos)
+            if step == gen.max_new_tokens - 1 or (gen.stop_on_eos and bool(finished.all())):
+                break
+            positions = cache.next_positions[:, None]
+            fwd = _Forward(self.adapter, cache, positions, torch.ones_like(positions, dtype=torch.bool), None)
+            logits = self._run_layers(token[:, None], fwd)
+            cache.next_positions = cache.next_positions + 1
+            forwards += 1
+        seconds = time.perf_counter() - start
+        tokens = torch.stack(steps, dim=1).tolist()
+        token_ids = [_until_eos(row, set(eos.tolist())) if gen.stop_on_eos else row for row in tokens]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
+        stats = replace(context.stats, decode_seconds_per_token=seconds / max(forwards, 1),
+                        new_tokens=tuple(len(row) for row in token_ids))
+        return Generation(token_ids, texts, stats)
+
+    def _stats(self, fwd: _Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
+        info, head_dim = self.adapter.info, self.adapter.head_dim
+        entry_bytes = 2 * head_dim * torch.finfo(self.adapter.dtype).bits // 8
+        full = int(cache.next_positions.sum()) * info.num_layers * info.num_kv_heads * entry_bytes
+        return Stats(
+            prompt_tokens=valid.sum(dim=-1).tolist(),
+            tokens_per_layer=torch.stack(fwd.tokens_per_layer).tolist(),
+            kv_kept_per_layer=torch.stack([lc.kept_per_row() for lc in cache.layers]).tolist(),
+            cache_bytes_full=full,
+            cache_bytes_kept=cache.nbytes(),
+            prefill_seconds=seconds,
+        )
+
+
+def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from float logits ``[B, V]``: argmax, or temperature / top-p sampling."""
+    if not gen.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / gen.temperature, dim=-1)
+    if gen.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > gen.top_p  # the top token always stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _until_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+def pipeline(model, strategy: str = "fastkv", *, tokenizer=None, plugins: Iterable[object] = (),
+             **settings: Any) -> Pipeline:
+    """Wrap a loaded causal LM (or a name/path, or ``"smollm2"`` for the embedded default).
+
+    ``settings`` mixes the strategy's own settings (e.g. ``tsp_rate``) with generation settings
+    (``GenerationConfig`` fields, e.g. ``max_new_tokens``); all are validated before any model work.
+    """
+    generation_fields = set(GenerationConfig.model_fields)
+    gen_settings = {k: v for k, v in settings.items() if k in generation_fields}
+    strategy_settings = {k: v for k, v in settings.items() if k not in generation_fields}
+    try:
+        generation = GenerationConfig.model_validate(gen_settings)
+    except ValidationError as exc:
+        raise config_error_from(exc, "generation") from None
+    try:  # settings are checked before a model is loaded; depth checks need the model
+        load_strategy_class(strategy).Config.model_validate(strategy_settings)
+    except ValidationError as exc:
+        raise config_error_from(exc, strategy) from None
+    if isinstance(model, str | Path):
+        from kvpress_like.models import load_model
+
+        model, loaded_tokenizer = load_model(str(model))
+        tokenizer = tokenizer or loaded_tokenizer
+    adapter_info = ModelAdapter(model).info
+    built = make_strategy(strategy, strategy_settings, adapter_info)
+    return Pipeline(model, tokenizer, built, generation, plugins)

@@ -1,0 +1,98 @@
+"""Strategies by name: an entry-point registry, the Strategy base class, one PluginManager per pipeline.
+
+Built-in strategies are registered through the same entry-point group as third-party ones
+(see pyproject.toml), so a new strategy needs no change here::
+
+    [project.entry-points."kvpress_like.strategies"]
+    mine = "my_package.module:MyStrategy"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, ClassVar
+
+import pluggy
+from pydantic import ValidationError
+
+from kvpress_like import hookspecs
+from kvpress_like.config import StrategyConfig
+from kvpress_like.errors import ConfigError, config_error_from
+
+ENTRY_POINT_GROUP = "kvpress_like.strategies"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The shape facts a strategy needs to resolve its defaults and check its settings."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    layer_types: tuple[str, ...]  # "full_attention" or "sliding_attention", one per layer
+
+
+class Strategy:
+    """Base class of strategies: validated settings plus pluggy hook implementations.
+
+    Subclasses set ``Config`` (a StrategyConfig) and mark hook methods with ``@hookimpl``.
+    """
+
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig, model: ModelInfo) -> None:
+        self.config = config
+        self.model = model
+
+    def check_prompt(self, prompt_lengths: list[int]) -> None:
+        """Raise ConfigError if the settings cannot serve prompts of these lengths (before prefill)."""
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def strategy_names() -> list[str]:
+    return sorted(_entry_points())
+
+
+def load_strategy_class(name: str) -> type[Strategy]:
+    eps = _entry_points()
+    if name not in eps:
+        raise ConfigError(f"strategy: must be one of {sorted(eps)} (got {name!r})")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy: entry point {eps[name].value!r} must be a Strategy subclass (got {cls!r})")
+    return cls
+
+
+def list_strategies() -> dict[str, str]:
+    """Name -> first line of the strategy's docstring, for every installed strategy."""
+    out = {}
+    for name in strategy_names():
+        doc = (load_strategy_class(name).__doc__ or "").strip()
+        out[name] = doc.splitlines()[0] if doc else ""
+    return out
+
+
+def make_strategy(name: str, settings: Mapping[str, Any], model: ModelInfo) -> Strategy:
+    """Validate ``settings`` against the strategy's Config and build it for this model."""
+    cls = load_strategy_class(name)
+    try:
+        config = cls.Config.model_validate(dict(settings))
+    except ValidationError as exc:
+        raise config_error_from(exc, name) from None
+    return cls(config, model)
+
+
+def make_plugin_manager(strategy: Strategy, extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """A fresh manager: the strategy first, extra plugins on top (asked before it)."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs.StrategySpec)
+    pm.register(strategy)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm

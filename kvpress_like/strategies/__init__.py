@@ -1,0 +1,1 @@
+"""Built-in strategies, registered by name through the ``kvpress_like.strategies`` entry points."""
