@@ -1,0 +1,59 @@
+"""Shared fixtures: random-weight tiny models of every supported family, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 256
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+# A wide init makes random models sensitive to positions and far from uniform attention.
+# Sliding windows are small on purpose, so that prompts of a few dozen tokens exercise them.
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=24)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON)),
+    # Gemma3 scales embeddings by sqrt(hidden): its default init already gives varied tokens.
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **{**COMMON, "initializer_range": 0.02}, head_dim=16, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = FAMILIES[family]()
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from kvpress_like.models import load_smollm2
+
+    return load_smollm2()
