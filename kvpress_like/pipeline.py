@@ -1,10 +1,10 @@
 """``pipeline(model, strategy="fastkv", **settings)``: one request, top to bottom.
 
-    encode      text or ids -> left-padded ids, valid mask, true positions
-    prefill     embed -> every decoder layer (attention routed to ``_Forward.attend``, which asks
-                the strategy's hooks ``score`` / ``retain`` / ``propagate``) -> last position's logits
-    extend      (questions on a compressed context) the same loop, nothing compressed
-    decode      one token at a time at true positions (prompt length + step), until EOS or the limit
+encode      text or ids -> left-padded ids, valid mask, true positions
+prefill     embed -> every decoder layer (attention routed to ``_Forward.attend``, which asks
+            the strategy's hooks ``score`` / ``retain`` / ``propagate``) -> last position's logits
+extend      (questions on a compressed context) the same loop, nothing compressed
+decode      one token at a time at true positions (prompt length + step), until EOS or the limit
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from kvpress_like.adapter import ModelAdapter
-from kvpress_like.cache import CompressedCache, LayerCache, empty_layer
+from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
 from kvpress_like.errors import ConfigError, config_error_from
 from kvpress_like.hookspecs import LayerView
@@ -75,16 +75,29 @@ class Generation:
 class _Forward:
     """State of one forward pass over the layers; transformers' attention calls ``attend``."""
 
-    def __init__(self, adapter: ModelAdapter, cache: CompressedCache, positions: torch.Tensor,
-                 valid: torch.Tensor, hooks: pluggy.HookRelay | None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        cache: CompressedCache,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        hooks: pluggy.HookRelay | None,
+    ) -> None:
         self.adapter, self.cache, self.hooks = adapter, cache, hooks
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
         self.all_valid = bool(valid.all())
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
         self.tokens_per_layer: list[torch.Tensor] = []
 
-    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float, sliding_window: int | None) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         self.tokens_per_layer.append(self.valid.sum(dim=-1))
         past = self.cache.layers[layer_idx]
         if past is None:  # prefill: these are all the keys
@@ -95,8 +108,10 @@ class _Forward:
         if self.hooks is not None:
             layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
         self.cache.layers[layer_idx] = LayerCache(
-            layer.keys, layer.values,
-            layer.positions.expand(*key.shape[:2], -1), layer.valid.expand(*key.shape[:2], -1),
+            layer.keys,
+            layer.values,
+            layer.positions.expand(*key.shape[:2], -1),
+            layer.valid.expand(*key.shape[:2], -1),
         )
         return out
 
@@ -117,9 +132,16 @@ class _Forward:
     def _compress(self, layer_idx, query, layer: LayerCache, scaling, sliding_window) -> LayerCache:
         batch, kv_heads, seq, _ = layer.keys.shape
         view = LayerView(
-            layer_idx=layer_idx, num_layers=len(self.cache.layers), queries=query, keys=layer.keys,
-            values=layer.values, positions=self.positions, valid=self.valid,
-            prompt_lengths=self.cache.next_positions, scaling=scaling, sliding_window=sliding_window,
+            layer_idx=layer_idx,
+            num_layers=len(self.cache.layers),
+            queries=query,
+            keys=layer.keys,
+            values=layer.values,
+            positions=self.positions,
+            valid=self.valid,
+            prompt_lengths=self.cache.next_positions,
+            scaling=scaling,
+            sliding_window=sliding_window,
         )
         scores = self.hooks.score(layer=view)
         if sliding_window is None:
@@ -132,8 +154,11 @@ class _Forward:
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
         if keep is None:
             return layer
-        full = LayerCache(layer.keys, layer.values, *(t.expand(batch, kv_heads, seq) for t in
-                                                       (layer.positions, layer.valid)))
+        full = LayerCache(
+            layer.keys,
+            layer.values,
+            *(t.expand(batch, kv_heads, seq) for t in (layer.positions, layer.valid)),
+        )
         return full.select(keep.expand(batch, kv_heads, seq))
 
     def take_propagated(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -141,7 +166,7 @@ class _Forward:
         keep, self.propagated = self.propagated, None
         seq = keep.shape[1]
         size = int(keep.sum(dim=-1).max())  # one sync, at the TSP layer only
-        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, seq - size:]
+        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, seq - size :]
         self.positions = self.positions.gather(1, order)
         self.valid = keep.gather(1, order) & self.valid.gather(1, order)
         self.all_valid = bool(self.valid.all())
@@ -151,15 +176,22 @@ class _Forward:
 class Pipeline:
     """A model, its tokenizer, one strategy (plus stacked plugins) and generation settings."""
 
-    def __init__(self, model, tokenizer, strategy: Strategy, generation: GenerationConfig,
-                 plugins: Iterable[object] = ()) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        strategy: Strategy,
+        generation: GenerationConfig,
+        plugins: Iterable[object] = (),
+    ) -> None:
         self.adapter = ModelAdapter(model)
         self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
         self.plugin_manager = make_plugin_manager(strategy, plugins)
 
     @classmethod
-    def from_config(cls, path: str | Path, model, *, tokenizer=None, plugins: Iterable[object] = (),
-                    **overrides: Any) -> Pipeline:
+    def from_config(
+        cls, path: str | Path, model, *, tokenizer=None, plugins: Iterable[object] = (), **overrides: Any
+    ) -> Pipeline:
         """Build from a YAML/TOML file (see ``kvpress_like.config``); keyword arguments override it."""
         cfg = load_config(path)
         settings = {**cfg.settings, **cfg.generation.model_dump(exclude_unset=True), **overrides}
@@ -169,31 +201,39 @@ class Pipeline:
         return self.generate(prompts, **generation)
 
     def compress(self, prompts: Prompts) -> Context:
-        """Prefill (and compress) prompts once, to ask several questions of them."""
-        ids, valid, _ = self._encode(prompts, self.generation)
+        """Prefill (and compress) prompts once, to ask several questions of them.
+
+        Text is tokenized as a prefix (no chat template); text given later with ``context=``
+        continues it (no template, no special tokens).
+        """
+        ids, valid = self._encode(prompts, self.generation, mode="prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
         with self.adapter.attention_routed(), torch.inference_mode():
             return self._prefill(ids, valid)
 
-    def generate(self, prompts: Prompts | None = None, *, context: Context | None = None,
-                 **generation: Any) -> Generation:
+    def generate(
+        self, prompts: Prompts | None = None, *, context: Context | None = None, **generation: Any
+    ) -> Generation:
         """Generate from prompts, or from a context (optionally followed by more prompt tokens)."""
         gen = self._generation_config(generation)
         if prompts is None and context is None:
             raise ConfigError("prompts: must be given unless a context is (got None)")
-        encoded = None if prompts is None else self._encode(prompts, gen, raw=context is not None)
+        mode = "prompt" if context is None else "continuation"
+        encoded = None if prompts is None else self._encode(prompts, gen, mode)
         if context is None:
             self.strategy.check_prompt(encoded[1].sum(dim=-1).tolist())
         elif encoded is not None and encoded[0].shape[0] != context.last_logits.shape[0]:
-            raise ConfigError(f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
-                              f"(got {encoded[0].shape[0]})")
+            raise ConfigError(
+                f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
+                f"(got {encoded[0].shape[0]})"
+            )
         with self.adapter.attention_routed(), torch.inference_mode():
             if context is None:
-                context = self._prefill(*encoded[:2])
+                context = self._prefill(*encoded)
             else:
                 context = context.clone()
                 if encoded is not None:
-                    context = self._extend(context, *encoded[:2])
+                    context = self._extend(context, *encoded)
             return self._decode(context, gen)
 
     # ---- steps -------------------------------------------------------------------------------
@@ -204,19 +244,24 @@ class Pipeline:
         except ValidationError as exc:
             raise config_error_from(exc, "generation") from None
 
-    def _encode(self, prompts: Prompts, gen: GenerationConfig, raw: bool = False):
-        """Left-padded ids ``[B, T]``, valid mask ``[B, T]`` and whether the input was text."""
+    def _encode(
+        self, prompts: Prompts, gen: GenerationConfig, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids ``[B, T]`` and valid mask ``[B, T]``; ``mode`` as in ``_tokenize``."""
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ConfigError(f"prompts: must be a non-empty string, list of strings or token ids (got {prompts!r})")
-        is_text = isinstance(prompts[0], str)
+            raise ConfigError(
+                f"prompts: must be a non-empty string, list of strings or token ids (got {prompts!r})"
+            )
         rows = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                rows.append(self._tokenize(prompt, gen, raw))
+                rows.append(self._tokenize(prompt, gen, mode))
             else:
                 rows.append([int(t) for t in prompt])
             if not rows[-1]:
@@ -225,20 +270,25 @@ class Pipeline:
         pad = self._pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.adapter.device)
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=ids.device)
-        return ids, valid, is_text
+        return ids, valid
 
-    def _tokenize(self, text: str, gen: GenerationConfig, raw: bool) -> list[int]:
+    def _tokenize(self, text: str, gen: GenerationConfig, mode: str) -> list[int]:
+        """``prompt``: chat template when asked (or available); ``prefix``: plain text with special
+        tokens; ``continuation``: plain text without them."""
         tok = self.tokenizer
         if tok is None:
-            raise ConfigError("tokenizer: required for text prompts (got None); pass token ids or a tokenizer")
+            raise ConfigError(
+                "tokenizer: required for text prompts (got None); pass token ids or a tokenizer"
+            )
         if not text:
             return []
-        if raw:  # a continuation of a context: no template, no BOS
+        if mode == "continuation":
             return tok(text, add_special_tokens=False)["input_ids"]
         use_template = gen.chat_template if gen.chat_template is not None else bool(tok.chat_template)
-        if use_template:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
+        if use_template and mode == "prompt":
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(text)["input_ids"]
 
@@ -317,8 +367,11 @@ class Pipeline:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
-        stats = replace(context.stats, decode_seconds_per_token=seconds / max(forwards, 1),
-                        new_tokens=tuple(len(row) for row in token_ids))
+        stats = replace(
+            context.stats,
+            decode_seconds_per_token=seconds / max(forwards, 1),
+            new_tokens=tuple(len(row) for row in token_ids),
+        )
         return Generation(token_ids, texts, stats)
 
     def _stats(self, fwd: _Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
@@ -354,8 +407,9 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
-def pipeline(model, strategy: str = "fastkv", *, tokenizer=None, plugins: Iterable[object] = (),
-             **settings: Any) -> Pipeline:
+def pipeline(
+    model, strategy: str = "fastkv", *, tokenizer=None, plugins: Iterable[object] = (), **settings: Any
+) -> Pipeline:
     """Wrap a loaded causal LM (or a name/path, or ``"smollm2"`` for the embedded default).
 
     ``settings`` mixes the strategy's own settings (e.g. ``tsp_rate``) with generation settings

@@ -64,7 +64,9 @@ def load_strategy_class(name: str) -> type[Strategy]:
         raise ConfigError(f"strategy: must be one of {sorted(eps)} (got {name!r})")
     cls = eps[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError(f"strategy: entry point {eps[name].value!r} must be a Strategy subclass (got {cls!r})")
+        raise ConfigError(
+            f"strategy: entry point {eps[name].value!r} must be a Strategy subclass (got {cls!r})"
+        )
     return cls
 
 

@@ -65,7 +65,9 @@ def recent_mask(valid: torch.Tensor, window: int) -> torch.Tensor:
     return valid & (torch.arange(seq, device=valid.device) >= seq - window)
 
 
-def top_k_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def top_k_mask(
+    scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
     """Bool mask of the ``k[b]`` best entries of each row of ``scores [B, ..., S]``.
 
     ``valid`` and ``keep`` broadcast to ``scores``: invalid entries are never chosen, ``keep``

@@ -21,8 +21,17 @@ from transformers import (
 
 VOCAB = 256
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 # A wide init makes random models sensitive to positions and far from uniform attention.
@@ -34,9 +43,14 @@ FAMILIES = {
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON)),
     # Gemma3 scales embeddings by sqrt(hidden): its default init already gives varied tokens.
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
-        **{**COMMON, "initializer_range": 0.02}, head_dim=16, sliding_window=12,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **{**COMMON, "initializer_range": 0.02},
+            head_dim=16,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        )
+    ),
 }
 
 

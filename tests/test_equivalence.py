@@ -20,9 +20,9 @@ def _batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
     ids = torch.randint(3, 256, (len(lengths), width), generator=gen)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        mask[i, width - n:] = 1
+        mask[i, width - n :] = 1
     ids = ids.masked_fill(mask == 0, 0)
-    return ids, mask, [ids[i, width - n:].tolist() for i, n in enumerate(lengths)]
+    return ids, mask, [ids[i, width - n :].tolist() for i, n in enumerate(lengths)]
 
 
 @pytest.mark.parametrize("strategy", sorted(KEEP_ALL))
@@ -31,10 +31,12 @@ def test_keep_everything_matches_generate(family_model, strategy, lengths):
     ids, mask, rows = _batch(lengths)
     expected = family_model.generate(
         ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-    )[:, ids.shape[1]:]
+    )[:, ids.shape[1] :]
     assert len(set(expected.flatten().tolist())) > 2, "degenerate reference: the test would prove little"
 
-    pipe = pipeline(family_model, strategy, max_new_tokens=NEW_TOKENS, stop_on_eos=False, **KEEP_ALL[strategy])
+    pipe = pipeline(
+        family_model, strategy, max_new_tokens=NEW_TOKENS, stop_on_eos=False, **KEEP_ALL[strategy]
+    )
     out = pipe(rows)
     assert out.token_ids == expected.tolist()
     assert out.stats.tokens_per_layer == [lengths] * family_model.config.num_hidden_layers

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_model
+
 from kvpress_like import hookimpl, pipeline
 
 PROMPT, EVICTED, NEW_TOKENS = 40, range(5, 15), 8
@@ -24,12 +24,14 @@ def _teacher_forced_greedy(model, tokens: list[int], position_shift: int) -> lis
     evicted tokens, and their positions are shifted by ``position_shift``."""
     total = len(tokens)
     mask = torch.ones(total, total, dtype=torch.bool).tril()
-    mask[PROMPT:, EVICTED.start:EVICTED.stop] = False
+    mask[PROMPT:, EVICTED.start : EVICTED.stop] = False
     positions = torch.arange(total)
     positions[PROMPT:] -= position_shift
     with torch.no_grad():
-        logits = model(torch.tensor([tokens]), attention_mask=mask[None, None], position_ids=positions[None]).logits
-    return logits[0, PROMPT - 1:].argmax(-1).tolist()
+        logits = model(
+            torch.tensor([tokens]), attention_mask=mask[None, None], position_ids=positions[None]
+        ).logits
+    return logits[0, PROMPT - 1 :].argmax(-1).tolist()
 
 
 def test_decode_after_eviction_uses_true_positions():

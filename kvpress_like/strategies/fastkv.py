@@ -22,9 +22,13 @@ class FastKVConfig(StrategyConfig):
     tsp_layer: int | None = Field(None, ge=0, description="layer whose scores choose the propagated tokens")
     budget_mode: Literal["proportional", "constant"] = "proportional"
     tsp_rate: float = Field(0.2, gt=0, le=1, description="share of prompt tokens propagated past tsp_layer")
-    retain_rate: float = Field(0.1, gt=0, le=1, description="share of prompt tokens kept in every layer's cache")
+    retain_rate: float = Field(
+        0.1, gt=0, le=1, description="share of prompt tokens kept in every layer's cache"
+    )
     tsp_tokens: int | None = Field(None, ge=1, description="tokens propagated (constant mode)")
-    retain_tokens: int | None = Field(None, ge=1, description="KV entries kept per head and layer (constant mode)")
+    retain_tokens: int | None = Field(
+        None, ge=1, description="KV entries kept per head and layer (constant mode)"
+    )
     window: int = Field(8, ge=1, description="observation window: last queries that score the keys")
     pooling: Pooling = "max"
     kernel: int = Field(7, ge=1, description="pooling kernel over the key axis (odd)")

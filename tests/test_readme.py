@@ -1,0 +1,36 @@
+"""The README's Python example and config example run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kvpress_like import Pipeline
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def _block(language: str, starts_with: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return next(b for b in blocks if b.startswith(starts_with))
+
+
+@pytest.mark.slow
+def test_python_example_runs(capsys, smollm2):
+    exec(compile(_block("python", "from kvpress_like import pipeline"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3
+    assert "[200]" in printed[0] and "[100.0]" in printed[0]
+    assert all("60494" in line for line in printed)  # seed 0's passkey, found every time
+
+
+def test_config_example_is_valid(tmp_path):
+    from conftest import tiny_model
+
+    path = tmp_path / "fastkv.yaml"
+    path.write_text(_block("yaml", "# fastkv.yaml"))
+    model = tiny_model("llama")
+    pipe = Pipeline.from_config(path, model, tsp_layer=1, max_new_tokens=16)
+    assert pipe.strategy.config.retain_rate == 0.1 and pipe.generation.max_new_tokens == 16
