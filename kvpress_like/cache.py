@@ -35,6 +35,11 @@ class LayerCache:
             torch.cat([self.valid, new_valid], dim=2),
         )
 
+    def broadcast_heads(self) -> LayerCache:
+        """The same entries with positions/valid given per KV head (they may arrive as ``[B, 1, S]``)."""
+        shape = self.keys.shape[:3]
+        return LayerCache(self.keys, self.values, self.positions.expand(shape), self.valid.expand(shape))
+
     def select(self, keep: torch.Tensor) -> LayerCache:
         """Only the entries where ``keep`` ``[B, Hkv, S]`` is True, in position order; rows with
         fewer kept entries than the longest get invalid slots at the end."""

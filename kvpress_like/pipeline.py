@@ -77,13 +77,12 @@ class _Forward:
 
     def __init__(
         self,
-        adapter: ModelAdapter,
         cache: CompressedCache,
         positions: torch.Tensor,
         valid: torch.Tensor,
         hooks: pluggy.HookRelay | None,
     ) -> None:
-        self.adapter, self.cache, self.hooks = adapter, cache, hooks
+        self.cache, self.hooks = cache, hooks
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
         self.all_valid = bool(valid.all())
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
@@ -100,19 +99,15 @@ class _Forward:
     ) -> torch.Tensor:
         self.tokens_per_layer.append(self.valid.sum(dim=-1))
         past = self.cache.layers[layer_idx]
-        if past is None:  # prefill: these are all the keys
+        if past is None:  # prefill: these are all the keys; one position row serves every head
             layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
         else:
             layer = past.extended(key, value, self.positions, self.valid)
         out = self._attention(query, layer, scaling, sliding_window, fresh=past is None)
+        layer = layer.broadcast_heads()
         if self.hooks is not None:
             layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
-        self.cache.layers[layer_idx] = LayerCache(
-            layer.keys,
-            layer.values,
-            layer.positions.expand(*key.shape[:2], -1),
-            layer.valid.expand(*key.shape[:2], -1),
-        )
+        self.cache.layers[layer_idx] = layer
         return out
 
     def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
@@ -152,17 +147,10 @@ class _Forward:
         propagated = self.hooks.propagate(layer=view, scores=scores)
         if propagated is not None:  # the last token always goes on: it makes the logits
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
-        if keep is None:
-            return layer
-        full = LayerCache(
-            layer.keys,
-            layer.values,
-            *(t.expand(batch, kv_heads, seq) for t in (layer.positions, layer.valid)),
-        )
-        return full.select(keep.expand(batch, kv_heads, seq))
+        return layer if keep is None else layer.select(keep.expand(batch, kv_heads, seq))
 
     def take_propagated(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Gather the propagated tokens ``[B, T'] `` of ``hidden`` ``[B, T, H]``, right-aligned."""
+        """Gather the propagated tokens of ``hidden`` ``[B, T, H]`` into ``[B, T', H]``, right-aligned."""
         keep, self.propagated = self.propagated, None
         seq = keep.shape[1]
         size = int(keep.sum(dim=-1).max())  # one sync, at the TSP layer only
@@ -313,7 +301,7 @@ class Pipeline:
         start = time.perf_counter()
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
-        fwd = _Forward(self.adapter, cache, positions, valid, self.plugin_manager.hook)
+        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook)
         logits = self._run_layers(ids, fwd)
         return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
 
@@ -321,7 +309,7 @@ class Pipeline:
         start = time.perf_counter()
         cache = context.cache
         positions = cache.next_positions[:, None] + (valid.cumsum(dim=-1) - 1).clamp(min=0)
-        fwd = _Forward(self.adapter, cache, positions, valid, hooks=None)
+        fwd = _Forward(cache, positions, valid, hooks=None)
         logits = self._run_layers(ids, fwd)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
         return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
@@ -357,7 +345,7 @@ class Pipeline:
             if step == gen.max_new_tokens - 1 or (gen.stop_on_eos and bool(finished.all())):
                 break
             positions = cache.next_positions[:, None]
-            fwd = _Forward(self.adapter, cache, positions, torch.ones_like(positions, dtype=torch.bool), None)
+            fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
             logits = self._run_layers(token[:, None], fwd)
             cache.next_positions = cache.next_positions + 1
             forwards += 1
