@@ -3,7 +3,7 @@
 Shapes: B batch, Hq query heads, Hkv key/value heads (G = Hq // Hkv per group), T queries in this
 forward, S keys at this layer (S == T during prefill), D head dim.
 
-All three hooks are called during prefill only, once per decoder layer, right after the layer's
+All hooks are called during prefill only, once per decoder layer, right after the layer's
 keys and values are computed (post-RoPE). They are ``firstresult``: plugins are asked newest first
 and the first answer that is not ``None`` wins, so a plugin registered on top of a strategy can
 override one hook (say ``score``) and leave the others to the strategy. ``None`` from every plugin
@@ -73,5 +73,12 @@ class StrategySpec:
 
         Returns bool ``[B, S]`` (True = the token's hidden state, after this layer's MLP, goes on
         with its original position), or None to defer; None from all plugins propagates every
-        token. The last token of each row must be propagated: its hidden state makes the logits.
+        token. The last token of each row is always propagated: its hidden state makes the logits.
+        """
+
+    @hookspec(firstresult=True)
+    def restart(self, layer: LayerView) -> bool | None:
+        """Whether to drop this prefill pass and run it again from layer 0 on the tokens just
+        chosen by ``propagate`` only, with their original positions (GemFilter). Asked only at a
+        layer where ``propagate`` answered; the second pass asks no hooks and keeps every entry.
         """

@@ -19,6 +19,7 @@ import pluggy
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import Tensor
 
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache, LayerCache
@@ -86,6 +87,7 @@ class _Forward:
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
         self.all_valid = bool(valid.all())
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
+        self.restart = False  # set by the restart hook: prefill again on the propagated tokens
         self.tokens_per_layer: list[torch.Tensor] = []
 
     def attend(
@@ -147,10 +149,12 @@ class _Forward:
         propagated = self.hooks.propagate(layer=view, scores=scores)
         if propagated is not None:  # the last token always goes on: it makes the logits
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
+            self.restart = bool(self.hooks.restart(layer=view))
         return layer if keep is None else layer.select(keep.expand(batch, kv_heads, seq))
 
-    def take_propagated(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Gather the propagated tokens of ``hidden`` ``[B, T, H]`` into ``[B, T', H]``, right-aligned."""
+    def take_propagated(self) -> torch.Tensor:
+        """Move on to the propagated tokens; returns the gather order ``[B, T']`` (dropped tokens
+        and padding first, the rest right-aligned in position order)."""
         keep, self.propagated = self.propagated, None
         seq = keep.shape[1]
         size = int(keep.sum(dim=-1).max())  # one sync, at the TSP layer only
@@ -158,7 +162,7 @@ class _Forward:
         self.positions = self.positions.gather(1, order)
         self.valid = keep.gather(1, order) & self.valid.gather(1, order)
         self.all_valid = bool(self.valid.all())
-        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        return order
 
 
 class Pipeline:
@@ -302,7 +306,15 @@ class Pipeline:
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
         fwd = _Forward(cache, positions, valid, self.plugin_manager.hook)
-        logits = self._run_layers(ids, fwd)
+        logits, restart_ids = self._run_layers(ids, fwd)
+        if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
+            first_pass = fwd.tokens_per_layer
+            cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)
+            fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None)
+            logits, _ = self._run_layers(restart_ids, fwd)
+            fwd.tokens_per_layer[: len(first_pass)] = [
+                a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
+            ]
         return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
 
     def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor) -> Context:
@@ -310,12 +322,13 @@ class Pipeline:
         cache = context.cache
         positions = cache.next_positions[:, None] + (valid.cumsum(dim=-1) - 1).clamp(min=0)
         fwd = _Forward(cache, positions, valid, hooks=None)
-        logits = self._run_layers(ids, fwd)
+        logits, _ = self._run_layers(ids, fwd)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
         return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
 
-    def _run_layers(self, ids: torch.Tensor, fwd: _Forward) -> torch.Tensor:
-        """Embed, every decoder layer, then logits of the last position only ``[B, V]``."""
+    def _run_layers(self, ids: torch.Tensor, fwd: _Forward) -> tuple[Tensor | None, Tensor | None]:
+        """Embed, every decoder layer, then logits of the last position only ``[B, V]``; or, when
+        the restart hook asks for it, stop and return the chosen ids ``[B, T']`` instead."""
         hidden = self.adapter.embed(ids)
         rotary: dict[str, tuple] = {}
         for idx, layer_type in enumerate(self.adapter.layer_types):
@@ -323,9 +336,12 @@ class Pipeline:
                 rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
             hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd)
             if fwd.propagated is not None:
-                hidden = fwd.take_propagated(hidden)
+                order = fwd.take_propagated()
+                if fwd.restart:
+                    return None, ids.gather(1, order)
+                hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
                 rotary.clear()
-        return self.adapter.logits(hidden[:, -1])
+        return self.adapter.logits(hidden[:, -1]), None
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
         cache, logits = context.cache, context.last_logits
@@ -346,7 +362,7 @@ class Pipeline:
                 break
             positions = cache.next_positions[:, None]
             fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
-            logits = self._run_layers(token[:, None], fwd)
+            logits, _ = self._run_layers(token[:, None], fwd)
             cache.next_positions = cache.next_positions + 1
             forwards += 1
         seconds = time.perf_counter() - start
