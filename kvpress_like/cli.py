@@ -104,10 +104,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def strategies(_: argparse.Namespace) -> None:
-    from kvpress_like.plugins import list_strategies
+    from kvpress_like.plugins import describe_strategies
 
-    for name, description in list_strategies().items():
-        print(f"{name:14s} {description}")
+    infos = describe_strategies()
+    width = max(len(info.name) for info in infos)
+    for info in infos:
+        print(f"{info.name:{width}}  {info.description}  [{info.source}]")
 
 
 def build_parser() -> argparse.ArgumentParser:

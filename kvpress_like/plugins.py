@@ -9,6 +9,7 @@ Built-in strategies are registered through the same entry-point group as third-p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -58,25 +59,60 @@ def strategy_names() -> list[str]:
     return sorted(_entry_points())
 
 
+def _load(ep: EntryPoint) -> type[Strategy]:
+    """Import an entry point and check it: a Strategy subclass whose hooks match the specs."""
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"{ep.value} must be a kvpress_like.Strategy subclass (got {cls!r})")
+    probe = pluggy.PluginManager(hookspecs.PROJECT)
+    probe.add_hookspecs(hookspecs.StrategySpec)
+    probe.register(cls)
+    probe.check_pending()  # unknown hook names
+    return cls
+
+
 def load_strategy_class(name: str) -> type[Strategy]:
     eps = _entry_points()
     if name not in eps:
         raise ConfigError(f"strategy: must be one of {sorted(eps)} (got {name!r})")
-    cls = eps[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError(
-            f"strategy: entry point {eps[name].value!r} must be a Strategy subclass (got {cls!r})"
-        )
-    return cls
+    try:
+        return _load(eps[name])
+    except Exception as exc:
+        raise ConfigError(f"strategy: {name!r} ({_source(eps[name])}) is broken: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    name: str
+    description: str  # first sentence of the class docstring
+    source: str  # the distribution that registered it
+
+
+def _source(ep: EntryPoint) -> str:
+    return f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else ep.value
+
+
+def describe_strategies() -> list[StrategyInfo]:
+    """Every installed strategy that loads; a broken one is skipped with a warning naming it."""
+    found = []
+    for name, ep in sorted(_entry_points().items()):
+        try:
+            cls = _load(ep)
+        except Exception as exc:
+            warnings.warn(
+                f"kvpress_like: strategy plugin {name!r} ({ep.value}, from {_source(ep)}) is broken "
+                f"and was skipped: {type(exc).__name__}: {exc}",
+                stacklevel=2,
+            )
+            continue
+        doc = " ".join((cls.__doc__ or "").split())
+        found.append(StrategyInfo(name, doc.split(". ")[0].rstrip("."), _source(ep)))
+    return found
 
 
 def list_strategies() -> dict[str, str]:
-    """Name -> first line of the strategy's docstring, for every installed strategy."""
-    out = {}
-    for name in strategy_names():
-        doc = (load_strategy_class(name).__doc__ or "").strip()
-        out[name] = doc.splitlines()[0] if doc else ""
-    return out
+    """Name -> one-line description, for every installed strategy that loads."""
+    return {info.name: info.description for info in describe_strategies()}
 
 
 def make_strategy(name: str, settings: Mapping[str, Any], model: ModelInfo) -> Strategy:

@@ -51,7 +51,7 @@ def installed_plugin(tmp_path, monkeypatch):
 
 
 def test_a_third_party_strategy_is_found_by_name(installed_plugin):
-    assert list_strategies()["keep_oldest"] == "Keeps the first tokens of the prompt in every layer."
+    assert list_strategies()["keep_oldest"] == "Keeps the first tokens of the prompt in every layer"
     out = pipeline(tiny_model("llama"), "keep_oldest", tokens=12, max_new_tokens=2)(PROMPT)
     assert out.stats.kv_kept_per_layer == [[12.0]] * 4
 
