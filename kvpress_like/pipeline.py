@@ -26,7 +26,7 @@ from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
 from kvpress_like.errors import ConfigError, config_error_from
 from kvpress_like.hookspecs import LayerView
-from kvpress_like.plugins import Strategy, load_strategy_class, make_plugin_manager, make_strategy
+from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_config
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -412,9 +412,16 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
 
 
 def pipeline(
-    model, strategy: str = "fastkv", *, tokenizer=None, plugins: Iterable[object] = (), **settings: Any
+    model,
+    strategy: str | type[Strategy] = "fastkv",
+    *,
+    tokenizer=None,
+    plugins: Iterable[object] = (),
+    **settings: Any,
 ) -> Pipeline:
     """Wrap a loaded causal LM (or a name/path, or ``"smollm2"`` for the embedded default).
+
+    ``strategy`` is an installed strategy's name (``kvpress-like strategies``) or a Strategy class.
 
     ``settings`` mixes the strategy's own settings (e.g. ``tsp_rate``) with generation settings
     (``GenerationConfig`` fields, e.g. ``max_new_tokens``); all are validated before any model work.
@@ -426,15 +433,12 @@ def pipeline(
         generation = GenerationConfig.model_validate(gen_settings)
     except ValidationError as exc:
         raise config_error_from(exc, "generation") from None
-    try:  # settings are checked before a model is loaded; depth checks need the model
-        load_strategy_class(strategy).Config.model_validate(strategy_settings)
-    except ValidationError as exc:
-        raise config_error_from(exc, strategy) from None
+    # Settings are checked before a model is loaded; checks against its depth come after.
+    strategy_cls, strategy_settings = strategy_config(strategy, strategy_settings)
     if isinstance(model, str | Path):
         from kvpress_like.models import load_model
 
         model, loaded_tokenizer = load_model(str(model))
         tokenizer = tokenizer or loaded_tokenizer
-    adapter_info = ModelAdapter(model).info
-    built = make_strategy(strategy, strategy_settings, adapter_info)
+    built = strategy_cls(strategy_settings, ModelAdapter(model).info)
     return Pipeline(model, tokenizer, built, generation, plugins)

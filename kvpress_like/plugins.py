@@ -59,16 +59,19 @@ def strategy_names() -> list[str]:
     return sorted(_entry_points())
 
 
-def _load(ep: EntryPoint) -> type[Strategy]:
-    """Import an entry point and check it: a Strategy subclass whose hooks match the specs."""
-    cls = ep.load()
+def _check_class(cls: object, where: str) -> type[Strategy]:
+    """A Strategy subclass whose hook implementations match the hook specs."""
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"{ep.value} must be a kvpress_like.Strategy subclass (got {cls!r})")
+        raise TypeError(f"{where} must be a kvpress_like.Strategy subclass (got {cls!r})")
     probe = pluggy.PluginManager(hookspecs.PROJECT)
     probe.add_hookspecs(hookspecs.StrategySpec)
-    probe.register(cls)
-    probe.check_pending()  # unknown hook names
+    probe.register(cls)  # wrong argument names raise here
+    probe.check_pending()  # unknown hook names raise here
     return cls
+
+
+def _load(ep: EntryPoint) -> type[Strategy]:
+    return _check_class(ep.load(), ep.value)
 
 
 def load_strategy_class(name: str) -> type[Strategy]:
@@ -79,6 +82,24 @@ def load_strategy_class(name: str) -> type[Strategy]:
         return _load(eps[name])
     except Exception as exc:
         raise ConfigError(f"strategy: {name!r} ({_source(eps[name])}) is broken: {exc}") from exc
+
+
+def strategy_config(
+    strategy: str | type[Strategy], settings: Mapping[str, Any]
+) -> tuple[type[Strategy], StrategyConfig]:
+    """The strategy class (by entry-point name, or given directly) and its validated settings."""
+    if isinstance(strategy, str):
+        cls, name = load_strategy_class(strategy), strategy
+    else:
+        try:
+            cls = _check_class(strategy, "strategy")
+        except Exception as exc:
+            raise ConfigError(f"strategy: {exc}") from exc
+        name = getattr(cls, "name", cls.__name__)
+    try:
+        return cls, cls.Config.model_validate(dict(settings))
+    except ValidationError as exc:
+        raise config_error_from(exc, name) from None
 
 
 @dataclass(frozen=True)
@@ -113,16 +134,6 @@ def describe_strategies() -> list[StrategyInfo]:
 def list_strategies() -> dict[str, str]:
     """Name -> one-line description, for every installed strategy that loads."""
     return {info.name: info.description for info in describe_strategies()}
-
-
-def make_strategy(name: str, settings: Mapping[str, Any], model: ModelInfo) -> Strategy:
-    """Validate ``settings`` against the strategy's Config and build it for this model."""
-    cls = load_strategy_class(name)
-    try:
-        config = cls.Config.model_validate(dict(settings))
-    except ValidationError as exc:
-        raise config_error_from(exc, name) from None
-    return cls(config, model)
 
 
 def make_plugin_manager(strategy: Strategy, extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpress_like.budget import BudgetConfig, BudgetStrategy
+from kvpress_like.errors import ConfigError
+from kvpress_like.hookspecs import LayerView, hookimpl
+from kvpress_like.plugins import ModelInfo
+
+# The paper filters at layer 13 (0-based) of Llama-3.1-8B's 32: about 41% of depth.
+DEFAULT_FILTER_DEPTH = 13 / 32
+
+
+class GemFilterConfig(BudgetConfig):
+    """GemFilter settings: the filter layer and how many tokens it selects (``retain_*``)."""
+
+    filter_layer: int | None = Field(
+        None, ge=0, description="layer whose last-query attention selects the tokens (None: ~41% of depth)"
+    )
+    retain_rate: float = Field(
+        0.1, gt=0, le=1, description="share of prompt tokens selected, and so kept in every layer"
+    )
+    retain_tokens: int | None = Field(
+        None, ge=1, description="tokens selected, and so kept in every layer (constant mode)"
+    )
+    # The paper forces no recent tokens in; the pipeline always keeps the last one (it makes the logits).
+    window: int = Field(1, ge=1, description="most recent tokens always selected (part of the budget)")
+
+
+def last_query_scores(layer: LayerView) -> torch.Tensor:
+    """GemFilter's token scores, float32 ``[B, S]``: the attention of each row's last query over
+    its valid keys (fp32 softmax), summed over every query head. Padding scores 0."""
+    batch, kv_heads, seq, dim = layer.keys.shape
+    query = layer.queries[:, :, -1].float().reshape(batch, kv_heads, layer.num_kv_groups, dim)
+    logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys.float()) * layer.scaling
+    # The last query is the row's newest token: every valid key is at or before its position.
+    logits = logits.masked_fill(~layer.valid[:, None, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+
+
+class GemFilter(BudgetStrategy):
+    """GemFilter (arXiv 2409.17422): an early filter layer's last-query attention selects the
+    prompt tokens, and the whole model then runs again on those tokens only.
+
+    Prefill runs up to ``filter_layer``; there the attention of the last query (summed over all
+    heads) picks the ``retain`` budget of each row, the ``window`` most recent tokens included,
+    in position order. ``restart`` then makes the pipeline prefill again from layer 0 on the
+    selected tokens, at their original positions, keeping every entry: the KV cache of every
+    layer is the selected set. The first pass's caches are dropped.
+    """
+
+    name = "gemfilter"
+    Config = GemFilterConfig
+    config: GemFilterConfig
+
+    def __init__(self, config: GemFilterConfig, model: ModelInfo) -> None:
+        super().__init__(config, model)
+        filter_layer = config.filter_layer
+        if filter_layer is None:
+            filter_layer = min(model.num_layers - 1, round(DEFAULT_FILTER_DEPTH * model.num_layers))
+        if filter_layer >= model.num_layers:
+            raise ConfigError(
+                f"gemfilter.filter_layer: must be below the model's {model.num_layers} layers "
+                f"(got {filter_layer})"
+            )
+        self.filter_layer = filter_layer
+
+    @hookimpl
+    def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
+        if layer.layer_idx != self.filter_layer:
+            return None
+        return self.keep_best(last_query_scores(layer), layer, "retain")
+
+    @hookimpl
+    def restart(self, layer: LayerView) -> bool | None:
+        return True if layer.layer_idx == self.filter_layer else None

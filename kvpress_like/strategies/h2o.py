@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpress_like.budget import BudgetConfig, BudgetStrategy
+from kvpress_like.hookspecs import LayerView, hookimpl
+
+
+class H2OConfig(BudgetConfig):
+    """H2O settings: the retention budget holds ``window`` recent tokens plus heavy hitters.
+
+    The paper splits its budget evenly between heavy hitters and recent tokens; here the recent
+    part is a token count (``window``, as in the other budget strategies) and heavy hitters take
+    the rest, so the same ``retain_rate`` means the same cache size across strategies.
+    """
+
+    chunk_size: int = Field(
+        512, ge=1, description="prompt queries per step when accumulating attention (peak memory ~ chunk x S)"
+    )
+
+
+def accumulated_attention(layer: LayerView, chunk_size: int) -> torch.Tensor:
+    """Attention each key receives, summed over every prompt query: float32 ``[B, Hkv, S]``.
+
+    Causal by true position, padding keys masked, fp32 softmax; padding queries add nothing.
+    Summed over the query heads of each KV group. Queries go ``chunk_size`` at a time, so the
+    extra memory is ``[B, Hkv, G, chunk, S]`` rather than the full ``[B, Hq, T, S]``.
+    """
+    keys = layer.keys.float()  # [B, Hkv, S, D]
+    batch, kv_heads, seq, dim = keys.shape
+    groups = layer.num_kv_groups
+    queries = layer.queries.float().reshape(batch, kv_heads, groups, -1, dim)  # [B, Hkv, G, T, D]
+    key_pos, key_valid = layer.positions, layer.valid  # [B, S]
+    total = keys.new_zeros(batch, kv_heads, groups, seq)
+    for start in range(0, queries.shape[3], chunk_size):
+        stop = start + chunk_size
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", queries[:, :, :, start:stop], keys) * layer.scaling
+        query_pos, query_valid = layer.positions[:, start:stop], layer.valid[:, start:stop]  # [B, C]
+        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, C, S]
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.where(query_valid[:, None, None, :, None], probs, 0.0)  # padding rows are NaN
+        total += probs.sum(dim=-2)
+    return total.sum(dim=2)
+
+
+class H2O(BudgetStrategy):
+    """H2O (arXiv 2306.14048): every layer keeps, per KV head, the most recent tokens plus the heavy
+    hitters, the keys with the most attention accumulated over all prompt queries, up to a budget.
+
+    ``score``: float32 ``[B, Hkv, S]``, see ``accumulated_attention`` (causal, padding masked,
+    fp32 softmax, summed over all valid queries and over each KV group's query heads; computed
+    ``chunk_size`` queries at a time, never as a whole ``S x S`` matrix).
+    ``retain``: bool ``[B, Hkv, S]``; per row and KV head, the ``window`` most recent tokens plus
+    the highest accumulated attention up to the row's retention budget (ties to the earlier
+    position). Causal accumulation favours early keys (more queries see them), as in the paper.
+    """
+
+    name = "h2o"
+    Config = H2OConfig
+    config: H2OConfig
+
+    @hookimpl
+    def score(self, layer: LayerView) -> torch.Tensor:
+        return accumulated_attention(layer, self.config.chunk_size)
+
+    @hookimpl
+    def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
+        return None if scores is None else self.keep_best(scores, layer, "retain")
