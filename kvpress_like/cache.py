@@ -7,7 +7,7 @@ index, its token's RoPE position and the row's next position are three different
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,35 +23,41 @@ class LayerCache:
 
     def extended(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
-    ):
+    ) -> LayerCache:
         """This layer plus T new entries (``keys`` ``[B, Hkv, T, D]``, ``positions``/``valid`` ``[B, T]``)."""
         heads = keys.shape[1]
-        new_pos = positions[:, None].expand(-1, heads, -1)
-        new_valid = valid[:, None].expand(-1, heads, -1)
-        return LayerCache(
-            torch.cat([self.keys, keys], dim=2),
-            torch.cat([self.values, values], dim=2),
-            torch.cat([self.positions, new_pos], dim=2),
-            torch.cat([self.valid, new_valid], dim=2),
+        new = LayerCache(
+            keys, values, positions[:, None].expand(-1, heads, -1), valid[:, None].expand(-1, heads, -1)
         )
+        return self.followed_by(new)
+
+    def followed_by(self, other: LayerCache) -> LayerCache:
+        """This layer's entries, then ``other``'s (same batch and heads)."""
+        pairs = zip(vars(self).values(), vars(other).values(), strict=True)
+        return LayerCache(*(torch.cat(pair, dim=2) for pair in pairs))
 
     def broadcast_heads(self) -> LayerCache:
         """The same entries with positions/valid given per KV head (they may arrive as ``[B, 1, S]``)."""
         shape = self.keys.shape[:3]
         return LayerCache(self.keys, self.values, self.positions.expand(shape), self.valid.expand(shape))
 
-    def select(self, keep: torch.Tensor) -> LayerCache:
-        """Only the entries where ``keep`` ``[B, Hkv, S]`` is True, in position order; rows with
-        fewer kept entries than the longest get invalid slots at the end."""
-        size = int(keep.sum(dim=-1).max())  # one sync per layer, in prefill only
+    def select(self, keep: torch.Tensor) -> LayerCache | PackedLayerCache:
+        """Only the entries where ``keep`` ``[B, Hkv, S]`` is True, in position order. When rows or
+        heads keep different numbers of entries, the result is packed (no padding stored)."""
+        counts = (keep & self.valid).sum(dim=-1)
+        size, total = int(counts.max()), int(counts.sum())  # syncs once per layer, in prefill only
         order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :size]
         slot = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        return LayerCache(
+        kept = LayerCache(
             self.keys.gather(2, slot),
             self.values.gather(2, slot),
             self.positions.gather(2, order),
             keep.gather(2, order) & self.valid.gather(2, order),
         )
+        return kept if total == counts.numel() * size else PackedLayerCache.pack(kept)
+
+    def dense(self) -> LayerCache:
+        return self
 
     def attention_mask(
         self, query_positions: torch.Tensor, query_valid: torch.Tensor, sliding_window: int | None
@@ -72,33 +78,78 @@ class LayerCache:
 
     def nbytes_valid(self) -> torch.Tensor:
         """Bytes the valid keys and values take."""
-        per_entry = 2 * self.keys.shape[-1] * self.keys.element_size()
-        return self.valid.sum() * per_entry
+        return self.valid.sum() * 2 * self.keys.shape[-1] * self.keys.element_size()
+
+    def clone(self) -> LayerCache:
+        return LayerCache(*(t.clone() for t in vars(self).values()))
 
 
-def empty_layer(batch: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> LayerCache:
-    return LayerCache(
-        torch.empty(batch, heads, 0, dim, dtype=dtype, device=device),
-        torch.empty(batch, heads, 0, dim, dtype=dtype, device=device),
-        torch.empty(batch, heads, 0, dtype=torch.long, device=device),
-        torch.empty(batch, heads, 0, dtype=torch.bool, device=device),
-    )
+@dataclass
+class PackedLayerCache:
+    """Entries of every (row, KV head) stored back to back, so per-head budgets (AdaKV) and
+    per-row budgets (padded batches) cost only what is kept. ``dense()`` rebuilds the padded
+    ``[B, Hkv, S_max, D]`` view for one attention call; it lives only during that call.
+
+    Shapes: keys/values ``[N, D]``, flat_positions ``[N]``, index/prefix_valid ``[B, Hkv, S_max]``
+    (``index`` points into the flat arrays; invalid slots point at entry 0). Entries appended
+    after prefill (one per head per token, so equal counts) go to the dense ``tail``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    flat_positions: torch.Tensor
+    index: torch.Tensor
+    prefix_valid: torch.Tensor
+    tail: LayerCache
+
+    @classmethod
+    def pack(cls, layer: LayerCache) -> PackedLayerCache:
+        valid = layer.valid
+        index = (valid.flatten().cumsum(0) - 1).clamp(min=0).view_as(valid) * valid
+        tail = LayerCache(
+            layer.keys[:, :, :0], layer.values[:, :, :0], layer.positions[:, :, :0], valid[:, :, :0]
+        )
+        return cls(layer.keys[valid], layer.values[valid], layer.positions[valid], index, valid, tail)
+
+    def dense(self) -> LayerCache:
+        idx = self.index
+        prefix = LayerCache(self.keys[idx], self.values[idx], self.flat_positions[idx], self.prefix_valid)
+        return prefix.followed_by(self.tail)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.dense().positions
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.cat([self.prefix_valid, self.tail.valid], dim=2)
+
+    def extended(self, keys, values, positions, valid) -> PackedLayerCache:
+        return replace(self, tail=self.tail.extended(keys, values, positions, valid))
+
+    def kept_per_row(self) -> torch.Tensor:
+        return self.valid.sum(dim=-1).float().mean(dim=-1)
+
+    def nbytes_valid(self) -> torch.Tensor:
+        """Bytes of the stored keys and values: the packed prefix plus the tail's valid entries."""
+        return self.keys.numel() * 2 * self.keys.element_size() + self.tail.nbytes_valid()
+
+    def clone(self) -> PackedLayerCache:
+        flat = (self.keys, self.values, self.flat_positions, self.index, self.prefix_valid)
+        return PackedLayerCache(*(t.clone() for t in flat), self.tail.clone())
 
 
 @dataclass
 class CompressedCache:
     """All layers' kept entries plus each row's next true position."""
 
-    layers: list[LayerCache | None]
+    layers: list[LayerCache | PackedLayerCache | None]
     next_positions: torch.Tensor  # [B] long: RoPE position of each row's next token
 
     def clone(self) -> CompressedCache:
         """An independent copy, so one compressed context can serve several continuations."""
-        layers = [
-            None if lc is None else LayerCache(*(t.clone() for t in vars(lc).values())) for lc in self.layers
-        ]
-        return CompressedCache(layers, self.next_positions.clone())
+        return CompressedCache([lc.clone() for lc in self.layers], self.next_positions.clone())
 
     def nbytes(self) -> int:
         """Bytes of the valid keys and values over all layers."""
-        return int(sum(lc.nbytes_valid() for lc in self.layers if lc is not None))
+        return int(sum(lc.nbytes_valid() for lc in self.layers))

@@ -105,8 +105,9 @@ class _Forward:
             layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
         else:
             layer = past.extended(key, value, self.positions, self.valid)
-        out = self._attention(query, layer, scaling, sliding_window, fresh=past is None)
-        layer = layer.broadcast_heads()
+        out = self._attention(query, layer.dense(), scaling, sliding_window, fresh=past is None)
+        if past is None:
+            layer = layer.broadcast_heads()
         if self.hooks is not None:
             layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
         self.cache.layers[layer_idx] = layer

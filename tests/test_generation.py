@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 
 from kvpress_like import ConfigError, pipeline
+from kvpress_like.cache import PackedLayerCache
 
 CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
 QUESTIONS = [[10, 11, 12, 13], [40, 41]]
@@ -73,3 +74,24 @@ def test_generation_stops_at_eos_like_generate(model):
     out = pipeline(model, "full", max_new_tokens=8)(CONTEXT)
     assert out.ids == expected == greedy[: greedy.index(eos) + 1]
     assert out.stats.new_tokens == (len(expected),)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_padded_batch_gives_each_row_what_it_gets_alone(family):
+    """Per-row budgets: each row of a left-padded batch is compressed and decoded as if alone,
+    and the uneven rows are stored packed (no padding slots kept)."""
+    model = tiny_model(family)
+    rows = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
+    budgets = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+    pipe = pipeline(model, "fastkv", **budgets, max_new_tokens=6, stop_on_eos=False)
+    batched = pipe(rows)
+    alone = [pipe(row) for row in rows]
+    assert batched.token_ids == [a.ids for a in alone]
+    assert [row for row in zip(*batched.stats.kv_kept_per_layer, strict=True)] == [
+        tuple(r[0] for r in a.stats.kv_kept_per_layer) for a in alone
+    ]
+    context = pipe.compress(rows)
+    full_attention = [i for i, t in enumerate(pipe.adapter.layer_types) if t == "full_attention"]
+    packed = context.cache.layers[full_attention[-1]]
+    assert isinstance(packed, PackedLayerCache)
+    assert context.cache.nbytes() == sum(a.stats.cache_bytes_kept for a in alone)

@@ -1,0 +1,359 @@
+"""GemFilter: selection against an independent reference, two-pass prefill, original positions.
+
+The selection reference is written from the paper's definition (the last query's fp32 softmax
+attention at the filter layer, summed over every query head; the ``window`` most recent tokens
+plus the best scores up to the budget, ties to the earlier index, padding never chosen) and uses
+nothing from ``kvpress_like.selection``. The end-to-end references are plain transformers
+forwards on the selected tokens with explicit ``position_ids``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kvpress_like import ConfigError, list_strategies, pipeline
+from kvpress_like.hookspecs import LayerView
+from kvpress_like.passkey import passkey_prompt
+from kvpress_like.plugins import ModelInfo
+from kvpress_like.strategies.gemfilter import GemFilter, GemFilterConfig, last_query_scores
+
+LOGIT_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+# ---------------------------------------------------------------- reference (paper definition)
+
+
+def ref_scores(view: LayerView) -> torch.Tensor:
+    """[B, S]: softmax of the last query over the row's valid keys, summed over all query heads."""
+    q, k = view.queries.float(), view.keys.float()
+    batch, hq, seq, _ = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(batch, seq)
+    for b in range(batch):
+        valid = view.valid[b]
+        for h in range(hq):
+            logits = (k[b, h // group] @ q[b, h, -1]) * view.scaling
+            out[b, valid] += torch.softmax(logits[valid], dim=0)
+    return out
+
+
+def ref_budget(n: int, rate: float | None, tokens: int | None) -> int:
+    return min(n, tokens) if tokens is not None else min(n, math.floor(rate * n + 0.5))
+
+
+def ref_select(scores: torch.Tensor, view: LayerView, window: int, budget_of) -> torch.Tensor:
+    """[B, S] bool: per row, the last min(window, n) valid entries, then the best other valid
+    ones (earlier index on ties) up to the row's budget."""
+    out = torch.zeros(scores.shape, dtype=torch.bool)
+    for b in range(scores.shape[0]):
+        n = int(view.prompt_lengths[b])
+        valid = [j for j in range(scores.shape[1]) if view.valid[b, j]]
+        recent = valid[-min(window, n) :]
+        rest = sorted((j for j in valid if j not in recent), key=lambda j: (-float(scores[b, j]), j))
+        out[b, recent + rest[: budget_of(n) - len(recent)]] = True
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_view(queries, keys, lengths, layer_idx=0, num_layers=1) -> LayerView:
+    """Left-padded prefill view: row b has its lengths[b] tokens at the right, positions 0..n-1."""
+    batch, _, seq, dim = keys.shape
+    valid = torch.zeros(batch, seq, dtype=torch.bool)
+    positions = torch.zeros(batch, seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        valid[b, seq - n :] = True
+        positions[b, seq - n :] = torch.arange(n)
+    return LayerView(layer_idx, num_layers, queries, keys, torch.randn_like(keys), positions, valid,
+                     torch.tensor(lengths), dim**-0.5, None)  # fmt: skip
+
+
+def make_gemfilter(hq: int, hkv: int, num_layers: int = 1, **cfg) -> GemFilter:
+    return GemFilter(GemFilterConfig(**cfg), ModelInfo(num_layers, hq, hkv, ("full_attention",) * num_layers))
+
+
+def same_ranking(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> bool:
+    """True if a and b order every pair of valid entries of each row the same way (>, ==, <)."""
+    sign = lambda x: torch.sign(x[..., :, None] - x[..., None, :])  # noqa: E731
+    pair_valid = valid[..., :, None] & valid[..., None, :]
+    return bool(torch.equal(sign(a)[pair_valid], sign(b)[pair_valid]))
+
+
+def pooled_grid(gen: torch.Generator, shape: tuple, dim: int, scale: float) -> torch.Tensor:
+    """Vectors drawn from a pool of at most 4 with entries in {-1, 0, 1} * scale: many exact ties."""
+    pool = torch.randint(-1, 2, (int(torch.randint(1, 5, (1,), generator=gen)), dim), generator=gen)
+    return pool[torch.randint(0, pool.shape[0], shape, generator=gen)].float() * scale
+
+
+def one_hot(seq: int, dim: int, rows: dict[int, int], scale: float = 8.0) -> torch.Tensor:
+    out = torch.zeros(seq, dim)
+    for i, d in rows.items():
+        out[i, d] = scale
+    return out
+
+
+# ---------------------------------------------------------------- property test
+
+
+@st.composite
+def cases(draw):
+    seq = draw(st.integers(1, 40))
+    batch = draw(st.integers(1, 3))
+    lengths = [draw(st.integers(1, seq)) for _ in range(batch)] if draw(st.booleans()) else [seq] * batch
+    if draw(st.booleans()):
+        cfg = {"budget_mode": "constant", "window": draw(st.integers(1, 10))}
+        cfg["retain_tokens"] = draw(st.integers(cfg["window"], 45))
+    else:
+        cfg = {"retain_rate": draw(st.floats(0.05, 1.0))}
+        # The last min(window, n) tokens must fit in every budget that does not cover the whole row.
+        tight = [b for n in lengths if (b := ref_budget(n, cfg["retain_rate"], None)) < n]
+        assume(min([10, *tight]) >= 1)
+        cfg["window"] = draw(st.integers(1, min([10, *tight])))
+    num_layers = draw(st.integers(1, 4))
+    cfg["filter_layer"] = draw(st.integers(0, num_layers - 1))
+    shape = {"batch": batch, "seq": seq, "hkv": draw(st.integers(1, 3)), "groups": draw(st.integers(1, 3)),
+             "dim": draw(st.sampled_from([4, 8])), "scale": draw(st.sampled_from([0.5, 32.0])),
+             "layer_idx": draw(st.sampled_from([cfg["filter_layer"], *range(num_layers)])), "num_layers": num_layers,
+             "seed": draw(st.integers(0, 2**31 - 1))}  # fmt: skip
+    return lengths, cfg, shape
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_selection_matches_reference(case):
+    """Scores match the reference closely; the propagated mask matches it exactly, and only the
+    filter layer answers (propagate and restart)."""
+    lengths, cfg, s = case
+    gen = torch.Generator().manual_seed(s["seed"])
+    hq = s["hkv"] * s["groups"]
+    queries = pooled_grid(gen, (s["batch"], hq, s["seq"]), s["dim"], s["scale"])
+    keys = pooled_grid(gen, (s["batch"], s["hkv"], s["seq"]), s["dim"], s["scale"])
+    view = make_view(queries, keys, lengths, s["layer_idx"], s["num_layers"])
+    strategy = make_gemfilter(hq, s["hkv"], s["num_layers"], **cfg)
+
+    keep = strategy.propagate(layer=view, scores=None)
+    if s["layer_idx"] != cfg["filter_layer"]:
+        assert keep is None and strategy.restart(layer=view) is None
+        return
+    assert strategy.restart(layer=view) is True
+    expected_scores = ref_scores(view)
+    scores = last_query_scores(view)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assume(same_ranking(scores, expected_scores, view.valid))
+
+    budget = lambda n: ref_budget(n, cfg.get("retain_rate"), cfg.get("retain_tokens"))  # noqa: E731
+    expected = ref_select(expected_scores, view, cfg["window"], budget)
+    assert keep.shape == (s["batch"], s["seq"]) and keep.dtype == torch.bool
+    assert torch.equal(keep, expected)
+    assert not (keep & ~view.valid).any()
+    assert keep.sum(-1).tolist() == [budget(n) for n in lengths]
+
+
+# ---------------------------------------------------------------- hand-made examples
+
+
+def test_only_the_last_query_chooses():
+    """Query 4 looks at key 0, the last query (5) at key 2. Window 2, budget 3: keys 4, 5 and 2.
+    An observation window of queries (FastKV-style) would tie 0 and 2 and keep 0."""
+    keys = one_hot(6, 4, {0: 0, 2: 1})[None, None]
+    queries = one_hot(6, 4, {4: 0, 5: 1})[None, None]
+    gem = make_gemfilter(1, 1, filter_layer=0, window=2, budget_mode="constant", retain_tokens=3)
+    keep = gem.propagate(layer=make_view(queries, keys, [6]), scores=None)
+    assert keep[0].nonzero().flatten().tolist() == [2, 4, 5]
+
+
+def test_softmax_per_head_then_summed_over_all_query_heads():
+    """Head 0 puts logit 100 on key 1; heads 1 and 2 put logit 10 on key 3. Per-head softmax
+    summed over heads favours key 3 (about 2 against 1); summed raw logits would favour key 1."""
+    keys = torch.zeros(1, 1, 6, 3)
+    keys[0, 0, 1, 0] = keys[0, 0, 3, 1] = 1.0
+    queries = torch.zeros(1, 3, 6, 3)
+    queries[0, 0, 5, 0], queries[0, 1, 5, 1], queries[0, 2, 5, 1] = 100.0, 10.0, 10.0
+    view = make_view(queries * 3**0.5, keys, [6])  # undo the 1/sqrt(3) scaling
+    gem = make_gemfilter(3, 1, filter_layer=0, budget_mode="constant", retain_tokens=2)
+    assert gem.propagate(layer=view, scores=None)[0].nonzero().flatten().tolist() == [3, 5]
+
+
+def test_gqa_query_head_h_reads_kv_head_h_div_groups():
+    """Hq=4, Hkv=2. KV head 0 holds e0 at key 1 and e1 at key 3; KV head 1 holds e0 at key 3.
+    Query heads look for e0, e1, e0, e0: with h // G key 3 wins 3 heads to 1; pairing by
+    h % Hkv would give key 1 two heads and key 3 only one."""
+    keys = torch.zeros(1, 2, 6, 4)
+    keys[0, 0] = one_hot(6, 4, {1: 0, 3: 1})
+    keys[0, 1] = one_hot(6, 4, {3: 0})
+    queries = torch.zeros(1, 4, 6, 4)
+    queries[0, [0, 2, 3], 5, 0] = queries[0, 1, 5, 1] = 8.0
+    gem = make_gemfilter(4, 2, filter_layer=0, budget_mode="constant", retain_tokens=2)
+    assert gem.propagate(layer=make_view(queries, keys, [6]), scores=None)[0].nonzero().flatten().tolist() == [3, 5]
+
+
+def test_padding_is_never_chosen_and_ties_go_to_the_earlier_token():
+    """Row 1 is left-padded by 3 with padding keys that match the last query best; its identical
+    keys at slots 4 and 6 tie exactly and the earlier one is kept."""
+    keys = one_hot(8, 4, {0: 0, 1: 0, 2: 0, 4: 0, 6: 0})[None, None].repeat(2, 1, 1, 1)
+    keys[1, 0, :3] *= 4
+    queries = one_hot(8, 4, {7: 0})[None, None].repeat(2, 1, 1, 1)
+    view = make_view(queries, keys, [8, 5])
+    scores = last_query_scores(view)
+    assert scores[1, :3].eq(0).all() and scores[1, 4] == scores[1, 6]
+    gem = make_gemfilter(1, 1, filter_layer=0, budget_mode="constant", retain_tokens=2)
+    keep = gem.propagate(layer=view, scores=None)
+    assert keep[0].nonzero().flatten().tolist() == [0, 7]
+    assert keep[1].nonzero().flatten().tolist() == [4, 7]
+
+
+# ---------------------------------------------------------------- end to end on tiny models
+
+
+def _prompts(lengths: list[int], seed: int = 5) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("filter_layer", [None, 0, 3])
+def test_two_passes_in_the_stats(family, filter_layer):
+    """First pass up to the filter layer on every token, second pass on the selected ones; every
+    layer's cache holds exactly the selected tokens."""
+    model = tiny_model(family)
+    pipe = pipeline(model, "gemfilter", retain_rate=0.25, filter_layer=filter_layer, max_new_tokens=3)
+    out = pipe(_prompts([40, 24]))
+    layer = {None: 2, 0: 0, 3: 3}[filter_layer]  # default: round(13 / 32 * 4)
+    assert pipe.strategy.filter_layer == layer
+    assert out.stats.tokens_per_layer == [[50, 30]] * (layer + 1) + [[10, 6]] * (3 - layer)
+    assert out.stats.kv_kept_per_layer == [[10.0, 6.0]] * 4
+    head_dim = model.model.layers[0].self_attn.head_dim
+    assert out.stats.cache_bytes_kept == 16 * 4 * 2 * head_dim * 2 * 4  # tokens, layers, Hkv, K+V, fp32
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_keep_everything_reproduces_the_full_cache(family):
+    model = tiny_model(family)
+    rows = _prompts([40, 24])
+    settings = dict(max_new_tokens=8, stop_on_eos=False)
+    full = pipeline(model, "full", **settings)
+    gem = pipeline(model, "gemfilter", retain_rate=1.0, **settings)
+    out, expected = gem(rows), full(rows)
+    assert len(set(sum(expected.token_ids, []))) > 2, "degenerate reference"
+    assert out.token_ids == expected.token_ids
+    assert out.stats.tokens_per_layer == [[80, 48]] * 3 + [[40, 24]]
+    torch.testing.assert_close(gem.compress(rows).last_logits, full.compress(rows).last_logits)
+
+
+def _selected(context, row: int) -> torch.Tensor:
+    """Original positions of the tokens a row kept; the same set in every layer and head."""
+    layers = context.cache.layers
+    picked = [lc.positions[row, h][lc.valid[row, h]] for lc in layers for h in range(lc.keys.shape[1])]
+    assert all(torch.equal(p, picked[0]) for p in picked)
+    return picked[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_selection_is_the_filter_layers_last_query_attention(family):
+    """The kept tokens are the top of transformers' own (eager) attention weights of the last
+    query at the filter layer, summed over heads; the last token included."""
+    rows = _prompts([40, 24])
+    pipe = pipeline(tiny_model(family), "gemfilter", retain_rate=0.25)
+    context = pipe.compress(rows)
+    eager = tiny_model(family)
+    eager.config._attn_implementation = "eager"
+    for row, (ids, k) in enumerate(zip(rows, [10, 6], strict=True)):
+        with torch.no_grad():
+            attn = eager(torch.tensor([ids]), output_attentions=True).attentions[pipe.strategy.filter_layer]
+        scores = attn[0, :, -1].sum(0)
+        scores[-1] = float("inf")  # window 1: the last token is always chosen
+        expected = scores.topk(k).indices.sort().values
+        assert torch.equal(_selected(context, row), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_second_pass_keeps_original_positions(family):
+    """Prefill logits and greedy decode match a transformers forward over the selected tokens at
+    their ORIGINAL positions (decode continuing at prompt length + step); renumbering the selected
+    tokens 0..k-1, or decoding at k + step, gives clearly different answers."""
+    model = tiny_model(family)
+    rows = _prompts([40, 24])
+    pipe = pipeline(model, "gemfilter", retain_rate=0.25, max_new_tokens=6, stop_on_eos=False)
+    context, out = pipe.compress(rows), pipe(rows)
+    for row, ids in enumerate(rows):
+        positions = _selected(context, row)
+        k, n = len(positions), len(ids)
+        assert positions.tolist() != list(range(k))
+        selected = torch.tensor(ids)[positions][None]
+        with torch.no_grad():
+            original = model(selected, position_ids=positions[None]).logits[:, -1]
+            renumbered = model(selected, position_ids=torch.arange(k)[None]).logits[:, -1]
+        torch.testing.assert_close(context.last_logits[row : row + 1], original, **LOGIT_TOLERANCE)
+        assert (renumbered - original).abs().max() > 0.1
+
+        generated = out.token_ids[row]
+        forced = torch.cat([selected[0], torch.tensor(generated[:-1])])[None]
+
+        def greedy(decode_start: int, forced=forced, positions=positions, k=k) -> list[int]:
+            steps = torch.arange(len(generated) - 1) + decode_start
+            with torch.no_grad():
+                logits = model(forced, position_ids=torch.cat([positions, steps])[None]).logits
+            return logits[0, k - 1 :].argmax(-1).tolist()
+
+        assert generated == greedy(n)
+        assert generated != greedy(k)
+
+
+# ---------------------------------------------------------------- real weights
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_prompt_within_budget(smollm2):
+    model, tokenizer = smollm2
+    prompt = passkey_prompt(tokenizer, 300, 0.5, seed=0)
+    pipe = pipeline(model, "gemfilter", tokenizer=tokenizer, retain_rate=0.2, chat_template=False,
+                    max_new_tokens=5)  # fmt: skip
+    out = pipe(prompt.text)
+    n = out.stats.prompt_tokens[0]
+    k, layers, layer = math.floor(0.2 * n + 0.5), model.config.num_hidden_layers, pipe.strategy.filter_layer
+    assert 250 <= n <= 350 and layer == round(13 / 32 * layers)
+    assert out.stats.tokens_per_layer == [[n + k]] * (layer + 1) + [[k]] * (layers - layer - 1)
+    assert out.stats.kv_kept_per_layer == [[float(k)]] * layers
+    assert out.stats.cache_bytes_kept * n == out.stats.cache_bytes_full * k
+    assert 1 <= len(out.ids) <= 5 and isinstance(out.text, str)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"filter_layer": 4}, ["gemfilter.filter_layer", "below the model's 4 layers", "got 4"]),
+        ({"filter_layer": -1}, ["gemfilter.filter_layer", "greater than or equal to 0", "-1"]),
+        ({"retain_rate": 0.0}, ["gemfilter.retain_rate", "greater than 0", "0.0"]),
+        ({"retain_rate": 1.5}, ["gemfilter.retain_rate", "less than or equal to 1", "1.5"]),
+        ({"window": 0}, ["gemfilter.window", "greater than or equal to 1", "0"]),
+        ({"budget_mode": "constant"}, ["retain_tokens is required"]),
+        ({"budget_mode": "constant", "retain_tokens": 2, "window": 4}, ["retain_tokens must be >= window (4)", "2"]),
+        ({"filter_layr": 1}, ["gemfilter.filter_layr", "Extra inputs are not permitted"]),
+    ],
+)
+def test_bad_settings_name_field_rule_and_value(settings, expected):
+    with pytest.raises(ConfigError) as err:
+        pipeline(tiny_model("llama"), "gemfilter", **settings)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_window_larger_than_the_budget_fails_before_prefill():
+    pipe = pipeline(tiny_model("llama"), "gemfilter", window=4, retain_rate=0.05)
+    with pytest.raises(ConfigError) as err:
+        pipe(_prompts([40]))
+    for fragment in ("gemfilter.window", "keeps 2 tokens", "window=4"):
+        assert fragment in str(err.value)
+
+
+def test_described_with_the_paper():
+    assert list_strategies()["gemfilter"].startswith("GemFilter (arXiv 2409.17422)")
