@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +41,11 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when sampling")
     seed: int | None = Field(None, description="seed of the sampling generator (None: nondeterministic)")
     stop_on_eos: bool = Field(True, description="stop a sequence at the model's end-of-sequence token")
+    decode: Literal["auto", "eager", "static", "compiled"] = Field(
+        "auto",
+        description="eager: the layer loop per token; static: preallocated buffers; compiled: static plus "
+        "torch.compile with CUDA graphs (auto: compiled on CUDA, eager elsewhere)",
+    )
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"
     )

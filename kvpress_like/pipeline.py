@@ -9,8 +9,9 @@ decode      one token at a time at true positions (prompt length + step), until 
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,23 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
+from kvpress_like.decode import StaticDecoder, capacity_bucket
 from kvpress_like.errors import ConfigError, config_error_from
 from kvpress_like.hookspecs import LayerView
 from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_config
+
+# cuDNN's fused attention is the fastest causal prefill kernel on Hopper (DESIGN.md), then flash.
+PREFILL_KERNELS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -41,7 +52,8 @@ class Stats:
     cache_bytes_full: int  # K/V bytes a full cache of every token so far would take
     cache_bytes_kept: int  # K/V bytes actually kept
     prefill_seconds: float
-    decode_seconds_per_token: float = 0.0
+    decode_seconds_per_token: float = 0.0  # median over the decode steps
+    decode_step_seconds: tuple[float, ...] = ()
     new_tokens: tuple[int, ...] = ()
 
 
@@ -82,10 +94,12 @@ class _Forward:
         positions: torch.Tensor,
         valid: torch.Tensor,
         hooks: pluggy.HookRelay | None,
+        contiguous: bool = True,
     ) -> None:
         self.cache, self.hooks = cache, hooks
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
         self.all_valid = bool(valid.all())
+        self.contiguous = contiguous  # no token dropped: an index distance is a position distance
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
         self.restart = False  # set by the restart hook: prefill again on the propagated tokens
         self.tokens_per_layer: list[torch.Tensor] = []
@@ -110,16 +124,21 @@ class _Forward:
             layer = layer.broadcast_heads()
         if self.hooks is not None:
             layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
+        if past is None and sliding_window is not None:  # lossless: decoding never reaches further
+            reachable = self.positions > self.cache.next_positions[:, None] - sliding_window
+            layer = layer.select((self.valid & reachable)[:, None].expand_as(layer.valid))
         self.cache.layers[layer_idx] = layer
         return out
 
     def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
         seq = query.shape[2]
-        if fresh and self.all_valid and (sliding_window is None or seq <= sliding_window):
-            # Sorted, unpadded positions: plain causal attention lets SDPA pick its fast kernels.
-            return F.scaled_dot_product_attention(
-                query, layer.keys, layer.values, is_causal=seq > 1, scale=scaling, enable_gqa=True
-            )
+        within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
+        if fresh and self.all_valid and within_window:
+            # Sorted, unpadded positions: plain causal attention, so SDPA can take cuDNN or flash.
+            with sdpa_kernel(PREFILL_KERNELS, set_priority=True):
+                return F.scaled_dot_product_attention(
+                    query, layer.keys, layer.values, is_causal=seq > 1, scale=scaling, enable_gqa=True
+                )
         mask = layer.attention_mask(self.positions, self.valid, sliding_window)
         if mask.shape[1] > 1:
             mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
@@ -142,11 +161,8 @@ class _Forward:
             sliding_window=sliding_window,
         )
         scores = self.hooks.score(layer=view)
-        if sliding_window is None:
-            keep = self.hooks.retain(layer=view, scores=scores)
-        else:  # lossless: decoding can never reach further back than the window
-            keep = self.valid & (self.positions > self.cache.next_positions[:, None] - sliding_window)
-            keep = keep[:, None]
+        # Sliding-window layers are trimmed to their window instead (in attend).
+        keep = self.hooks.retain(layer=view, scores=scores) if sliding_window is None else None
         propagated = self.hooks.propagate(layer=view, scores=scores)
         if propagated is not None:  # the last token always goes on: it makes the logits
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
@@ -163,6 +179,7 @@ class _Forward:
         self.positions = self.positions.gather(1, order)
         self.valid = keep.gather(1, order) & self.valid.gather(1, order)
         self.all_valid = bool(self.valid.all())
+        self.contiguous = False
         return order
 
 
@@ -180,6 +197,7 @@ class Pipeline:
         self.adapter = ModelAdapter(model)
         self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
         self.plugin_manager = make_plugin_manager(strategy, plugins)
+        self._decoders: dict[tuple[int, int, bool], StaticDecoder] = {}
 
     @classmethod
     def from_config(
@@ -311,12 +329,12 @@ class Pipeline:
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
             cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)
-            fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None)
+            fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None, contiguous=False)
             logits, _ = self._run_layers(restart_ids, fwd)
             fwd.tokens_per_layer[: len(first_pass)] = [
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
             ]
-        return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
+        return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
 
     def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor) -> Context:
         start = time.perf_counter()
@@ -325,7 +343,7 @@ class Pipeline:
         fwd = _Forward(cache, positions, valid, hooks=None)
         logits, _ = self._run_layers(ids, fwd)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
-        return Context(cache, logits, self._stats(fwd, cache, valid, time.perf_counter() - start))
+        return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
 
     def _run_layers(self, ids: torch.Tensor, fwd: _Forward) -> tuple[Tensor | None, Tensor | None]:
         """Embed, every decoder layer, then logits of the last position only ``[B, V]``; or, when
@@ -346,27 +364,24 @@ class Pipeline:
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
         cache, logits = context.cache, context.last_logits
+        step = self._decode_step(cache, gen)
         eos = self._eos_ids()
         generator = None
         if gen.do_sample and gen.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(gen.seed)
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         steps: list[torch.Tensor] = []
-        start = time.perf_counter()
-        forwards = 0
-        for step in range(gen.max_new_tokens):
+        step_seconds: list[float] = []
+        for index in range(gen.max_new_tokens):
             token = _pick(logits, gen, generator)
             token = torch.where(finished, eos[0] if len(eos) else token, token)
             steps.append(token)
             finished |= torch.isin(token, eos)
-            if step == gen.max_new_tokens - 1 or (gen.stop_on_eos and bool(finished.all())):
+            if index == gen.max_new_tokens - 1 or (gen.stop_on_eos and bool(finished.all())):
                 break
-            positions = cache.next_positions[:, None]
-            fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
-            logits, _ = self._run_layers(token[:, None], fwd)
-            cache.next_positions = cache.next_positions + 1
-            forwards += 1
-        seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            logits = step(token)
+            step_seconds.append(_elapsed(start, logits))
         tokens = torch.stack(steps, dim=1).tolist()
         token_ids = [_until_eos(row, set(eos.tolist())) if gen.stop_on_eos else row for row in tokens]
         texts = None
@@ -374,10 +389,43 @@ class Pipeline:
             texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
         stats = replace(
             context.stats,
-            decode_seconds_per_token=seconds / max(forwards, 1),
+            decode_seconds_per_token=statistics.median(step_seconds) if step_seconds else 0.0,
+            decode_step_seconds=tuple(step_seconds),
             new_tokens=tuple(len(row) for row in token_ids),
         )
         return Generation(token_ids, texts, stats)
+
+    def _decode_step(self, cache: CompressedCache, gen: GenerationConfig) -> Callable[[Tensor], Tensor]:
+        """The function that takes each row's next token ``[B]`` and returns logits ``[B, V]``."""
+        mode = gen.decode
+        if mode == "auto":
+            mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
+        if mode == "eager":
+
+            def eager(token: Tensor) -> Tensor:
+                positions = cache.next_positions[:, None]
+                fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
+                logits, _ = self._run_layers(token[:, None], fwd)
+                cache.next_positions = cache.next_positions + 1
+                return logits
+
+            return eager
+
+        batch = cache.next_positions.shape[0]
+        needed = max(lc.valid.shape[2] for lc in cache.layers) + gen.max_new_tokens
+        key = (batch, capacity_bucket(needed), mode == "compiled")
+        if key not in self._decoders:  # buffers and captured graphs are reused within a bucket
+            self._decoders[key] = StaticDecoder(self.adapter, *key)
+        decoder = self._decoders[key]
+        decoder.load(cache)
+        positions = cache.next_positions.clone()
+
+        def static(token: Tensor) -> Tensor:
+            logits = decoder.step(token, positions)
+            positions.add_(1)
+            return logits
+
+        return static
 
     def _stats(self, fwd: _Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
         info, head_dim = self.adapter.info, self.adapter.head_dim
@@ -403,6 +451,13 @@ def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generato
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > gen.top_p  # the top token always stays
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _elapsed(start: float, result: torch.Tensor) -> float:
+    """Seconds since ``start`` once the device has produced ``result``."""
+    if result.device.type == "cuda":
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - start
 
 
 def _until_eos(row: list[int], eos: set[int]) -> list[int]:

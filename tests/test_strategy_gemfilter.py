@@ -17,7 +17,7 @@ from conftest import tiny_model
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvpress_like import ConfigError, list_strategies, pipeline
+from kvpress_like import ConfigError, hookimpl, list_strategies, pipeline
 from kvpress_like.hookspecs import LayerView
 from kvpress_like.passkey import passkey_prompt
 from kvpress_like.plugins import ModelInfo
@@ -119,7 +119,8 @@ def cases(draw):
     cfg["filter_layer"] = draw(st.integers(0, num_layers - 1))
     shape = {"batch": batch, "seq": seq, "hkv": draw(st.integers(1, 3)), "groups": draw(st.integers(1, 3)),
              "dim": draw(st.sampled_from([4, 8])), "scale": draw(st.sampled_from([0.5, 32.0])),
-             "layer_idx": draw(st.sampled_from([cfg["filter_layer"], *range(num_layers)])), "num_layers": num_layers,
+             "layer_idx": draw(st.sampled_from([cfg["filter_layer"], *range(num_layers)])),
+             "num_layers": num_layers,
              "seed": draw(st.integers(0, 2**31 - 1))}  # fmt: skip
     return lengths, cfg, shape
 
@@ -190,7 +191,8 @@ def test_gqa_query_head_h_reads_kv_head_h_div_groups():
     queries = torch.zeros(1, 4, 6, 4)
     queries[0, [0, 2, 3], 5, 0] = queries[0, 1, 5, 1] = 8.0
     gem = make_gemfilter(4, 2, filter_layer=0, budget_mode="constant", retain_tokens=2)
-    assert gem.propagate(layer=make_view(queries, keys, [6]), scores=None)[0].nonzero().flatten().tolist() == [3, 5]
+    keep = gem.propagate(layer=make_view(queries, keys, [6]), scores=None)
+    assert keep[0].nonzero().flatten().tolist() == [3, 5]
 
 
 def test_padding_is_never_chosen_and_ties_go_to_the_earlier_token():
@@ -240,7 +242,7 @@ def test_keep_everything_reproduces_the_full_cache(family):
     full = pipeline(model, "full", **settings)
     gem = pipeline(model, "gemfilter", retain_rate=1.0, **settings)
     out, expected = gem(rows), full(rows)
-    assert len(set(sum(expected.token_ids, []))) > 2, "degenerate reference"
+    assert len({t for row in expected.token_ids for t in row}) > 2, "degenerate reference"
     assert out.token_ids == expected.token_ids
     assert out.stats.tokens_per_layer == [[80, 48]] * 3 + [[40, 24]]
     torch.testing.assert_close(gem.compress(rows).last_logits, full.compress(rows).last_logits)
@@ -249,7 +251,7 @@ def test_keep_everything_reproduces_the_full_cache(family):
 def _selected(context, row: int) -> torch.Tensor:
     """Original positions of the tokens a row kept; the same set in every layer and head."""
     layers = context.cache.layers
-    picked = [lc.positions[row, h][lc.valid[row, h]] for lc in layers for h in range(lc.keys.shape[1])]
+    picked = [lc.positions[row, h][lc.valid[row, h]] for lc in layers for h in range(lc.valid.shape[1])]
     assert all(torch.equal(p, picked[0]) for p in picked)
     return picked[0]
 
@@ -296,13 +298,49 @@ def test_second_pass_keeps_original_positions(family):
         forced = torch.cat([selected[0], torch.tensor(generated[:-1])])[None]
 
         def greedy(decode_start: int, forced=forced, positions=positions, k=k) -> list[int]:
-            steps = torch.arange(len(generated) - 1) + decode_start
+            steps = torch.arange(forced.shape[1] - k) + decode_start
             with torch.no_grad():
                 logits = model(forced, position_ids=torch.cat([positions, steps])[None]).logits
             return logits[0, k - 1 :].argmax(-1).tolist()
 
         assert generated == greedy(n)
         assert generated != greedy(k)
+
+
+class _RecordSelection:
+    """Observes (does not change) what ``propagate`` answered, through a pluggy wrapper."""
+
+    def __init__(self) -> None:
+        self.positions: list[torch.Tensor] = []
+
+    @hookimpl(wrapper=True)
+    def propagate(self, layer, scores):
+        chosen = yield
+        if chosen is not None:
+            self.positions = [layer.positions[b][chosen[b]] for b in range(chosen.shape[0])]
+        return chosen
+
+
+@pytest.mark.parametrize("lengths", [[40, 24], [40]], ids=["batch", "alone"])
+def test_sliding_window_counts_original_positions(lengths):
+    """Mistral (every layer sliding, window 24): in the second pass a selected token sees only the
+    selected tokens less than 24 ORIGINAL positions before it, as in the full model; and each
+    sliding layer then keeps only what its window can still reach."""
+    model = tiny_model("mistral")
+    rows = _prompts(lengths)
+    recorder = _RecordSelection()
+    context = pipeline(model, "gemfilter", retain_rate=0.25, plugins=[recorder]).compress(rows)
+    positions = recorder.positions[0]
+    distance = positions[:, None] - positions[None, :]
+    window = (distance >= 0) & (distance < model.config.sliding_window)
+    assert not window.equal(distance >= 0), "the selection fits in the window: the test would prove little"
+    selected = torch.tensor(rows[0])[positions][None]
+    with torch.no_grad():
+        logits = model(selected, attention_mask=window[None, None], position_ids=positions[None]).logits
+    torch.testing.assert_close(context.last_logits[:1], logits[:, -1], **LOGIT_TOLERANCE)
+    reachable = positions[positions > len(rows[0]) - model.config.sliding_window]
+    layer = context.cache.layers[0]
+    assert layer.positions[0, 0][layer.valid[0, 0]].tolist() == reachable.tolist()
 
 
 # ---------------------------------------------------------------- real weights
@@ -336,7 +374,10 @@ def test_smollm2_passkey_prompt_within_budget(smollm2):
         ({"retain_rate": 1.5}, ["gemfilter.retain_rate", "less than or equal to 1", "1.5"]),
         ({"window": 0}, ["gemfilter.window", "greater than or equal to 1", "0"]),
         ({"budget_mode": "constant"}, ["retain_tokens is required"]),
-        ({"budget_mode": "constant", "retain_tokens": 2, "window": 4}, ["retain_tokens must be >= window (4)", "2"]),
+        (
+            {"budget_mode": "constant", "retain_tokens": 2, "window": 4},
+            ["retain_tokens must be >= window (4)", "2"],
+        ),
         ({"filter_layr": 1}, ["gemfilter.filter_layr", "Extra inputs are not permitted"]),
     ],
 )

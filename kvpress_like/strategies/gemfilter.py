@@ -31,7 +31,7 @@ class GemFilterConfig(BudgetConfig):
 def last_query_scores(layer: LayerView) -> torch.Tensor:
     """GemFilter's token scores, float32 ``[B, S]``: the attention of each row's last query over
     its valid keys (fp32 softmax), summed over every query head. Padding scores 0."""
-    batch, kv_heads, seq, dim = layer.keys.shape
+    batch, kv_heads, _, dim = layer.keys.shape
     query = layer.queries[:, :, -1].float().reshape(batch, kv_heads, layer.num_kv_groups, dim)
     logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys.float()) * layer.scaling
     # The last query is the row's newest token: every valid key is at or before its position.
@@ -47,7 +47,8 @@ class GemFilter(BudgetStrategy):
     heads) picks the ``retain`` budget of each row, the ``window`` most recent tokens included,
     in position order. ``restart`` then makes the pipeline prefill again from layer 0 on the
     selected tokens, at their original positions, keeping every entry: the KV cache of every
-    layer is the selected set. The first pass's caches are dropped.
+    layer is the selected set. The first pass's caches are dropped. GemFilter ranks with its own
+    last-query scores: a plugin's ``score`` answer is not used.
     """
 
     name = "gemfilter"

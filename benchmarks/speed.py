@@ -1,0 +1,192 @@
+"""Speed and memory of transformers vs kvpress_like on a Llama-3.1-8B-shaped model (random bf16 weights).
+
+One run, one GPU: for each (prompt length, batch) and each system, prefill seconds, decode
+ms/token (median of the measured steps, after warm-up), peak GPU memory, and the ratio to the
+physical limits (FLOPs at 790 TFLOP/s for prefill, bytes at 4.3 TB/s for decode). Writes
+``speed.json`` and ``speed.png`` under ``--out`` and prints a table.
+
+    python benchmarks/speed.py --out results/speed                 # the full run (H200)
+    python benchmarks/speed.py --tiny --cases 256x1 --steps 4      # a smoke run on any machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
+
+from kvpress_like import pipeline
+
+PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12  # measured H200 ceilings (DESIGN.md)
+FASTKV = dict(tsp_layer=15, tsp_rate=0.2, retain_rate=0.1)
+SYSTEMS = {
+    "transformers": None,  # full cache, StaticCache + torch.compile (generate's own compiled path)
+    "full": ("full", {}),
+    "fastkv": ("fastkv", FASTKV),
+    "snapkv": ("snapkv", {"retain_rate": 0.1}),
+}
+
+
+def llama8b_config(tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1 << 17)  # fmt: skip
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 17, rope_theta=500000.0,
+    )  # fmt: skip
+
+
+class StepClock(StoppingCriteria):
+    """Records the time of every generation step (generate synchronises there anyway)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
+    def once():
+        clock = StepClock()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                       cache_implementation="static", stopping_criteria=[clock], pad_token_id=0)  # fmt: skip
+        return start, clock.times
+
+    once()  # compile and capture
+    start, times = once()
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"prefill_s": times[0] - start, "decode_ms": 1e3 * statistics.median(gaps), "steps": len(gaps)}
+
+
+def run_kvpress(model, ids: torch.Tensor, steps: int, strategy: str, settings: dict) -> dict:
+    pipe = pipeline(model, strategy, max_new_tokens=steps + 1, stop_on_eos=False, **settings)
+    pipe(ids)  # compile and capture (same bucket as the measured call)
+    out = pipe(ids)
+    stats = out.stats
+    return {
+        "prefill_s": stats.prefill_seconds,
+        "decode_ms": 1e3 * stats.decode_seconds_per_token,
+        "steps": len(stats.decode_step_seconds),
+        "kv_kept_per_layer": [row[0] for row in stats.kv_kept_per_layer],
+        "tokens_per_layer": [row[0] for row in stats.tokens_per_layer],
+    }
+
+
+def limits(cfg: LlamaConfig, system: str, length: int, batch: int) -> dict:
+    """Physical floors: prefill FLOPs at PEAK_FLOPS, decode bytes (weights + cache read) at PEAK_BYTES."""
+    layers, hidden, heads, kv_heads = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = hidden // heads
+    per_token_layer = 2 * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * cfg.intermediate_size)
+    tokens = [length] * layers
+    kept = length
+    if system == "fastkv":
+        tokens = [length if i <= FASTKV["tsp_layer"] else round(length * FASTKV["tsp_rate"]) for i in range(layers)]
+    if system in ("fastkv", "snapkv"):
+        kept = round(length * 0.1)
+    flops = sum(per_token_layer * t + 2 * heads * head_dim * t * t for t in tokens) * batch
+    flops += 2 * hidden * cfg.vocab_size * batch  # last position's logits only
+    weight_bytes = 2 * (layers * per_token_layer / 2 + hidden * cfg.vocab_size)
+    cache_bytes = batch * layers * kv_heads * head_dim * 2 * 2 * kept
+    return {"prefill_floor_s": flops / PEAK_FLOPS, "decode_floor_ms": 1e3 * (weight_bytes + cache_bytes) / PEAK_BYTES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/speed"))
+    parser.add_argument("--cases", default="32768x1,131072x1,32768x4", help="LENGTHxBATCH, comma-separated")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = llama8b_config(args.tiny)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "sdpa"
+    records = []
+    for case in args.cases.split(","):
+        length, batch = map(int, case.split("x"))
+        ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device, generator=None)
+        for system in args.systems.split(","):
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                if SYSTEMS[system] is None:
+                    result = run_transformers(model, ids, args.steps)
+                else:
+                    result = run_kvpress(model, ids, args.steps, *SYSTEMS[system])
+            except Exception as exc:  # report and go on: one failing system must not hide the others
+                result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            if device == "cuda":
+                result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            floors = limits(cfg, system, length, batch)
+            if "prefill_s" in result:
+                result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
+                result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+            records.append({"system": system, "length": length, "batch": batch, **floors, **result})
+            print(json.dumps(records[-1])[:300], flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "steps": args.steps, "tiny": args.tiny}  # fmt: skip
+    (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    print_table(records)
+    plot(records, args.out / "speed.png")
+
+
+def print_table(records: list[dict]) -> None:
+    base = {(r["length"], r["batch"]): r for r in records if r["system"] == "transformers" and "prefill_s" in r}
+    print(f"\n{'case':>10} {'system':>12} {'prefill s':>10} {'x tf':>6} {'decode ms':>10} {'x tf':>6} "
+          f"{'peak GiB':>9} {'prefill/floor':>14} {'decode/floor':>13}")  # fmt: skip
+    for r in records:
+        case = f"{r['length'] // 1024}Kx{r['batch']}"
+        if "error" in r:
+            print(f"{case:>10} {r['system']:>12}  error: {r['error'][:80]}")
+            continue
+        ref = base.get((r["length"], r["batch"]))
+        speedup_p = f"{ref['prefill_s'] / r['prefill_s']:.2f}" if ref else "-"
+        speedup_d = f"{ref['decode_ms'] / r['decode_ms']:.1f}" if ref else "-"
+        print(f"{case:>10} {r['system']:>12} {r['prefill_s']:>10.2f} {speedup_p:>6} {r['decode_ms']:>10.2f} "
+              f"{speedup_d:>6} {r.get('peak_gib', 0):>9.1f} {r['prefill_vs_floor']:>14.2f} {r['decode_vs_floor']:>13.2f}")  # fmt: skip
+
+
+def plot(records: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    ok = [r for r in records if "prefill_s" in r]
+    cases = sorted({(r["length"], r["batch"]) for r in ok})
+    systems = list(dict.fromkeys(r["system"] for r in ok))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, label in zip(axes, ("prefill_s", "decode_ms", "peak_gib"), ("prefill (s)", "decode (ms/token)", "peak GPU memory (GiB)"), strict=True):  # fmt: skip
+        width = 0.8 / len(systems)
+        for i, system in enumerate(systems):
+            values = [next((r.get(key, 0) for r in ok if r["system"] == system and (r["length"], r["batch"]) == c), 0) for c in cases]  # fmt: skip
+            ax.bar([j + i * width for j in range(len(cases))], values, width, label=system)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{n // 1024}K x{b}" for n, b in cases])
+        ax.set_title(label)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Decoding on preallocated buffers, one captured step per token (gpt-fast style).
+
+After prefill the kept entries of every layer are copied, left-aligned per (row, KV head), into
+static buffers ``[B, Hkv, C, D]`` whose capacity ``C`` is rounded up to a bucket, so that prompts
+with similar budgets reuse the same buffers and the same captured graph. A step writes the new
+token's key/value at slot ``lengths[b, h]``, bumps ``lengths`` in place and attends over the
+first ``lengths`` slots with a split-K kernel that takes the lengths (no mask over the capacity).
+Slot index, RoPE position (passed in) and valid length are three separate inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_like.adapter import ModelAdapter
+from kvpress_like.cache import CompressedCache
+from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
+
+BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
+
+
+def capacity_bucket(entries: int) -> int:
+    return -(-entries // BUCKET) * BUCKET
+
+
+@dataclass
+class StaticLayer:
+    keys: torch.Tensor  # [B, Hkv, C, D]
+    values: torch.Tensor  # [B, Hkv, C, D]
+    positions: torch.Tensor  # [B, Hkv, C] long: true position of each slot's token
+    lengths: torch.Tensor  # [B, Hkv] long: slots [0, length) are valid
+
+
+class _StepRouter:
+    """The attention router of one decode step: write the new entry, attend over the valid slots."""
+
+    def __init__(self, layers: list[StaticLayer], positions: torch.Tensor, fused: bool) -> None:
+        self.layers, self.positions, self.fused = layers, positions, fused
+
+    def attend(self, layer_idx, query, key, value, scaling, sliding_window):
+        buf = self.layers[layer_idx]
+        batch, heads = buf.lengths.shape
+        rows = torch.arange(batch, device=key.device)[:, None]
+        cols = torch.arange(heads, device=key.device)[None, :]
+        slot = buf.lengths
+        buf.keys[rows, cols, slot] = key[:, :, 0]
+        buf.values[rows, cols, slot] = value[:, :, 0]
+        buf.positions[rows, cols, slot] = self.positions[:, None]
+        buf.lengths.add_(1)
+        attention = decode_attention if self.fused else decode_attention_reference
+        out = attention(
+            query[:, :, 0], buf.keys, buf.values, buf.lengths, scaling,
+            buf.positions, self.positions, sliding_window,
+        )  # fmt: skip
+        return out[:, :, None]
+
+
+class StaticDecoder:
+    """Static buffers for one (batch, capacity) bucket and the (optionally compiled) decode step."""
+
+    def __init__(self, adapter: ModelAdapter, batch: int, capacity: int, compiled: bool) -> None:
+        info, device, dtype = adapter.info, adapter.device, adapter.dtype
+        self.adapter, self.batch, self.capacity = adapter, batch, capacity
+        shape = (batch, info.num_kv_heads, capacity)
+        self.layers = [
+            StaticLayer(
+                torch.zeros(*shape, adapter.head_dim, dtype=dtype, device=device),
+                torch.zeros(*shape, adapter.head_dim, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=torch.long, device=device),
+                torch.zeros(shape[:2], dtype=torch.long, device=device),
+            )
+            for _ in range(info.num_layers)
+        ]
+        self.fused = device.type == "cuda"
+        self.step = self._step
+        if compiled:
+            for layer in self.layers:
+                for buffer in vars(layer).values():
+                    torch._dynamo.mark_static_address(buffer)
+            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+
+    def fits(self, cache: CompressedCache, new_tokens: int) -> bool:
+        return max(lc.valid.shape[2] for lc in cache.layers) + new_tokens <= self.capacity
+
+    def load(self, cache: CompressedCache) -> None:
+        """Copy every layer's valid entries, left-aligned per (row, head), into the buffers."""
+        for buf, layer in zip(self.layers, cache.layers, strict=True):
+            dense = layer.dense()
+            order = torch.sort(dense.valid.to(torch.int8), dim=-1, descending=True, stable=True).indices
+            size = order.shape[-1]
+            slot = order[..., None].expand(-1, -1, -1, dense.keys.shape[-1])
+            buf.keys[:, :, :size].copy_(dense.keys.gather(2, slot))
+            buf.values[:, :, :size].copy_(dense.values.gather(2, slot))
+            buf.positions[:, :, :size].copy_(dense.positions.gather(2, order))
+            buf.lengths.copy_(dense.valid.sum(dim=-1))
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` for ``tokens`` ``[B]`` at true ``positions`` ``[B]``."""
+        adapter = self.adapter
+        hidden = adapter.embed(tokens[:, None])
+        pos = positions[:, None]
+        router = _StepRouter(self.layers, positions, self.fused)
+        rotary = {t: adapter.rotary(hidden, pos, t) for t in dict.fromkeys(adapter.layer_types)}
+        for idx, layer_type in enumerate(adapter.layer_types):
+            hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router)
+        return adapter.logits(hidden[:, -1])
