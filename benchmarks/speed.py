@@ -12,6 +12,7 @@ physical limits (FLOPs at 790 TFLOP/s for prefill, bytes at 4.3 TB/s for decode)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -34,12 +35,25 @@ SYSTEMS = {
 
 def llama8b_config(tiny: bool) -> LlamaConfig:
     if tiny:
-        return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1 << 17)  # fmt: skip
+        return LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=1 << 17,
+        )
     return LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 17, rope_theta=500000.0,
-    )  # fmt: skip
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=1 << 17,
+        rope_theta=500000.0,
+    )
 
 
 class StepClock(StoppingCriteria):
@@ -59,13 +73,20 @@ def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
     def once():
         clock = StepClock()
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
-                       cache_implementation="static", stopping_criteria=[clock], pad_token_id=0)  # fmt: skip
+        model.generate(
+            ids,
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            cache_implementation="static",
+            stopping_criteria=[clock],
+            pad_token_id=0,
+        )
         return start, clock.times
 
     once()  # compile and capture
     start, times = once()
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     return {"prefill_s": times[0] - start, "decode_ms": 1e3 * statistics.median(gaps), "steps": len(gaps)}
 
 
@@ -85,24 +106,29 @@ def run_kvpress(model, ids: torch.Tensor, steps: int, strategy: str, settings: d
 
 def limits(cfg: LlamaConfig, system: str, length: int, batch: int) -> dict:
     """Physical floors: prefill FLOPs at PEAK_FLOPS, decode bytes (weights + cache read) at PEAK_BYTES."""
-    layers, hidden, heads, kv_heads = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = hidden // heads
-    per_token_layer = 2 * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * cfg.intermediate_size)
-    tokens = [length] * layers
-    kept = length
+    layers, hidden, heads = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    weights_per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    weights_per_layer += 3 * hidden * cfg.intermediate_size
+    tokens, kept = [length] * layers, length
     if system == "fastkv":
-        tokens = [length if i <= FASTKV["tsp_layer"] else round(length * FASTKV["tsp_rate"]) for i in range(layers)]
+        reduced = round(length * FASTKV["tsp_rate"])
+        tokens = [length if i <= FASTKV["tsp_layer"] else reduced for i in range(layers)]
     if system in ("fastkv", "snapkv"):
         kept = round(length * 0.1)
-    flops = sum(per_token_layer * t + 2 * heads * head_dim * t * t for t in tokens) * batch
+    # matmuls: 2 FLOPs per weight per token; causal attention: 2 * T^2 * Hq * D per layer
+    flops = sum(2 * weights_per_layer * t + 2 * heads * head_dim * t * t for t in tokens) * batch
     flops += 2 * hidden * cfg.vocab_size * batch  # last position's logits only
-    weight_bytes = 2 * (layers * per_token_layer / 2 + hidden * cfg.vocab_size)
+    weight_bytes = 2 * (layers * weights_per_layer + hidden * cfg.vocab_size)
     cache_bytes = batch * layers * kv_heads * head_dim * 2 * 2 * kept
-    return {"prefill_floor_s": flops / PEAK_FLOPS, "decode_floor_ms": 1e3 * (weight_bytes + cache_bytes) / PEAK_BYTES}
+    decode_floor_ms = 1e3 * (weight_bytes + cache_bytes) / PEAK_BYTES
+    return {"prefill_floor_s": flops / PEAK_FLOPS, "decode_floor_ms": decode_floor_ms}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     parser.add_argument("--cases", default="32768x1,131072x1,32768x4", help="LENGTHxBATCH, comma-separated")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
@@ -140,17 +166,26 @@ def main() -> None:
             print(json.dumps(records[-1])[:300], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__, "steps": args.steps, "tiny": args.tiny}  # fmt: skip
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "tiny": args.tiny,
+    }
     (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     print_table(records)
     plot(records, args.out / "speed.png")
 
 
 def print_table(records: list[dict]) -> None:
-    base = {(r["length"], r["batch"]): r for r in records if r["system"] == "transformers" and "prefill_s" in r}
-    print(f"\n{'case':>10} {'system':>12} {'prefill s':>10} {'x tf':>6} {'decode ms':>10} {'x tf':>6} "
-          f"{'peak GiB':>9} {'prefill/floor':>14} {'decode/floor':>13}")  # fmt: skip
+    base = {
+        (r["length"], r["batch"]): r for r in records if r["system"] == "transformers" and "prefill_s" in r
+    }
+    print(
+        f"\n{'case':>10} {'system':>12} {'prefill s':>10} {'x tf':>6} {'decode ms':>10} {'x tf':>6} "
+        f"{'peak GiB':>9} {'prefill/floor':>14} {'decode/floor':>13}"
+    )
     for r in records:
         case = f"{r['length'] // 1024}Kx{r['batch']}"
         if "error" in r:
@@ -159,8 +194,11 @@ def print_table(records: list[dict]) -> None:
         ref = base.get((r["length"], r["batch"]))
         speedup_p = f"{ref['prefill_s'] / r['prefill_s']:.2f}" if ref else "-"
         speedup_d = f"{ref['decode_ms'] / r['decode_ms']:.1f}" if ref else "-"
-        print(f"{case:>10} {r['system']:>12} {r['prefill_s']:>10.2f} {speedup_p:>6} {r['decode_ms']:>10.2f} "
-              f"{speedup_d:>6} {r.get('peak_gib', 0):>9.1f} {r['prefill_vs_floor']:>14.2f} {r['decode_vs_floor']:>13.2f}")  # fmt: skip
+        print(
+            f"{case:>10} {r['system']:>12} {r['prefill_s']:>10.2f} {speedup_p:>6} {r['decode_ms']:>10.2f} "
+            f"{speedup_d:>6} {r.get('peak_gib', 0):>9.1f} {r['prefill_vs_floor']:>14.2f} "
+            f"{r['decode_vs_floor']:>13.2f}"
+        )
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -176,12 +214,20 @@ def plot(records: list[dict], path: Path) -> None:
     cases = sorted({(r["length"], r["batch"]) for r in ok})
     systems = list(dict.fromkeys(r["system"] for r in ok))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, label in zip(axes, ("prefill_s", "decode_ms", "peak_gib"), ("prefill (s)", "decode (ms/token)", "peak GPU memory (GiB)"), strict=True):  # fmt: skip
+    panels = [
+        ("prefill_s", "prefill (s)"),
+        ("decode_ms", "decode (ms/token)"),
+        ("peak_gib", "peak GPU memory (GiB)"),
+    ]
+    for ax, (key, label) in zip(axes, panels, strict=True):
         width = 0.8 / len(systems)
         for i, system in enumerate(systems):
-            values = [next((r.get(key, 0) for r in ok if r["system"] == system and (r["length"], r["batch"]) == c), 0) for c in cases]  # fmt: skip
+            by_case = {(r["length"], r["batch"]): r.get(key, 0) for r in ok if r["system"] == system}
+            values = [by_case.get(c, 0) for c in cases]
             ax.bar([j + i * width for j in range(len(cases))], values, width, label=system)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{n // 1024}K x{b}" for n, b in cases])
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(cases))], [f"{n // 1024}K x{b}" for n, b in cases]
+        )
         ax.set_title(label)
     axes[0].legend()
     fig.tight_layout()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvpress_like.config import StrategyConfig
 from kvpress_like.errors import ConfigError
@@ -23,7 +23,9 @@ class BudgetConfig(StrategyConfig):
 
     BUDGETS: ClassVar[tuple[str, ...]] = ("retain",)
 
-    budget_mode: Literal["proportional", "constant"] = "proportional"
+    budget_mode: Literal["proportional", "constant"] = Field(
+        "proportional", description="budgets as rates of each prompt's length, or as token counts"
+    )
     retain_rate: float = Field(0.1, gt=0, le=1, description="share of prompt tokens kept per head and layer")
     retain_tokens: int | None = Field(
         None, ge=1, description="KV entries kept per head and layer (constant mode)"
@@ -45,14 +47,15 @@ class BudgetConfig(StrategyConfig):
 class WindowScoreConfig(BudgetConfig):
     """A budget chosen by observation-window scores (``selection.window_scores``)."""
 
-    pooling: Pooling = "max"
+    pooling: Pooling = Field("max", description="pooling of the scores over the key axis")
     kernel: int = Field(7, ge=1, description="pooling kernel over the key axis (odd)")
 
-    @model_validator(mode="after")
-    def _check_kernel(self) -> WindowScoreConfig:
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd so pooling keeps the length (got {self.kernel})")
-        return self
+    @field_validator("kernel")
+    @classmethod
+    def _odd_kernel(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError("must be odd, so that pooling keeps the length")
+        return kernel
 
 
 class BudgetStrategy(Strategy):

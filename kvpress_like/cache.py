@@ -118,7 +118,7 @@ class PackedLayerCache:
 
     @property
     def positions(self) -> torch.Tensor:
-        return self.dense().positions
+        return torch.cat([self.flat_positions[self.index], self.tail.positions], dim=2)
 
     @property
     def valid(self) -> torch.Tensor:

@@ -112,6 +112,12 @@ def strategies(_: argparse.Namespace) -> None:
         print(f"{info.name:{width}}  {info.description}  [{info.source}]")
 
 
+def config_reference(_: argparse.Namespace) -> None:
+    from kvpress_like.reference import config_reference
+
+    print(config_reference(), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpress-like", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("strategies", help="list installed strategies")
     p.set_defaults(func=strategies)
+
+    p = sub.add_parser("config-reference", help="print the settings of every strategy (docs/config.md)")
+    p.set_defaults(func=config_reference)
     return parser
 
 

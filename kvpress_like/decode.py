@@ -18,7 +18,29 @@ from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 
-BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
+BUCKET = 1024
+
+
+# An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
+# out of the traced graph, and the CUDA graph captures it like any other kernel.
+@torch.library.custom_op("kvpress_like::decode_attention", mutates_args=())
+def _decode_attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    sliding_window: int,
+) -> torch.Tensor:
+    window = sliding_window if sliding_window > 0 else None
+    return decode_attention(query, keys, values, lengths, scale, key_positions, query_positions, window)
+
+
+@_decode_attention_op.register_fake
+def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window):
+    return torch.empty_like(query)  # capacity granularity: prompts within one bucket share buffers and graphs
 
 
 def capacity_bucket(entries: int) -> int:
@@ -49,11 +71,11 @@ class _StepRouter:
         buf.values[rows, cols, slot] = value[:, :, 0]
         buf.positions[rows, cols, slot] = self.positions[:, None]
         buf.lengths.add_(1)
-        attention = decode_attention if self.fused else decode_attention_reference
-        out = attention(
-            query[:, :, 0], buf.keys, buf.values, buf.lengths, scaling,
-            buf.positions, self.positions, sliding_window,
-        )  # fmt: skip
+        args = (query[:, :, 0], buf.keys, buf.values, buf.lengths, scaling, buf.positions, self.positions)
+        if self.fused:
+            out = _decode_attention_op(*args, sliding_window or 0)
+        else:
+            out = decode_attention_reference(*args, sliding_window)
         return out[:, :, None]
 
 

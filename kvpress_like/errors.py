@@ -18,5 +18,9 @@ def config_error_from(exc: ValidationError, prefix: str) -> ConfigError:
     lines = []
     for err in exc.errors():
         field = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
-        lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        message = err["msg"].removeprefix("Value error, ")
+        # A whole-model rule names its fields and value in its own message.
+        lines.append(
+            f"{field}: {message}" if not err["loc"] else f"{field}: {message} (got {err.get('input')!r})"
+        )
     return ConfigError("; ".join(lines))

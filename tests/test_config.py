@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kvpress_like import ConfigError, Pipeline, UnsupportedModelError, load_config, pipeline
+
+from conftest import tiny_model
 
 PROMPT = list(range(3, 43))  # 40 tokens
 
@@ -33,7 +34,7 @@ def forward_calls(model):
         ({"tsp_rate": 1.5}, ["fastkv.tsp_rate", "less than or equal to 1", "1.5"]),
         ({"retain_rate": -0.1}, ["fastkv.retain_rate", "greater than 0", "-0.1"]),
         ({"tsp_layer": 7}, ["fastkv.tsp_layer", "4 layers", "7"]),
-        ({"kernel": 4}, ["kernel must be odd", "4"]),
+        ({"kernel": 4}, ["kernel: must be odd", "4"]),
         ({"pooling": "median"}, ["fastkv.pooling", "'max' or 'avg'", "median"]),
         (
             {"budget_mode": "constant", "tsp_tokens": 64, "retain_tokens": 4},
@@ -143,3 +144,12 @@ def test_missing_or_unknown_config_files(tmp_path):
     (tmp_path / "cfg.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"suffix must be .yaml, .yml or .toml \(got '.json'\)"):
         load_config(tmp_path / "cfg.json")
+
+
+def test_the_config_reference_in_docs_is_current():
+    from pathlib import Path
+
+    from kvpress_like.reference import config_reference
+
+    docs = Path(__file__).parents[1] / "docs" / "config.md"
+    assert docs.read_text() == config_reference(), "run: kvpress-like config-reference > docs/config.md"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kvpress_like import hookimpl, list_strategies, pipeline
 from kvpress_like.plugins import ENTRY_POINT_GROUP, describe_strategies
+
+from conftest import tiny_model
 
 DOC = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
 PROMPT = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(11)).tolist()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kvpress_like import ConfigError, pipeline
 from kvpress_like.cache import PackedLayerCache
+
+from conftest import tiny_model
 
 CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
 QUESTIONS = [[10, 11, 12, 13], [40, 41]]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kvpress_like import hookimpl, pipeline
+
+from conftest import tiny_model
 
 PROMPT = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5))
 

@@ -7,10 +7,11 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kvpress_like import hookimpl, list_strategies, pipeline
 from kvpress_like.plugins import ENTRY_POINT_GROUP
+
+from conftest import tiny_model
 
 PROMPT = torch.randint(3, 256, (50,), generator=torch.Generator().manual_seed(9)).tolist()
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model
 
 from kvpress_like import hookimpl, pipeline
+
+from conftest import tiny_model
 
 PROMPT, EVICTED, NEW_TOKENS = 40, range(5, 15), 8
 

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +21,8 @@ from kvpress_like.hookspecs import LayerView
 from kvpress_like.passkey import passkey_prompt
 from kvpress_like.plugins import ModelInfo
 from kvpress_like.strategies.gemfilter import GemFilter, GemFilterConfig, last_query_scores
+
+from conftest import tiny_model
 
 LOGIT_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 

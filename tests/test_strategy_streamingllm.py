@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,8 @@ from kvpress_like.hookspecs import LayerView
 from kvpress_like.passkey import passkey_prompt
 from kvpress_like.plugins import ModelInfo
 from kvpress_like.strategies.streamingllm import StreamingLLM, StreamingLLMConfig
+
+from conftest import tiny_model
 
 NAME = "streamingllm"
 
@@ -262,4 +263,6 @@ def test_budget_without_room_for_sinks_and_window_fails_before_prefill():
     assert "streamingllm.sink_tokens" in message and "keeps 10 tokens" in message
     assert "sink_tokens + window (8)" in message and message.endswith("(got 4)")
     assert calls == []
-    pipeline(model, NAME, retain_rate=0.3, window=8, sink_tokens=4, max_new_tokens=1)(ROWS["batch1"])  # 12 fits
+    pipeline(model, NAME, retain_rate=0.3, window=8, sink_tokens=4, max_new_tokens=1)(
+        ROWS["batch1"]
+    )  # 12 fits

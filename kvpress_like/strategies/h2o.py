@@ -15,8 +15,11 @@ class H2OConfig(BudgetConfig):
     the rest, so the same ``retain_rate`` means the same cache size across strategies.
     """
 
+    window: int = Field(8, ge=1, description="most recent tokens, always kept; heavy hitters fill the rest")
     chunk_size: int = Field(
-        512, ge=1, description="prompt queries per step when accumulating attention (peak memory ~ chunk x S)"
+        512,
+        ge=1,
+        description="prompt queries per step of the accumulation (2 fp32 buffers of B x Hq x chunk x S)",
     )
 
 
@@ -25,23 +28,23 @@ def accumulated_attention(layer: LayerView, chunk_size: int) -> torch.Tensor:
 
     Causal by true position, padding keys masked, fp32 softmax; padding queries add nothing.
     Summed over the query heads of each KV group. Queries go ``chunk_size`` at a time, so the
-    extra memory is ``[B, Hkv, G, chunk, S]`` rather than the full ``[B, Hq, T, S]``.
+    extra memory is two fp32 ``[B, Hq, chunk, S]`` buffers rather than the full ``[B, Hq, T, S]``.
     """
     keys = layer.keys.float()  # [B, Hkv, S, D]
     batch, kv_heads, seq, dim = keys.shape
     groups = layer.num_kv_groups
-    queries = layer.queries.float().reshape(batch, kv_heads, groups, -1, dim)  # [B, Hkv, G, T, D]
+    queries = layer.queries.reshape(batch, kv_heads, groups, -1, dim)  # [B, Hkv, G, T, D], head h -> h // G
     key_pos, key_valid = layer.positions, layer.valid  # [B, S]
     total = keys.new_zeros(batch, kv_heads, groups, seq)
     for start in range(0, queries.shape[3], chunk_size):
         stop = start + chunk_size
-        logits = torch.einsum("bhgcd,bhsd->bhgcs", queries[:, :, :, start:stop], keys) * layer.scaling
         query_pos, query_valid = layer.positions[:, start:stop], layer.valid[:, start:stop]  # [B, C]
         allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, C, S]
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        probs = torch.where(query_valid[:, None, None, :, None], probs, 0.0)  # padding rows are NaN
-        total += probs.sum(dim=-2)
+        chunk = queries[:, :, :, start:stop].float()
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", chunk, keys)  # [B, Hkv, G, C, S]
+        logits.mul_(layer.scaling).masked_fill_(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # in place above and below: two chunk-sized buffers
+        total += probs.masked_fill_(~query_valid[:, None, None, :, None], 0.0).sum(dim=-2)  # padding: 0
     return total.sum(dim=2)
 
 
@@ -62,7 +65,9 @@ class H2O(BudgetStrategy):
     config: H2OConfig
 
     @hookimpl
-    def score(self, layer: LayerView) -> torch.Tensor:
+    def score(self, layer: LayerView) -> torch.Tensor | None:
+        if layer.sliding_window is not None:
+            return None  # retain is not asked there (the window is kept losslessly): spare the S x S work
         return accumulated_attention(layer, self.config.chunk_size)
 
     @hookimpl

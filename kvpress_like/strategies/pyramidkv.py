@@ -35,12 +35,17 @@ class PyramidKV(BudgetStrategy):
     ``a = k - w`` that is an arithmetic progression over depth with mean ``a``: the last layer gets
     ``a / beta``, the first ``first = 2a - a / beta``. When ``w + first`` would exceed ``n``, the
     pyramid is flattened to ``first = n - w`` (last ``2a - first``), which keeps it linear and keeps
-    its mean. Integer budgets are differences of the floored cumulative sums ``floor(S_l)``, with
-    ``S_l = (l + 1) * (first * (L - 1 - l) + a * l) / (L - 1)``, so every layer keeps between ``w``
-    and ``n`` entries, budgets never increase with depth and, for every row, the budgets of the
-    ``L`` layers add up to exactly ``L * k`` (clipping included; ``L = 1`` keeps ``k``). The depth
-    axis is ``layer_idx`` over all ``ModelInfo.num_layers`` layers; sliding-window layers are not
-    asked ``retain`` (they keep their window), so their share is simply not used.
+    its mean. Rounding (largest remainder, exact integer arithmetic): each layer gets the floor of
+    its share, and the ``L * a`` minus those floors left over (fewer than ``L``) go one each to the
+    layers with the largest fractional parts, the shallower first on ties. So every layer keeps
+    between ``w`` and ``n`` entries, within one of its exact share, budgets never increase with
+    depth and, for every row, the ``L`` budgets add up to exactly ``L * k``, clipping included
+    (``L = 1`` keeps ``k``). (Floors of cumulative sums also give the exact total but can break
+    the order: shares 1.75, 1.25, 0.75, 0.25 would become 1, 2, 0, 1.) The depth axis is
+    ``layer_idx`` over all ``ModelInfo.num_layers`` layers; sliding-window layers are not asked
+    ``retain`` (they keep their window), so their share is simply not used. ``1 / beta`` is used
+    as the nearest fraction with denominator <= 1000 (exact for integer beta up to 1000 and for
+    1.5, 2.5, 1.25, ...); a huge beta thus acts as infinity: the last layer keeps only its window.
     """
 
     name = "pyramidkv"
@@ -58,18 +63,19 @@ class PyramidKV(BudgetStrategy):
         layers = self.model.num_layers
         if layers == 1:
             return uniform
-        window = prompt_lengths.clamp(max=self.config.window)
-        share = (uniform - window).clamp(min=0)
+        window = prompt_lengths.clamp(max=self.config.window)[:, None]
+        share = (uniform[:, None] - window).clamp(min=0)  # [B, 1]: a
         p, q = self._p, self._q
         # p * first, clipped so that the first layer keeps at most the whole prompt.
-        first = torch.minimum(share * (2 * p - q), p * (prompt_lengths - window))
-
-        def cumulative(i: int) -> torch.Tensor:  # floor(S_i); S_{-1} = 0
-            if i < 0:
-                return torch.zeros_like(share)
-            return ((i + 1) * (first * (layers - 1 - i) + p * share * i)) // (p * (layers - 1))
-
-        return window + cumulative(layer_idx) - cumulative(layer_idx - 1)
+        first = torch.minimum(share * (2 * p - q), p * (prompt_lengths[:, None] - window))
+        depth = torch.arange(layers, device=share.device)
+        scaled = first * (layers - 1 - 2 * depth) + 2 * p * share * depth  # [B, L]: shares * p(L-1)
+        whole, rest = scaled // (p * (layers - 1)), scaled % (p * (layers - 1))
+        spare = layers * share - whole.sum(dim=-1, keepdim=True)  # [B, 1], in [0, L)
+        order = torch.sort(rest, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, depth.expand_as(order))  # by remainder
+        extra = rank[:, layer_idx : layer_idx + 1] < spare
+        return (window + whole[:, layer_idx : layer_idx + 1] + extra)[:, 0]
 
     @hookimpl
     def score(self, layer: LayerView) -> torch.Tensor:

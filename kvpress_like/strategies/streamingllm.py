@@ -17,6 +17,9 @@ class StreamingLLMConfig(BudgetConfig):
     the budget leaves after the sinks.
     """
 
+    window: int = Field(
+        8, ge=1, description="least number of recent tokens kept (the budget holds sinks + window)"
+    )
     sink_tokens: int = Field(
         4, ge=0, description="first prompt tokens always kept as attention sinks (the paper uses 4)"
     )
@@ -25,12 +28,12 @@ class StreamingLLMConfig(BudgetConfig):
     @classmethod
     def _sinks_fit_constant_budget(cls, value: int, info: ValidationInfo) -> int:
         tokens, window = info.data.get("retain_tokens"), info.data.get("window")
-        if info.data.get("budget_mode") == "constant" and tokens is not None and window is not None:
-            if value + window > tokens:
-                raise ValueError(
-                    f"must be below the retain budget less the window: sink_tokens + window ({window}) "
-                    f"must be <= retain_tokens ({tokens})"
-                )
+        constant = info.data.get("budget_mode") == "constant" and None not in (tokens, window)
+        if constant and value + window > tokens:
+            raise ValueError(
+                f"must be below the retain budget less the window: sink_tokens + window ({window}) "
+                f"must be <= retain_tokens ({tokens})"
+            )
         return value
 
 

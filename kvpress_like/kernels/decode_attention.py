@@ -1,0 +1,209 @@
+"""Decode attention over a static, left-aligned KV cache: one new query per row, GQA, optional window.
+
+Shapes: query ``[B, Hq, D]``; keys/values ``[B, Hkv, C, D]`` (capacity C, slots ``[0, lengths[b, h])``
+valid); lengths ``[B, Hkv]``; key_positions ``[B, Hkv, C]``; query_positions ``[B]``; out ``[B, Hq, D]``.
+Query head h reads KV head ``h // (Hq // Hkv)``. A key is visible iff its slot is below the length and,
+with a window, ``query_pos - key_pos < sliding_window``. No visible key gives a zero output.
+
+``decode_attention`` runs a Triton split-K ("flash-decoding") kernel on CUDA, or in Triton's CPU
+interpreter when ``TRITON_INTERPRET=1``; otherwise it falls back to ``decode_attention_reference``.
+Launch parameters come from static shapes only, so a call does no host sync and is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+try:  # CPU builds of torch ship without triton: the reference must work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, D] fp32 partials in registers
+MIN_SPLIT = 256  # keys per split: below this the q load and the merge outweigh the streaming
+WAVES = 4  # aim for a few programs per SM so that loads from several programs overlap
+# Split-kernel tile at D=128 (BLOCK_N doubles at D <= 64): a 64-key K+V tile is 32 KiB in bf16, and two
+# stages leave room for three programs per SM. Best of a small sweep on an H200 (BLOCK_N 32/64/128,
+# 4/8 warps, 2-4 stages, 1-16 waves), within ~10% of each other; 8 warps was worse throughout.
+TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
+def decode_attention_reference(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lengths: Tensor,
+    scale: float,
+    key_positions: Tensor | None = None,
+    query_positions: Tensor | None = None,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Plain PyTorch in fp32 with explicit masks; same contract as :func:`decode_attention`."""
+    b, hq, d = query.shape
+    hkv, cap = keys.shape[1], keys.shape[2]
+    q = query.float().reshape(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,bhnd->bhgn", q, keys.float()) * scale
+    visible = torch.arange(cap, device=keys.device) < lengths[..., None]  # [B, Hkv, C]
+    if sliding_window is not None:
+        visible = visible & (query_positions[:, None, None] - key_positions < sliding_window)
+    probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+    probs = torch.where(visible.any(-1)[:, :, None, None], probs, 0.0)  # all-masked softmax is NaN
+    return torch.einsum("bhgn,bhnd->bhgd", probs, values.float()).reshape(b, hq, d).to(query.dtype)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _launch_config(cap: int, d: int, programs: int, sms: int, num_splits: int | None) -> tuple[int, int, int]:
+    """(num_splits, split_size, BLOCK_N) from static shapes only; split_size is a multiple of BLOCK_N."""
+    if num_splits is None:
+        wanted = min(MAX_SPLITS, max(1, math.ceil(WAVES * sms / programs)))
+        num_splits = max(1, min(wanted, cap // MIN_SPLIT))
+    # Small splits (tests, short caches) shrink the tile rather than mask most of it.
+    fits = max(16, triton.next_power_of_2(math.ceil(cap / num_splits)))
+    block_n = min(TILE["block_n"] * (1 if d > 64 else 2), fits)
+    split_size = math.ceil(max(cap, 1) / num_splits / block_n) * block_n
+    return math.ceil(max(cap, 1) / split_size), split_size, block_n
+
+
+# The kernels are plain functions wrapped by `_jit` at first use rather than decorated at import: whether
+# they are interpreted (TRITON_INTERPRET=1) is then decided by the environment of the call, not by
+# whichever import happened to load this module first.
+def _split_kernel(
+    Q, K, V, Lens, KPos, QPos, MidO, MidLse,
+    qk_scale, window, cap, split_size,
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # GQA: one program owns a KV head and all G query heads reading it, so every K/V tile is loaded
+    # once and used by G rows. Scores use tl.dot with the G rows padded to G_PAD >= 16 (tl.dot's
+    # minimum M): the tensor cores do 16/G times the needed flops, which is free in a memory-bound
+    # kernel, whereas elementwise q*k products with tl.sum need a [G, BLOCK_N, D] register tile
+    # that spills at D=128.
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
+    length = tl.minimum(tl.load(Lens + b * slb + hk * slh).to(tl.int32), cap)
+    start = split * split_size
+    end = tl.minimum(start + split_size, length)  # start >= end: the loop below does no work
+    offs_g, offs_d, offs_n = tl.arange(0, G_PAD), tl.arange(0, D), tl.arange(0, BLOCK_N)
+    heads = hk * G + offs_g
+    q_ptr = Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd
+    q = tl.load(q_ptr, mask=offs_g[:, None] < G, other=0.0)
+    k_ptr = K + b * skb + hk * skh + offs_d[None, :] * skd
+    v_ptr = V + b * svb + hk * svh + offs_d[None, :] * svd
+    if HAS_WINDOW:
+        q_pos = tl.load(QPos + b * sqp)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):  # no iteration for a split past the row's length
+        offs = n0 + offs_n
+        visible = offs < end
+        k = tl.load(k_ptr + offs[:, None] * skn, mask=visible[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_WINDOW:
+            k_pos = tl.load(KPos + b * spb + hk * sph + offs * spn, mask=visible, other=0)
+            visible = visible & (q_pos - k_pos < window)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A tile may be fully outside the window: shift by 0 then, so exp2 gives 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offs[:, None] * svn, mask=visible[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    # Empty splits store a zero partial with lse = -inf: weight 0 in the merge, and no NaN to poison it.
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    rows = (b * HKV * G + heads) * NUM_SPLITS + split
+    tl.store(MidO + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=offs_g[:, None] < G)
+    tl.store(MidLse + rows, tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf")), mask=offs_g < G)
+
+
+def _merge_kernel(
+    MidO, MidLse, Out, sob, soh, sod,
+    HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+    lse = tl.load(MidLse + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
+    o = tl.load(
+        MidO + (row * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+        mask=offs_s[:, None] < NUM_SPLITS,
+        other=0.0,
+    )
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    b, h = (row // HQ).to(tl.int64), (row % HQ).to(tl.int64)
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
+
+
+@functools.cache
+def _jit(interpret: bool) -> tuple:
+    """(split, merge) kernels; ``interpret`` only keys the cache, triton.jit reads TRITON_INTERPRET."""
+    return triton.jit(_split_kernel), triton.jit(_merge_kernel)
+
+
+def decode_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lengths: Tensor,
+    scale: float,
+    key_positions: Tensor | None = None,
+    query_positions: Tensor | None = None,
+    sliding_window: int | None = None,
+    *,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Softmax(q·k·scale)·v over the visible keys (see the module docstring); ``num_splits`` overrides
+    the split count chosen from the static shapes (tests and tuning)."""
+    interpret = triton is not None and triton.knobs.runtime.interpret
+    if triton is None or not (query.is_cuda or interpret):
+        return decode_attention_reference(
+            query, keys, values, lengths, scale, key_positions, query_positions, sliding_window
+        )
+    b, hq, d = query.shape
+    hkv, cap = keys.shape[1], keys.shape[2]
+    if hq % hkv or d & (d - 1) or d < 16:
+        raise ValueError(f"need Hq % Hkv == 0 and D a power of two >= 16, got Hq={hq} Hkv={hkv} D={d}")
+    has_window = sliding_window is not None
+    if has_window and (key_positions is None or query_positions is None):
+        raise ValueError("a sliding window needs key_positions and query_positions")
+    g = hq // hkv
+    splits, split_size, block_n = _launch_config(cap, d, b * hkv, _sm_count(query.device), num_splits)
+    mid_o = torch.empty(b, hq, splits, d, device=query.device, dtype=torch.float32)
+    mid_lse = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    # Without a window the position pointers are never read: pass lengths with zero strides.
+    kpos, kpos_strides = (key_positions, key_positions.stride()) if has_window else (lengths, (0, 0, 0))
+    qpos, qpos_stride = (query_positions, query_positions.stride(0)) if has_window else (lengths, 0)
+    split_kernel, merge_kernel = _jit(interpret)
+    split_kernel[(b * hkv, splits)](
+        query, keys, values, lengths, kpos, qpos, mid_o, mid_lse,
+        scale * LOG2E, int(sliding_window or 0), cap, split_size,
+        *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
+        HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
+        NUM_SPLITS=splits, HAS_WINDOW=has_window,
+        # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=TILE["num_warps"], num_stages=TILE["num_stages"],
+    )  # fmt: skip
+    merge_kernel[(b * hq,)](
+        mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits,
+        S_PAD=triton.next_power_of_2(splits), num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,90 @@
+"""GPU properties (run on the H200; skipped without CUDA): keep-everything equals the full cache,
+the compiled decode equals eager decoding of the same compressed cache, and a warmed-up bucket
+never recompiles or re-captures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpress_like import pipeline
+
+from conftest import tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+SLOW_SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+
+
+def _gpu_model(family: str, dtype: torch.dtype):
+    return tiny_model(family).to("cuda", dtype)
+
+
+def _rows(lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+@SLOW_SETTINGS
+@given(
+    family=st.sampled_from(["llama", "qwen3", "gemma3"]),
+    lengths=st.lists(st.integers(16, 300), min_size=1, max_size=4),
+    seed=st.integers(0, 100),
+)
+def test_keep_everything_matches_generate_on_gpu(family, lengths, seed):
+    rows = _rows(lengths, seed)
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device="cuda")
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
+    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4, max_new_tokens=6, stop_on_eos=False)
+
+    fp32 = _gpu_model(family, torch.float32)  # tokens: exact in fp32
+    expected = fp32.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    out = pipeline(fp32, "fastkv", **keep_all)(rows)
+    assert out.token_ids == expected[:, width:].tolist()
+
+    bf16 = _gpu_model(family, torch.bfloat16)  # logits: within bf16 rounding
+    with torch.no_grad():
+        reference = bf16(ids, attention_mask=mask).logits[:, -1].float()
+    context = pipeline(bf16, "fastkv", **keep_all).compress(rows)
+    torch.testing.assert_close(context.last_logits, reference, rtol=3e-2, atol=3e-2)
+
+
+@SLOW_SETTINGS
+@given(
+    lengths=st.lists(st.integers(40, 400), min_size=1, max_size=8),
+    seed=st.integers(0, 100),
+)
+def test_compiled_decode_equals_eager_decode_of_the_same_cache(lengths, seed):
+    model = _gpu_model("llama", torch.float32)
+    pipe = pipeline(model, "fastkv", max_new_tokens=8, stop_on_eos=False, **FASTKV)
+    context = pipe.compress(_rows(lengths, seed))
+    eager = pipe.generate(context=context, decode="eager").token_ids
+    assert pipe.generate(context=context, decode="compiled").token_ids == eager
+    assert pipe.generate(context=context, decode="static").token_ids == eager
+
+
+def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch):
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    recordings = []
+    original = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def counting(self, *args, **kwargs):
+        recordings.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
+    model = _gpu_model("llama", torch.bfloat16)
+    pipe = pipeline(model, "fastkv", max_new_tokens=32, stop_on_eos=False, decode="compiled", **FASTKV)
+    pipe(_rows([300, 280], seed=1))  # warm-up: compile and capture this (batch, bucket)
+    graphs, captures = counters["stats"]["unique_graphs"], len(recordings)
+    out = pipe(_rows([300, 280], seed=1))  # more steps
+    pipe(_rows([320, 200], seed=2))  # another prompt in the same bucket
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(recordings) == captures
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert len(out.stats.decode_step_seconds) == 31

@@ -1,0 +1,38 @@
+"""Decoding on static buffers (the path CUDA graphs capture) matches the eager layer loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpress_like import pipeline
+from kvpress_like.decode import BUCKET
+
+from conftest import tiny_model
+
+CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
+ROWS = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
+STRATEGIES = {
+    "full": {},
+    "fastkv": dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4),
+    "adakv": dict(retain_rate=0.25, window=4),  # per-head budgets: packed, uneven lengths per head
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral"])
+def test_static_buffers_decode_like_the_eager_loop(family, strategy):
+    pipe = pipeline(tiny_model(family), strategy, max_new_tokens=8, stop_on_eos=False, **STRATEGIES[strategy])
+    assert pipe(ROWS, decode="static").token_ids == pipe(ROWS, decode="eager").token_ids
+
+
+def test_a_bucket_is_reused_across_prompts_and_continuations():
+    model = tiny_model("llama")
+    pipe = pipeline(model, "fastkv", max_new_tokens=6, stop_on_eos=False, **STRATEGIES["fastkv"])
+    first = pipe(ROWS, decode="static").token_ids
+    context = pipe.compress(ROWS)
+    again = pipe.generate(context=context, decode="static").token_ids
+    assert again == first
+    continued = pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="static").token_ids
+    assert continued == pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="eager").token_ids
+    assert list(pipe._decoders) == [(3, BUCKET, False)]  # one set of buffers served all three calls
