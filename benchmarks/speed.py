@@ -125,6 +125,19 @@ def limits(cfg: LlamaConfig, system: str, length: int, batch: int) -> dict:
     return {"prefill_floor_s": flops / PEAK_FLOPS, "decode_floor_ms": decode_floor_ms}
 
 
+def attention_kernels(model, length: int = 8192) -> list[str]:
+    """Names of the attention kernels one FastKV prefill runs (cuDNN or flash?), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = pipeline(model, "fastkv", **FASTKV)
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device="cuda")
+    pipe.compress(ids)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.compress(ids)
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n for n in names if any(k in n.lower() for k in ("flash", "cudnn", "fmha", "attention")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,7 +179,10 @@ def main() -> None:
             print(json.dumps(records[-1])[:300], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    kernels = attention_kernels(model) if device == "cuda" else []
+    print("prefill attention kernels:", kernels)
     meta = {
+        "prefill_attention_kernels": kernels,
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -14,7 +14,7 @@ from kvpress_like import pipeline
 from conftest import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-SLOW_SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+SLOW_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
 
 
