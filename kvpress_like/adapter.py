@@ -66,6 +66,23 @@ def _routed_attention(
 AttentionInterface.register(ATTENTION_NAME, _routed_attention)
 
 
+# The MLP is per token; at 128K tokens its intermediates ([T, intermediate] three times) would be
+# the largest tensors of prefill, so it runs over slices of this many tokens.
+MLP_CHUNK = 16384
+
+
+def _chunked(forward):
+    def chunked_forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[1] <= MLP_CHUNK:
+            return forward(hidden)
+        out = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[1], MLP_CHUNK):
+            out[:, start : start + MLP_CHUNK] = forward(hidden[:, start : start + MLP_CHUNK])
+        return out
+
+    return chunked_forward
+
+
 class ModelAdapter:
     """Drives one loaded causal LM layer by layer."""
 
@@ -115,19 +132,25 @@ class ModelAdapter:
         return self.base.embed_tokens.weight.dtype
 
     @contextmanager
-    def attention_routed(self) -> Iterator[None]:
-        """Route attention to kvpress_like for the block, then restore every config as it was."""
+    def borrowed(self) -> Iterator[None]:
+        """The model as a call needs it, restored afterwards (also after an exception): attention
+        routed to kvpress_like, and each MLP run over at most ``MLP_CHUNK`` tokens at a time."""
         configs = {id(self.config): self.config}
         for layer in self.layers:
             configs.setdefault(id(layer.self_attn.config), layer.self_attn.config)
         saved = [(cfg, cfg._attn_implementation) for cfg in configs.values()]
+        mlps = [layer.mlp for layer in self.layers]
         try:
             for cfg, _ in saved:
                 cfg._attn_implementation = ATTENTION_NAME
+            for mlp in mlps:
+                mlp.forward = _chunked(mlp.forward)  # an instance attribute, shadowing the class's
             yield
         finally:
             for cfg, value in saved:  # parents first: their setter also resets sub-configs
                 cfg._attn_implementation = value
+            for mlp in mlps:
+                vars(mlp).pop("forward", None)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(input_ids)

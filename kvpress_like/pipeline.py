@@ -219,7 +219,7 @@ class Pipeline:
         """
         ids, valid = self._encode(prompts, self.generation, mode="prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
-        with self.adapter.attention_routed(), torch.inference_mode():
+        with self.adapter.borrowed(), torch.inference_mode():
             return self._prefill(ids, valid)
 
     def generate(
@@ -238,7 +238,7 @@ class Pipeline:
                 f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
                 f"(got {encoded[0].shape[0]})"
             )
-        with self.adapter.attention_routed(), torch.inference_mode():
+        with self.adapter.borrowed(), torch.inference_mode():
             if context is None:
                 context = self._prefill(*encoded)
             else:

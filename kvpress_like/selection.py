@@ -27,11 +27,12 @@ def window_scores(layer: LayerView, window: int, pooling: Pooling, kernel: int) 
     batch, kv_heads, seq, dim = keys.shape
     groups = layer.num_kv_groups
     window = min(window, seq)
-    queries = layer.queries[:, :, -window:].float().reshape(batch, kv_heads, groups, window, dim)
+    queries = layer.queries[:, :, -window:].reshape(batch, kv_heads, groups, window, dim)
     query_pos = layer.positions[:, -window:]
     query_valid = layer.valid[:, -window:]
 
-    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys.float()) * layer.scaling
+    # Products in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the keys.
+    logits = torch.einsum("bhgwd,bhsd->bhgws", queries, keys).float() * layer.scaling
     allowed = layer.valid[:, None, :] & (layer.positions[:, None, :] <= query_pos[:, :, None])  # [B, w, S]
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)

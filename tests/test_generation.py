@@ -96,3 +96,20 @@ def test_a_padded_batch_gives_each_row_what_it_gets_alone(family):
     packed = context.cache.layers[full_attention[-1]]
     assert isinstance(packed, PackedLayerCache)
     assert context.cache.nbytes() == sum(a.stats.cache_bytes_kept for a in alone)
+
+
+def test_mlp_chunking_changes_nothing_but_memory(model, monkeypatch):
+    """Prefill runs each MLP over token slices; the logits equal the unsliced run's."""
+    from kvpress_like import adapter
+
+    pipe = pipeline(model, "fastkv", window=4, retain_rate=0.25, max_new_tokens=4, stop_on_eos=False)
+    whole = pipe.compress([CONTEXT, CONTEXT[:45]]).last_logits
+    monkeypatch.setattr(adapter, "MLP_CHUNK", 7)
+    sliced = pipe.compress([CONTEXT, CONTEXT[:45]]).last_logits
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    assert (
+        pipe([CONTEXT]).ids
+        == pipeline(model, "fastkv", window=4, retain_rate=0.25, max_new_tokens=4, stop_on_eos=False)(
+            [CONTEXT]
+        ).ids
+    )

@@ -45,11 +45,14 @@ def test_keep_everything_matches_generate_on_gpu(family, lengths, seed):
     out = pipeline(fp32, "fastkv", **keep_all)(rows)
     assert out.token_ids == expected[:, width:].tolist()
 
-    bf16 = _gpu_model(family, torch.bfloat16)  # logits: within bf16 rounding
+    # Logits in bf16: no further from the fp32 truth than transformers' own bf16 run is.
     with torch.no_grad():
-        reference = bf16(ids, attention_mask=mask).logits[:, -1].float()
-    context = pipeline(bf16, "fastkv", **keep_all).compress(rows)
-    torch.testing.assert_close(context.last_logits, reference, rtol=3e-2, atol=3e-2)
+        truth = fp32(ids, attention_mask=mask).logits[:, -1]
+        bf16 = fp32.to(torch.bfloat16)
+        theirs = bf16(ids, attention_mask=mask).logits[:, -1].float()
+    ours = pipeline(bf16, "fastkv", **keep_all).compress(rows).last_logits
+    their_error = (theirs - truth).abs().max().item()
+    assert (ours - truth).abs().max().item() <= 2 * their_error + 1e-3
 
 
 @SLOW_SETTINGS

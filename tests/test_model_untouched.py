@@ -29,6 +29,7 @@ def _snapshot(model):
     return {
         "attn": sorted((type(c).__name__, c._attn_implementation) for c in configs.values()),
         "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "instance_attrs": sorted(name for m in model.modules() for name in vars(m) if name == "forward"),
         "training": [m.training for m in model.modules()],
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "generate": model.generate(PROMPT, max_new_tokens=6, do_sample=False)[0].tolist(),
@@ -38,6 +39,7 @@ def _snapshot(model):
 def _assert_same(before, after):
     assert after["attn"] == before["attn"]
     assert after["hooks"] == before["hooks"]
+    assert after["instance_attrs"] == before["instance_attrs"] == []
     assert after["training"] == before["training"]
     assert after["generate"] == before["generate"]
     assert after["state"].keys() == before["state"].keys()
