@@ -15,6 +15,8 @@ import argparse
 import itertools
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,6 +140,37 @@ def attention_kernels(model, length: int = 8192) -> list[str]:
     return sorted(n for n in names if any(k in n.lower() for k in ("flash", "cudnn", "fmha", "attention")))
 
 
+def load_model(tiny: bool):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(llama8b_config(tiny)).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def measure_one(system: str, length: int, batch: int, steps: int, tiny: bool) -> dict:
+    """One system on one case, in this process (``main`` gives each its own process)."""
+    model = load_model(tiny)
+    cfg, device = model.config, model.device
+    ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        if SYSTEMS[system] is None:
+            result = run_transformers(model, ids, steps)
+        else:
+            result = run_kvpress(model, ids, steps, *SYSTEMS[system])
+    except Exception as exc:  # report and go on: one failing system must not hide the others
+        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    floors = limits(cfg, system, length, batch)
+    if "prefill_s" in result:
+        result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
+        result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+    return {"system": system, "length": length, "batch": batch, **floors, **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,44 +180,42 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # SYSTEM:LENGTHxBATCH, run in this process
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = llama8b_config(args.tiny)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.config._attn_implementation = "sdpa"
+    if args.one:
+        system, case = args.one.split(":")
+        length, batch = map(int, case.split("x"))
+        print("RECORD " + json.dumps(measure_one(system, length, batch, args.steps, args.tiny)), flush=True)
+        return
+
+    # Each measurement gets a fresh process: compiled graphs, CUDA-graph pools and the allocator's
+    # peak statistics of one system must not leak into the next (seen: a transformers run after a
+    # kvpress_like run in the same process decoded 4x slower than in a process of its own).
     records = []
     for case in args.cases.split(","):
-        length, batch = map(int, case.split("x"))
-        ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device, generator=None)
         for system in args.systems.split(","):
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                if SYSTEMS[system] is None:
-                    result = run_transformers(model, ids, args.steps)
-                else:
-                    result = run_kvpress(model, ids, args.steps, *SYSTEMS[system])
-            except Exception as exc:  # report and go on: one failing system must not hide the others
-                result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            if device == "cuda":
-                result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            floors = limits(cfg, system, length, batch)
-            if "prefill_s" in result:
-                result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
-                result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
-            records.append({"system": system, "length": length, "batch": batch, **floors, **result})
+            command = [sys.executable, __file__, "--one", f"{system}:{case}", "--steps", str(args.steps)]
+            done = subprocess.run(
+                [*command, *(["--tiny"] if args.tiny else [])], capture_output=True, text=True
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
+            if lines:
+                records.append(json.loads(lines[-1].removeprefix("RECORD ")))
+            else:
+                length, batch = map(int, case.split("x"))
+                records.append({"system": system, "length": length, "batch": batch,
+                                "error": done.stderr[-500:]})  # fmt: skip
             print(json.dumps(records[-1])[:300], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    kernels = attention_kernels(model) if device == "cuda" else []
+    kernels = attention_kernels(load_model(args.tiny)) if torch.cuda.is_available() else []
     print("prefill attention kernels:", kernels)
     meta = {
+        "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
         "prefill_attention_kernels": kernels,
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "steps": args.steps,
         "tiny": args.tiny,

@@ -64,6 +64,17 @@ class BudgetStrategy(Strategy):
     name: ClassVar[str]
     config: BudgetConfig
 
+    def layer_setting(self, field: str, depth: float) -> int:
+        """The layer a ``field`` names, or by default the one at ``depth`` (a share of the model's
+        layers); refused with a ConfigError when the model has no such layer."""
+        layers = self.model.num_layers
+        layer = getattr(self.config, field)
+        if layer is None:
+            layer = min(layers - 1, round(depth * layers))
+        if layer >= layers:
+            raise ConfigError(f"{self.name}.{field}: must be below the model's {layers} layers (got {layer})")
+        return layer
+
     def budgets(self, kind: str, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """Per-row budget ``[B]`` of one kind (``"retain"``, ``"tsp"``, ...)."""
         c = self.config

@@ -1,8 +1,9 @@
 """FastKV's token selection checked against an independent plain-PyTorch reference.
 
-The reference below is written from the paper's definition (observation-window softmax scores,
-pooling over keys, GQA group sums, "last window always kept" + top-k with ties to the earlier index)
-and uses nothing from ``kvpress_like.selection``. Masks are compared exactly, scores with a float
+The reference (``strategy_reference.ref_window_scores`` and ``ref_select``) is written from the
+paper's definition (observation-window softmax scores, pooling over keys, GQA group sums, "last
+window always kept" + top-k with ties to the earlier index) and uses nothing from
+``kvpress_like.selection``. Masks are compared exactly, scores with a float
 tolerance.
 
 Exactness: inputs are built from small pools of vectors with entries in {-1, 0, 1} * scale, so
@@ -14,133 +15,42 @@ the scores are asserted close first) is skipped with ``assume``.
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvpress_like.hookspecs import LayerView
-from kvpress_like.plugins import ModelInfo
-from kvpress_like.strategies.fastkv import FastKV, FastKVConfig
+from kvpress_like.strategies.fastkv import FastKV
 
-# ---------------------------------------------------------------- reference (paper definition)
+from strategy_reference import (
+    budget_of,
+    budget_settings,
+    grid_shape,
+    grid_view,
+    make_strategy,
+    make_view,
+    one_hot,
+    padded_lengths,
+    ref_select,
+    ref_window_scores,
+    same_ranking,
+)
 
-
-def ref_scores(view: LayerView, window: int, pooling: str, kernel: int, kv_head_of=None) -> torch.Tensor:
-    """Observation-window scores [B, Hkv, S]; ``kv_head_of(h, Hq, Hkv)`` pairs query and KV heads."""
-    q, k = view.queries.float(), view.keys.float()
-    batch, hq, seq, _ = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    kv_head_of = kv_head_of or (lambda h, _hq, _hkv: h // group)
-    w = min(window, seq)
-    out = torch.zeros(batch, hkv, seq)
-    for b in range(batch):
-        for h in range(hq):
-            kh = kv_head_of(h, hq, hkv)
-            summed = torch.zeros(seq)
-            for i in range(seq - w, seq):
-                if not view.valid[b, i]:
-                    continue  # padding observation query: contributes zeros
-                allowed = view.valid[b] & (view.positions[b] <= view.positions[b, i])
-                logits = (k[b, kh] @ q[b, h, i]) * view.scaling
-                probs = torch.zeros(seq)
-                probs[allowed] = torch.softmax(logits[allowed], dim=0)
-                summed += probs
-            pooled = torch.zeros(seq)
-            for j in range(seq):
-                nbrs = summed[max(0, j - kernel // 2) : j + kernel // 2 + 1]
-                pooled[j] = nbrs.max() if pooling == "max" else nbrs.sum() / kernel
-            out[b, kh] += pooled
-    return out
-
-
-def ref_budget(n: int, rate: float | None, tokens: int | None) -> int:
-    return min(n, tokens) if tokens is not None else min(n, math.floor(rate * n + 0.5))
-
-
-def ref_pick(scores: list[float], valid: list[bool], n: int, window: int, budget: int) -> list[bool]:
-    """Last min(window, n) valid entries, then the best remaining valid ones (earlier index on ties)."""
-    seq = len(scores)
-    recent = [j for j in range(seq) if valid[j]][-min(window, n) :]
-    rest = sorted((j for j in range(seq) if valid[j] and j not in recent), key=lambda j: (-scores[j], j))
-    chosen = set(recent) | set(rest[: budget - len(recent)])
-    return [j in chosen for j in range(seq)]
-
-
-def ref_select(scores: torch.Tensor, view: LayerView, window: int, budget_of) -> torch.Tensor:
-    """Apply ``ref_pick`` to every row (and head) of ``scores`` [B, S] or [B, H, S]."""
-    rows = scores[:, None] if scores.dim() == 2 else scores
-    out = torch.zeros(rows.shape, dtype=torch.bool)
-    for b in range(rows.shape[0]):
-        n = int(view.prompt_lengths[b])
-        for h in range(rows.shape[1]):
-            picked = ref_pick(rows[b, h].tolist(), view.valid[b].tolist(), n, window, budget_of(n))
-            out[b, h] = torch.tensor(picked)
-    return out[:, 0] if scores.dim() == 2 else out
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def make_view(queries, keys, lengths, layer_idx=0, num_layers=1) -> LayerView:
-    """Left-padded prefill view: row b has its lengths[b] tokens at the right, positions 0..n-1."""
-    batch, _, seq, dim = keys.shape
-    valid = torch.zeros(batch, seq, dtype=torch.bool)
-    positions = torch.zeros(batch, seq, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        valid[b, seq - n :] = True
-        positions[b, seq - n :] = torch.arange(n)
-    return LayerView(layer_idx, num_layers, queries, keys, torch.randn_like(keys), positions, valid,
-                     torch.tensor(lengths), dim**-0.5, None)  # fmt: skip
-
-
-def make_fastkv(hq: int, hkv: int, num_layers: int = 1, **cfg) -> FastKV:
-    info = ModelInfo(num_layers, hq, hkv, ("full_attention",) * num_layers)
-    return FastKV(FastKVConfig(**cfg), info)
-
-
-def same_ranking(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> bool:
-    """True if a and b order every pair of valid entries of each row the same way (>, ==, <)."""
-    sign = lambda x: torch.sign(x[..., :, None] - x[..., None, :])  # noqa: E731
-    pair_valid = (valid[..., :, None] & valid[..., None, :]).expand_as(sign(a))
-    return bool(torch.equal(sign(a)[pair_valid], sign(b)[pair_valid]))
-
-
-def pooled_grid(gen: torch.Generator, shape: tuple, dim: int, scale: float) -> torch.Tensor:
-    """Vectors drawn from a pool of at most 4 with entries in {-1, 0, 1} * scale: many exact ties."""
-    pool = torch.randint(-1, 2, (int(torch.randint(1, 5, (1,), generator=gen)), dim), generator=gen)
-    return pool[torch.randint(0, pool.shape[0], shape, generator=gen)].float() * scale
-
+make_fastkv = partial(make_strategy, FastKV)
 
 # ---------------------------------------------------------------- property test
 
 
 @st.composite
 def cases(draw):
-    seq = draw(st.integers(1, 40))
-    batch = draw(st.integers(1, 3))
-    lengths = [draw(st.integers(1, seq)) for _ in range(batch)] if draw(st.booleans()) else [seq] * batch
+    seq, lengths = draw(padded_lengths(40))
     cfg = {"pooling": draw(st.sampled_from(["max", "avg"])), "kernel": draw(st.sampled_from([1, 3, 5, 7]))}
-    if draw(st.booleans()):
-        cfg.update(budget_mode="constant", window=draw(st.integers(1, 10)))
-        cfg.update(tsp_tokens=draw(st.integers(cfg["window"], 45)),
-                   retain_tokens=draw(st.integers(cfg["window"], 45)))  # fmt: skip
-    else:
-        cfg.update(tsp_rate=draw(st.floats(0.05, 1.0)), retain_rate=draw(st.floats(0.05, 1.0)))
-        # The last min(window, n) tokens must fit in every budget that does not cover the whole row.
-        tight = [ref_budget(n, r, None) for n in lengths for r in (cfg["tsp_rate"], cfg["retain_rate"])
-                 if ref_budget(n, r, None) < n]  # fmt: skip
-        max_window = min([10, *tight])
-        assume(max_window >= 1)
-        cfg["window"] = draw(st.integers(1, max_window))
+    cfg.update(draw(budget_settings(lengths, kinds=("tsp", "retain"))))
     num_layers = draw(st.integers(1, 4))
     cfg["tsp_layer"] = draw(st.integers(0, num_layers - 1))
-    shape = {"batch": batch, "seq": seq, "hkv": draw(st.integers(1, 3)), "groups": draw(st.integers(1, 3)),
-             "dim": draw(st.sampled_from([4, 8])), "scale": draw(st.sampled_from([0.5, 32.0])),
-             "layer_idx": draw(st.integers(0, num_layers - 1)), "num_layers": num_layers,
-             "seed": draw(st.integers(0, 2**31 - 1))}  # fmt: skip
+    shape = draw(grid_shape(seq, lengths))
+    shape.update(layer_idx=draw(st.integers(0, num_layers - 1)), num_layers=num_layers)
     return lengths, cfg, shape
 
 
@@ -152,42 +62,28 @@ def test_library_matches_reference(case):
     scale 0.5 gives soft attention, scale 32 near one-hot attention (exact 0/1 probabilities).
     """
     lengths, cfg, s = case
-    gen = torch.Generator().manual_seed(s["seed"])
-    hq = s["hkv"] * s["groups"]
-    queries = pooled_grid(gen, (s["batch"], hq, s["seq"]), s["dim"], s["scale"])
-    keys = pooled_grid(gen, (s["batch"], s["hkv"], s["seq"]), s["dim"], s["scale"])
-    view = make_view(queries, keys, lengths, s["layer_idx"], s["num_layers"])
-    strategy = make_fastkv(hq, s["hkv"], s["num_layers"], **cfg)
+    _, view = grid_view(lengths, s)
+    strategy = make_fastkv(s["hkv"] * s["groups"], s["hkv"], s["num_layers"], **cfg)
 
     scores = strategy.score(layer=view)
-    expected = ref_scores(view, cfg["window"], cfg["pooling"], cfg["kernel"])
+    expected = ref_window_scores(view, cfg["window"], cfg["pooling"], cfg["kernel"])
     assert scores.shape == (s["batch"], s["hkv"], s["seq"])
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
     valid3 = view.valid[:, None].expand_as(scores)
     assume(same_ranking(scores, expected, valid3))
     assume(same_ranking(scores.sum(1), expected.sum(1), view.valid))
 
-    def budget_of(kind):  # constant mode sets only *_tokens, proportional only *_rate
-        return lambda n: ref_budget(n, cfg.get(f"{kind}_rate"), cfg.get(f"{kind}_tokens"))
-
+    # constant mode sets only *_tokens, proportional only *_rate
     keep = strategy.retain(layer=view, scores=scores)
-    assert torch.equal(keep, ref_select(expected, view, cfg["window"], budget_of("retain")))
+    assert torch.equal(keep, ref_select(expected, view, cfg["window"], budget_of(cfg, "retain")))
     prop = strategy.propagate(layer=view, scores=scores)
     if s["layer_idx"] != cfg["tsp_layer"]:
         assert prop is None
     else:
-        assert torch.equal(prop, ref_select(expected.sum(1), view, cfg["window"], budget_of("tsp")))
+        assert torch.equal(prop, ref_select(expected.sum(1), view, cfg["window"], budget_of(cfg, "tsp")))
 
 
 # ---------------------------------------------------------------- hand-made examples
-
-
-def one_hot(seq: int, dim: int, rows: dict[int, int], scale: float = 8.0) -> torch.Tensor:
-    """[seq, dim] zeros except row i = scale * e_{rows[i]}."""
-    out = torch.zeros(seq, dim)
-    for i, d in rows.items():
-        out[i, d] = scale
-    return out
 
 
 def test_window_one_keeps_the_key_the_last_query_attends_to():
@@ -248,8 +144,8 @@ def test_gqa_pairs_query_head_h_with_kv_head_h_div_groups():
     assert keep[0, 0].nonzero().flatten().tolist() == [1, 5]
     assert keep[0, 1].nonzero().flatten().tolist() == [3, 5]
 
-    right = ref_scores(view, 1, "max", 1)
-    wrong = ref_scores(view, 1, "max", 1, kv_head_of=lambda h, _hq, hkv: h % hkv)
+    right = ref_window_scores(view, 1, "max", 1)
+    wrong = ref_window_scores(view, 1, "max", 1, kv_head_of=lambda h, _hq, hkv: h % hkv)
     torch.testing.assert_close(scores, right)
     budget = lambda n: 2  # noqa: E731
     assert torch.equal(keep, ref_select(right, view, 1, budget))

@@ -1,30 +1,47 @@
 """GemFilter: selection against an independent reference, two-pass prefill, original positions.
 
-The selection reference is written from the paper's definition (the last query's fp32 softmax
-attention at the filter layer, summed over every query head; the ``window`` most recent tokens
-plus the best scores up to the budget, ties to the earlier index, padding never chosen) and uses
-nothing from ``kvpress_like.selection``. The end-to-end references are plain transformers
-forwards on the selected tokens with explicit ``position_ids``.
+The selection reference (``ref_scores`` below, then ``strategy_reference.ref_select``) is written
+from the paper's definition (the last query's fp32 softmax attention at the filter layer, summed
+over every query head; the ``window`` most recent tokens plus the best scores up to the budget,
+ties to the earlier index, padding never chosen) and uses nothing from ``kvpress_like.selection``.
+The end-to-end references are plain transformers forwards on the selected tokens with explicit
+``position_ids``.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvpress_like import ConfigError, hookimpl, list_strategies, pipeline
+from kvpress_like import hookimpl, list_strategies, pipeline
 from kvpress_like.hookspecs import LayerView
-from kvpress_like.passkey import passkey_prompt
-from kvpress_like.plugins import ModelInfo
-from kvpress_like.strategies.gemfilter import GemFilter, GemFilterConfig, last_query_scores
+from kvpress_like.strategies.gemfilter import GemFilter, last_query_scores
 
 from conftest import tiny_model
+from strategy_reference import (
+    bad_settings,
+    budget_of,
+    budget_settings,
+    config_error,
+    each_family,
+    grid_shape,
+    grid_view,
+    make_strategy,
+    make_view,
+    one_hot,
+    padded_lengths,
+    ref_select,
+    same_ranking,
+    smollm2_passkey_run,
+)
 
 LOGIT_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+make_gemfilter = partial(make_strategy, GemFilter)
 
 # ---------------------------------------------------------------- reference (paper definition)
 
@@ -43,86 +60,18 @@ def ref_scores(view: LayerView) -> torch.Tensor:
     return out
 
 
-def ref_budget(n: int, rate: float | None, tokens: int | None) -> int:
-    return min(n, tokens) if tokens is not None else min(n, math.floor(rate * n + 0.5))
-
-
-def ref_select(scores: torch.Tensor, view: LayerView, window: int, budget_of) -> torch.Tensor:
-    """[B, S] bool: per row, the last min(window, n) valid entries, then the best other valid
-    ones (earlier index on ties) up to the row's budget."""
-    out = torch.zeros(scores.shape, dtype=torch.bool)
-    for b in range(scores.shape[0]):
-        n = int(view.prompt_lengths[b])
-        valid = [j for j in range(scores.shape[1]) if view.valid[b, j]]
-        recent = valid[-min(window, n) :]
-        rest = sorted((j for j in valid if j not in recent), key=lambda j: (-float(scores[b, j]), j))
-        out[b, recent + rest[: budget_of(n) - len(recent)]] = True
-    return out
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def make_view(queries, keys, lengths, layer_idx=0, num_layers=1) -> LayerView:
-    """Left-padded prefill view: row b has its lengths[b] tokens at the right, positions 0..n-1."""
-    batch, _, seq, dim = keys.shape
-    valid = torch.zeros(batch, seq, dtype=torch.bool)
-    positions = torch.zeros(batch, seq, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        valid[b, seq - n :] = True
-        positions[b, seq - n :] = torch.arange(n)
-    return LayerView(layer_idx, num_layers, queries, keys, torch.randn_like(keys), positions, valid,
-                     torch.tensor(lengths), dim**-0.5, None)  # fmt: skip
-
-
-def make_gemfilter(hq: int, hkv: int, num_layers: int = 1, **cfg) -> GemFilter:
-    return GemFilter(GemFilterConfig(**cfg), ModelInfo(num_layers, hq, hkv, ("full_attention",) * num_layers))
-
-
-def same_ranking(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> bool:
-    """True if a and b order every pair of valid entries of each row the same way (>, ==, <)."""
-    sign = lambda x: torch.sign(x[..., :, None] - x[..., None, :])  # noqa: E731
-    pair_valid = valid[..., :, None] & valid[..., None, :]
-    return bool(torch.equal(sign(a)[pair_valid], sign(b)[pair_valid]))
-
-
-def pooled_grid(gen: torch.Generator, shape: tuple, dim: int, scale: float) -> torch.Tensor:
-    """Vectors drawn from a pool of at most 4 with entries in {-1, 0, 1} * scale: many exact ties."""
-    pool = torch.randint(-1, 2, (int(torch.randint(1, 5, (1,), generator=gen)), dim), generator=gen)
-    return pool[torch.randint(0, pool.shape[0], shape, generator=gen)].float() * scale
-
-
-def one_hot(seq: int, dim: int, rows: dict[int, int], scale: float = 8.0) -> torch.Tensor:
-    out = torch.zeros(seq, dim)
-    for i, d in rows.items():
-        out[i, d] = scale
-    return out
-
-
 # ---------------------------------------------------------------- property test
 
 
 @st.composite
 def cases(draw):
-    seq = draw(st.integers(1, 40))
-    batch = draw(st.integers(1, 3))
-    lengths = [draw(st.integers(1, seq)) for _ in range(batch)] if draw(st.booleans()) else [seq] * batch
-    if draw(st.booleans()):
-        cfg = {"budget_mode": "constant", "window": draw(st.integers(1, 10))}
-        cfg["retain_tokens"] = draw(st.integers(cfg["window"], 45))
-    else:
-        cfg = {"retain_rate": draw(st.floats(0.05, 1.0))}
-        # The last min(window, n) tokens must fit in every budget that does not cover the whole row.
-        tight = [b for n in lengths if (b := ref_budget(n, cfg["retain_rate"], None)) < n]
-        assume(min([10, *tight]) >= 1)
-        cfg["window"] = draw(st.integers(1, min([10, *tight])))
+    seq, lengths = draw(padded_lengths(40))
+    cfg = draw(budget_settings(lengths))
     num_layers = draw(st.integers(1, 4))
     cfg["filter_layer"] = draw(st.integers(0, num_layers - 1))
-    shape = {"batch": batch, "seq": seq, "hkv": draw(st.integers(1, 3)), "groups": draw(st.integers(1, 3)),
-             "dim": draw(st.sampled_from([4, 8])), "scale": draw(st.sampled_from([0.5, 32.0])),
-             "layer_idx": draw(st.sampled_from([cfg["filter_layer"], *range(num_layers)])),
-             "num_layers": num_layers,
-             "seed": draw(st.integers(0, 2**31 - 1))}  # fmt: skip
+    shape = draw(grid_shape(seq, lengths))
+    layer_idx = draw(st.sampled_from([cfg["filter_layer"], *range(num_layers)]))
+    shape.update(layer_idx=layer_idx, num_layers=num_layers)
     return lengths, cfg, shape
 
 
@@ -132,12 +81,8 @@ def test_selection_matches_reference(case):
     """Scores match the reference closely; the propagated mask matches it exactly, and only the
     filter layer answers (propagate and restart)."""
     lengths, cfg, s = case
-    gen = torch.Generator().manual_seed(s["seed"])
-    hq = s["hkv"] * s["groups"]
-    queries = pooled_grid(gen, (s["batch"], hq, s["seq"]), s["dim"], s["scale"])
-    keys = pooled_grid(gen, (s["batch"], s["hkv"], s["seq"]), s["dim"], s["scale"])
-    view = make_view(queries, keys, lengths, s["layer_idx"], s["num_layers"])
-    strategy = make_gemfilter(hq, s["hkv"], s["num_layers"], **cfg)
+    _, view = grid_view(lengths, s)
+    strategy = make_gemfilter(s["hkv"] * s["groups"], s["hkv"], s["num_layers"], **cfg)
 
     keep = strategy.propagate(layer=view, scores=None)
     if s["layer_idx"] != cfg["filter_layer"]:
@@ -149,7 +94,7 @@ def test_selection_matches_reference(case):
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
     assume(same_ranking(scores, expected_scores, view.valid))
 
-    budget = lambda n: ref_budget(n, cfg.get("retain_rate"), cfg.get("retain_tokens"))  # noqa: E731
+    budget = budget_of(cfg)
     expected = ref_select(expected_scores, view, cfg["window"], budget)
     assert keep.shape == (s["batch"], s["seq"]) and keep.dtype == torch.bool
     assert torch.equal(keep, expected)
@@ -219,7 +164,7 @@ def _prompts(lengths: list[int], seed: int = 5) -> list[list[int]]:
     return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@each_family
 @pytest.mark.parametrize("filter_layer", [None, 0, 3])
 def test_two_passes_in_the_stats(family, filter_layer):
     """First pass up to the filter layer on every token, second pass on the selected ones; every
@@ -235,7 +180,7 @@ def test_two_passes_in_the_stats(family, filter_layer):
     assert out.stats.cache_bytes_kept == 16 * 4 * 2 * head_dim * 2 * 4  # tokens, layers, Hkv, K+V, fp32
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@each_family
 def test_keep_everything_reproduces_the_full_cache(family):
     model = tiny_model(family)
     rows = _prompts([40, 24])
@@ -257,7 +202,7 @@ def _selected(context, row: int) -> torch.Tensor:
     return picked[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@each_family
 def test_selection_is_the_filter_layers_last_query_attention(family):
     """The kept tokens are the top of transformers' own (eager) attention weights of the last
     query at the filter layer, summed over heads; the last token included."""
@@ -275,7 +220,7 @@ def test_selection_is_the_filter_layers_last_query_attention(family):
         assert torch.equal(_selected(context, row), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@each_family
 def test_second_pass_keeps_original_positions(family):
     """Prefill logits and greedy decode match a transformers forward over the selected tokens at
     their ORIGINAL positions (decode continuing at prompt length + step); renumbering the selected
@@ -349,11 +294,8 @@ def test_sliding_window_counts_original_positions(lengths):
 
 @pytest.mark.slow
 def test_smollm2_passkey_prompt_within_budget(smollm2):
-    model, tokenizer = smollm2
-    prompt = passkey_prompt(tokenizer, 300, 0.5, seed=0)
-    pipe = pipeline(model, "gemfilter", tokenizer=tokenizer, retain_rate=0.2, chat_template=False,
-                    max_new_tokens=5)  # fmt: skip
-    out = pipe(prompt.text)
+    model = smollm2[0]
+    pipe, _, out = smollm2_passkey_run(smollm2, "gemfilter", retain_rate=0.2)
     n = out.stats.prompt_tokens[0]
     k, layers, layer = math.floor(0.2 * n + 0.5), model.config.num_hidden_layers, pipe.strategy.filter_layer
     assert 250 <= n <= 350 and layer == round(13 / 32 * layers)
@@ -366,8 +308,7 @@ def test_smollm2_passkey_prompt_within_budget(smollm2):
 # ---------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize(
-    ("settings", "expected"),
+@bad_settings(
     [
         ({"filter_layer": 4}, ["gemfilter.filter_layer", "below the model's 4 layers", "got 4"]),
         ({"filter_layer": -1}, ["gemfilter.filter_layer", "greater than or equal to 0", "-1"]),
@@ -380,21 +321,15 @@ def test_smollm2_passkey_prompt_within_budget(smollm2):
             ["retain_tokens must be >= window (4)", "2"],
         ),
         ({"filter_layr": 1}, ["gemfilter.filter_layr", "Extra inputs are not permitted"]),
-    ],
+    ]
 )
 def test_bad_settings_name_field_rule_and_value(settings, expected):
-    with pytest.raises(ConfigError) as err:
-        pipeline(tiny_model("llama"), "gemfilter", **settings)
-    for fragment in expected:
-        assert fragment in str(err.value)
+    config_error("gemfilter", settings, expected)
 
 
 def test_window_larger_than_the_budget_fails_before_prefill():
-    pipe = pipeline(tiny_model("llama"), "gemfilter", window=4, retain_rate=0.05)
-    with pytest.raises(ConfigError) as err:
-        pipe(_prompts([40]))
-    for fragment in ("gemfilter.window", "keeps 2 tokens", "window=4"):
-        assert fragment in str(err.value)
+    expected = ["gemfilter.window", "keeps 2 tokens", "window=4"]
+    config_error("gemfilter", dict(window=4, retain_rate=0.05), expected, prompt=_prompts([40]))
 
 
 def test_described_with_the_paper():

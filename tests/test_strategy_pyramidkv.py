@@ -6,8 +6,9 @@ plus a share of ``a = budget - w`` that falls linearly from ``first = 2a - a / b
 ``last = a / beta`` (layer L-1); a first layer that would exceed the prompt is flattened to
 ``n - w`` (same mean); integer budgets are the floors of the shares plus one for the layers with
 the largest fractional parts (largest-remainder apportionment, shallower first). The reference
-selection keeps, per KV head, the window plus the best other entries (ties to the earlier
-position). Nothing from ``kvpress_like.selection`` or ``kvpress_like.budget`` is used by it.
+selection (``strategy_reference.ref_keep``) keeps, per KV head, the window plus the best other
+entries (ties to the earlier position); the reference scores are ``ref_window_scores`` there.
+Nothing from ``kvpress_like.selection`` or ``kvpress_like.budget`` is used by it.
 
 Exactness: hook-level inputs come from tiny value sets (scores in {0, 1, 2}; queries and keys from a
 pool of at most 4 vectors with entries in {-1, 0, 1} * scale), so exact ties are common; beta is
@@ -18,26 +19,42 @@ between the two score computations are skipped with ``assume``.
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
+from functools import partial
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvpress_like import ConfigError, pipeline
-from kvpress_like.hookspecs import LayerView
-from kvpress_like.plugins import ModelInfo
-from kvpress_like.strategies.pyramidkv import PyramidKV, PyramidKVConfig
+from kvpress_like import pipeline
+from kvpress_like.strategies.pyramidkv import PyramidKV
 
 from conftest import tiny_model
+from strategy_reference import (
+    assert_hooks_read_nothing_back,
+    bad_settings,
+    budget_of,
+    budget_settings,
+    config_error,
+    each_context_batch,
+    each_family,
+    grid_shape,
+    grid_view,
+    keep_everything_and_full,
+    make_strategy,
+    padded_lengths,
+    ref_budget,
+    ref_keep,
+    ref_window_scores,
+    same_ranking,
+    smollm2_passkey_run,
+)
+
+make_pyramid = partial(make_strategy, PyramidKV)
 
 # ---------------------------------------------------------------- reference (paper definition)
-
-
-def ref_uniform(n: int, rate: float | None, tokens: int | None) -> int:
-    """The uniform per-layer budget: ``tokens`` (constant) or ``rate * n`` rounded half up."""
-    return min(n, tokens) if tokens is not None else min(n, math.floor(rate * n + 0.5))
 
 
 def ref_schedule(n: int, uniform: int, window: int, beta: Fraction, layers: int) -> list[int]:
@@ -58,124 +75,35 @@ def ref_schedule(n: int, uniform: int, window: int, beta: Fraction, layers: int)
     return [w + floors[i] + (i in by_remainder[:spare]) for i in range(layers)]
 
 
-def ref_keep(scores: torch.Tensor, valid: torch.Tensor, window: int, row_budgets: list[int]) -> torch.Tensor:
-    """Per row and KV head: the last min(window, n) valid entries plus the best other valid ones
-    (earlier position on ties), ``row_budgets[b]`` in all. ``scores`` [B, H, S], ``valid`` [B, S]."""
-    batch, heads, seq = scores.shape
-    out = torch.zeros(batch, heads, seq, dtype=torch.bool)
-    for b in range(batch):
-        entries = [j for j in range(seq) if valid[b, j]]
-        recent = entries[len(entries) - min(window, len(entries)) :]
-        for h in range(heads):
-            rest = sorted((j for j in entries if j not in recent), key=lambda j: (-float(scores[b, h, j]), j))
-            for j in recent + rest[: row_budgets[b] - len(recent)]:
-                out[b, h, j] = True
-    return out
-
-
-def ref_scores(view: LayerView, window: int, pooling: str, kernel: int) -> torch.Tensor:
-    """Observation-window scores [B, Hkv, S]: the last ``window`` queries' softmax (causal by
-    position, padding masked) summed, pooled over keys, summed over each KV group's query heads."""
-    q, k = view.queries.float(), view.keys.float()
-    batch, hq, seq, _ = q.shape
-    group = hq // k.shape[1]
-    out = torch.zeros(batch, k.shape[1], seq)
-    for b in range(batch):
-        for h in range(hq):
-            summed = torch.zeros(seq)
-            for i in range(seq - min(window, seq), seq):
-                if view.valid[b, i]:
-                    allowed = view.valid[b] & (view.positions[b] <= view.positions[b, i])
-                    logits = (k[b, h // group] @ q[b, h, i]) * view.scaling
-                    summed[allowed] += torch.softmax(logits[allowed], dim=0)
-            for j in range(seq):
-                nbrs = summed[max(0, j - kernel // 2) : j + kernel // 2 + 1]
-                out[b, h // group, j] += nbrs.max() if pooling == "max" else nbrs.sum() / kernel
-    return out
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def make_view(queries, keys, lengths, layer_idx=0, num_layers=1) -> LayerView:
-    """Left-padded prefill view: row b has its lengths[b] tokens at the right, positions 0..n-1."""
-    batch, _, seq, dim = keys.shape
-    valid = torch.zeros(batch, seq, dtype=torch.bool)
-    positions = torch.zeros(batch, seq, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        valid[b, seq - n :] = True
-        positions[b, seq - n :] = torch.arange(n)
-    return LayerView(layer_idx, num_layers, queries, keys, torch.randn_like(keys), positions, valid,
-                     torch.tensor(lengths), dim**-0.5, None)  # fmt: skip
-
-
-def make_pyramid(hq: int, hkv: int, num_layers: int, **cfg) -> PyramidKV:
-    return PyramidKV(PyramidKVConfig(**cfg), ModelInfo(num_layers, hq, hkv, ("full_attention",) * num_layers))
-
-
-def pooled_grid(gen: torch.Generator, shape: tuple, dim: int, scale: float) -> torch.Tensor:
-    """Vectors drawn from a pool of at most 4 with entries in {-1, 0, 1} * scale: many exact ties."""
-    pool = torch.randint(-1, 2, (int(torch.randint(1, 5, (1,), generator=gen)), dim), generator=gen)
-    return pool[torch.randint(0, pool.shape[0], shape, generator=gen)].float() * scale
-
-
-def same_ranking(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> bool:
-    """True if a and b order every pair of valid entries of each row the same way (>, ==, <)."""
-    sign = lambda x: torch.sign(x[..., :, None] - x[..., None, :])  # noqa: E731
-    pair_valid = (valid[..., :, None] & valid[..., None, :]).expand_as(sign(a))
-    return bool(torch.equal(sign(a)[pair_valid], sign(b)[pair_valid]))
-
-
-def uniform_of(cfg: dict):
-    return lambda n: ref_uniform(n, cfg.get("retain_rate"), cfg.get("retain_tokens"))
-
-
 # ---------------------------------------------------------------- property tests
 
 betas = st.builds(Fraction, st.integers(1, 400), st.integers(1, 8)).filter(lambda f: f >= 1)
 
 
 @st.composite
-def budget_settings(draw, lengths: list[int]) -> dict:
-    """Valid budget settings for these prompt lengths (the window fits every budget)."""
-    cfg: dict = {"beta": draw(betas)}
-    if draw(st.booleans()):
-        window = draw(st.integers(1, 10))
-        cfg.update(budget_mode="constant", window=window, retain_tokens=draw(st.integers(window, 45)))
-    else:
-        cfg["retain_rate"] = draw(st.floats(0.05, 1.0))
-        tight = [ref_uniform(n, cfg["retain_rate"], None) for n in lengths]
-        tight = [k for k, n in zip(tight, lengths, strict=True) if k < n]
-        assume(min([10, *tight]) >= 1)
-        cfg["window"] = draw(st.integers(1, min([10, *tight])))
-    return cfg
+def beta_budget_settings(draw, lengths: list[int]) -> dict:
+    """Valid budget settings for these prompt lengths (the window fits every budget), with a beta."""
+    return {"beta": draw(betas), **draw(budget_settings(lengths))}
 
 
 @st.composite
 def cases(draw):
-    seq = draw(st.integers(1, 40))
-    batch = draw(st.integers(1, 3))
-    lengths = [draw(st.integers(1, seq)) for _ in range(batch)] if draw(st.booleans()) else [seq] * batch
-    cfg = draw(budget_settings(lengths))
+    seq, lengths = draw(padded_lengths(40))
+    cfg = draw(beta_budget_settings(lengths))
     cfg.update(pooling=draw(st.sampled_from(["max", "avg"])), kernel=draw(st.sampled_from([1, 3, 5])))
     num_layers = draw(st.integers(1, 6))
-    shape = {"batch": batch, "seq": seq, "hkv": draw(st.integers(1, 3)), "groups": draw(st.integers(1, 3)),
-             "dim": draw(st.sampled_from([4, 8])), "scale": draw(st.sampled_from([0.5, 32.0])),
-             "layer_idx": draw(st.integers(0, num_layers - 1)), "num_layers": num_layers,
-             "seed": draw(st.integers(0, 2**31 - 1))}  # fmt: skip
+    shape = draw(grid_shape(seq, lengths))
+    shape.update(layer_idx=draw(st.integers(0, num_layers - 1)), num_layers=num_layers)
     return lengths, cfg, shape
 
 
 def build(lengths, cfg, s):
-    gen = torch.Generator().manual_seed(s["seed"])
+    gen, view = grid_view(lengths, s)
     hq = s["hkv"] * s["groups"]
-    queries = pooled_grid(gen, (s["batch"], hq, s["seq"]), s["dim"], s["scale"])
-    keys = pooled_grid(gen, (s["batch"], s["hkv"], s["seq"]), s["dim"], s["scale"])
-    view = make_view(queries, keys, lengths, s["layer_idx"], s["num_layers"])
     strategy = make_pyramid(hq, s["hkv"], s["num_layers"], **{**cfg, "beta": float(cfg["beta"])})
     strategy.check_prompt(lengths)  # the settings are valid for these prompts
     expected_budgets = [
-        ref_schedule(n, uniform_of(cfg)(n), cfg["window"], cfg["beta"], s["num_layers"])[s["layer_idx"]]
+        ref_schedule(n, budget_of(cfg)(n), cfg["window"], cfg["beta"], s["num_layers"])[s["layer_idx"]]
         for n in lengths
     ]
     return gen, view, strategy, expected_budgets
@@ -201,7 +129,7 @@ def test_score_and_retain_match_reference(case):
     lengths, cfg, s = case
     _, view, strategy, row_budgets = build(lengths, cfg, s)
     scores = strategy.score(layer=view)
-    expected = ref_scores(view, cfg["window"], cfg["pooling"], cfg["kernel"])
+    expected = ref_window_scores(view, cfg["window"], cfg["pooling"], cfg["kernel"])
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
     assume(same_ranking(scores, expected, view.valid[:, None].expand_as(scores)))
     keep = strategy.retain(layer=view, scores=scores)
@@ -211,9 +139,9 @@ def test_score_and_retain_match_reference(case):
 @settings(max_examples=400, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 40), st.data())
 def test_schedule_matches_reference_and_keeps_the_uniform_total(n, num_layers, data):
-    cfg = data.draw(budget_settings([n]))
+    cfg = data.draw(beta_budget_settings([n]))
     strategy = make_pyramid(1, 1, num_layers, **{**cfg, "beta": float(cfg["beta"])})
-    uniform = uniform_of(cfg)(n)
+    uniform = budget_of(cfg)(n)
     expected = ref_schedule(n, uniform, cfg["window"], cfg["beta"], num_layers)
     got = [int(strategy.layer_budgets(i, torch.tensor([n]))[0]) for i in range(num_layers)]
     assert got == expected
@@ -263,33 +191,22 @@ def test_batch_rows_get_their_own_schedules():
 
 def test_hooks_read_nothing_back_to_the_host():
     """Meta tensors hold no data, so any host sync (item, int, bool, nonzero) would raise."""
-    batch, hkv, hq, seq, dim = 2, 3, 6, 32, 8
-    meta = dict(device="meta")
-    strategy = make_pyramid(hq, hkv, 6, window=4, retain_rate=0.2)
-    for layer_idx in range(6):
-        view = LayerView(layer_idx, 6, torch.empty(batch, hq, seq, dim, **meta),
-                         torch.empty(batch, hkv, seq, dim, **meta), torch.empty(batch, hkv, seq, dim, **meta),
-                         torch.empty(batch, seq, dtype=torch.long, **meta),
-                         torch.empty(batch, seq, dtype=torch.bool, **meta),
-                         torch.empty(batch, dtype=torch.long, **meta), dim**-0.5, None)  # fmt: skip
-        keep = strategy.retain(layer=view, scores=strategy.score(layer=view))
-        assert keep.shape == (batch, hkv, seq) and keep.dtype == torch.bool
+    assert_hooks_read_nothing_back(make_pyramid(6, 3, 6, window=4, retain_rate=0.2), hq=6, hkv=3)
 
 
 # ---------------------------------------------------------------- end to end
 
-CONTEXT = torch.randint(3, 256, (50,), generator=torch.Generator().manual_seed(3)).tolist()
 SETTINGS = {"retain_rate": 0.2, "window": 4, "beta": 4.0}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("rows", [[CONTEXT], [CONTEXT, CONTEXT[13:]]], ids=["batch1", "batch2-left-padded"])
+@each_family
+@each_context_batch
 def test_pipeline_keeps_the_schedule(family, rows):
     model = tiny_model(family)
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     pipe = pipeline(model, "pyramidkv", max_new_tokens=3, **SETTINGS)
     per_row = [
-        ref_schedule(len(r), ref_uniform(len(r), 0.2, None), 4, Fraction(4), layers) for r in rows
+        ref_schedule(len(r), ref_budget(len(r), 0.2, None), 4, Fraction(4), layers) for r in rows
     ]  # [row][layer]
     expected = [[per_row[b][i] for b in range(len(rows))] for i in range(layers)]
     assert len({tuple(e) for e in expected}) == layers, "the schedule should differ per layer"
@@ -300,51 +217,38 @@ def test_pipeline_keeps_the_schedule(family, rows):
         assert layer.valid.sum(-1).tolist() == [[k] * kv_heads for k in expected[i]]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("rows", [[CONTEXT], [CONTEXT, CONTEXT[13:]]], ids=["batch1", "batch2-left-padded"])
+@each_family
+@each_context_batch
 def test_keep_everything_reproduces_the_full_cache(family, rows):
     model = tiny_model(family)
-    gen = dict(max_new_tokens=8, stop_on_eos=False)
-    expected = pipeline(model, "full", **gen)(rows).token_ids
-    assert len({t for row in expected for t in row}) > 2, "degenerate reference"
-    out = pipeline(model, "pyramidkv", retain_rate=1.0, window=4, **gen)(rows)
-    assert out.token_ids == expected
+    out, full = keep_everything_and_full(model, "pyramidkv", rows, max_new_tokens=8, window=4)
+    assert len({t for row in full.token_ids for t in row}) > 2, "degenerate reference"
     assert out.stats.kv_kept_per_layer == [[float(len(r)) for r in rows]] * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize(
-    ("settings", "expected"),
+@bad_settings(
     [
         ({"beta": 0.5}, ["pyramidkv.beta", "greater than or equal to 1", "0.5"]),
         ({"retain_rate": 0.0}, ["pyramidkv.retain_rate", "greater than 0", "0.0"]),
         ({"kernel": 4}, ["kernel: must be odd", "4"]),
         ({"budget_mode": "constant", "retain_tokens": 4}, ["retain_tokens must be >= window (8)", "4"]),
         ({"betta": 2}, ["pyramidkv.betta", "Extra inputs are not permitted"]),
-    ],
+    ]
 )
 def test_bad_settings_name_field_rule_and_value(settings, expected):
-    with pytest.raises(ConfigError) as err:
-        pipeline(tiny_model("llama"), "pyramidkv", **settings)
-    for fragment in expected:
-        assert fragment in str(err.value)
+    config_error("pyramidkv", settings, expected)
 
 
 def test_window_larger_than_budget_fails_before_prefill():
-    pipe = pipeline(tiny_model("llama"), "pyramidkv", window=8, retain_rate=0.1)
-    with pytest.raises(ConfigError, match=r"pyramidkv\.window.*keeps 4 tokens.*window=8"):
-        pipe(list(range(3, 43)))
+    message = config_error("pyramidkv", dict(window=8, retain_rate=0.1), prompt=list(range(3, 43)))
+    assert re.search(r"pyramidkv\.window.*keeps 4 tokens.*window=8", message)
 
 
 @pytest.mark.slow
 def test_smollm2_short_prompt_keeps_the_schedule(smollm2):
-    from kvpress_like.passkey import passkey_prompt
-
-    model, tokenizer = smollm2
-    prompt = passkey_prompt(tokenizer, 300, 0.5, seed=0)
-    pipe = pipeline(model, "pyramidkv", tokenizer=tokenizer, chat_template=False, max_new_tokens=5)
-    out = pipe(prompt.text)
-    n, layers = out.stats.prompt_tokens[0], model.config.num_hidden_layers
-    expected = ref_schedule(n, ref_uniform(n, 0.1, None), 8, Fraction(20), layers)
-    assert sum(expected) == layers * ref_uniform(n, 0.1, None) and expected[0] > expected[-1]
+    _, _, out = smollm2_passkey_run(smollm2, "pyramidkv")
+    n, layers = out.stats.prompt_tokens[0], smollm2[0].config.num_hidden_layers
+    expected = ref_schedule(n, ref_budget(n, 0.1, None), 8, Fraction(20), layers)
+    assert sum(expected) == layers * ref_budget(n, 0.1, None) and expected[0] > expected[-1]
     assert out.stats.kv_kept_per_layer == [[float(k)] for k in expected]
     assert 1 <= len(out.ids) <= 5

@@ -6,7 +6,6 @@ import torch
 from pydantic import Field
 
 from kvpress_like.budget import BudgetStrategy, WindowScoreConfig
-from kvpress_like.errors import ConfigError
 from kvpress_like.hookspecs import LayerView, hookimpl
 from kvpress_like.plugins import ModelInfo
 from kvpress_like.selection import window_scores
@@ -35,14 +34,7 @@ class FastKV(BudgetStrategy):
 
     def __init__(self, config: FastKVConfig, model: ModelInfo) -> None:
         super().__init__(config, model)
-        tsp_layer = config.tsp_layer
-        if tsp_layer is None:
-            tsp_layer = min(model.num_layers - 1, round(DEFAULT_TSP_DEPTH * model.num_layers))
-        if tsp_layer >= model.num_layers:
-            raise ConfigError(
-                f"fastkv.tsp_layer: must be below the model's {model.num_layers} layers (got {tsp_layer})"
-            )
-        self.tsp_layer = tsp_layer
+        self.tsp_layer = self.layer_setting("tsp_layer", DEFAULT_TSP_DEPTH)
 
     @hookimpl
     def score(self, layer: LayerView) -> torch.Tensor:

@@ -4,7 +4,6 @@ import torch
 from pydantic import Field
 
 from kvpress_like.budget import BudgetConfig, BudgetStrategy
-from kvpress_like.errors import ConfigError
 from kvpress_like.hookspecs import LayerView, hookimpl
 from kvpress_like.plugins import ModelInfo
 
@@ -32,8 +31,9 @@ def last_query_scores(layer: LayerView) -> torch.Tensor:
     """GemFilter's token scores, float32 ``[B, S]``: the attention of each row's last query over
     its valid keys (fp32 softmax), summed over every query head. Padding scores 0."""
     batch, kv_heads, _, dim = layer.keys.shape
-    query = layer.queries[:, :, -1].float().reshape(batch, kv_heads, layer.num_kv_groups, dim)
-    logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys.float()) * layer.scaling
+    query = layer.queries[:, :, -1].reshape(batch, kv_heads, layer.num_kv_groups, dim)
+    # Products in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the keys.
+    logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys).float() * layer.scaling
     # The last query is the row's newest token: every valid key is at or before its position.
     logits = logits.masked_fill(~layer.valid[:, None, None], float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
@@ -57,15 +57,7 @@ class GemFilter(BudgetStrategy):
 
     def __init__(self, config: GemFilterConfig, model: ModelInfo) -> None:
         super().__init__(config, model)
-        filter_layer = config.filter_layer
-        if filter_layer is None:
-            filter_layer = min(model.num_layers - 1, round(DEFAULT_FILTER_DEPTH * model.num_layers))
-        if filter_layer >= model.num_layers:
-            raise ConfigError(
-                f"gemfilter.filter_layer: must be below the model's {model.num_layers} layers "
-                f"(got {filter_layer})"
-            )
-        self.filter_layer = filter_layer
+        self.filter_layer = self.layer_setting("filter_layer", DEFAULT_FILTER_DEPTH)
 
     @hookimpl
     def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:

@@ -30,18 +30,18 @@ def accumulated_attention(layer: LayerView, chunk_size: int) -> torch.Tensor:
     Summed over the query heads of each KV group. Queries go ``chunk_size`` at a time, so the
     extra memory is two fp32 ``[B, Hq, chunk, S]`` buffers rather than the full ``[B, Hq, T, S]``.
     """
-    keys = layer.keys.float()  # [B, Hkv, S, D]
+    keys = layer.keys  # [B, Hkv, S, D]; products in its dtype (fp32 accumulation), no fp32 copy
     batch, kv_heads, seq, dim = keys.shape
     groups = layer.num_kv_groups
     queries = layer.queries.reshape(batch, kv_heads, groups, -1, dim)  # [B, Hkv, G, T, D], head h -> h // G
     key_pos, key_valid = layer.positions, layer.valid  # [B, S]
-    total = keys.new_zeros(batch, kv_heads, groups, seq)
+    total = keys.new_zeros(batch, kv_heads, groups, seq, dtype=torch.float32)
     for start in range(0, queries.shape[3], chunk_size):
         stop = start + chunk_size
         query_pos, query_valid = layer.positions[:, start:stop], layer.valid[:, start:stop]  # [B, C]
         allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, C, S]
-        chunk = queries[:, :, :, start:stop].float()
-        logits = torch.einsum("bhgcd,bhsd->bhgcs", chunk, keys)  # [B, Hkv, G, C, S]
+        chunk = queries[:, :, :, start:stop]
+        logits = torch.einsum("bhgcd,bhsd->bhgcs", chunk, keys).float()  # [B, Hkv, G, C, S]
         logits.mul_(layer.scaling).masked_fill_(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # in place above and below: two chunk-sized buffers
         total += probs.masked_fill_(~query_valid[:, None, None, :, None], 0.0).sum(dim=-2)  # padding: 0
