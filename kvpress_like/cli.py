@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config-reference", help="print the settings of every strategy (docs/config.md)")
     p.set_defaults(func=config_reference)
+
+    from kvpress_like.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from kvpress_like.errors import ConfigError
@@ -116,6 +115,8 @@ def _read_records(path: Path) -> dict[str, dict]:
 def _teacher_forced_logits(pipe, prompt: str, tokens: list[int] | None, steps: int):
     """Next-token logits ``[steps, V]`` after the prompt and each of ``tokens`` (the reference's
     greedy tokens), and the tokens themselves (greedy on this pipe's own logits when None)."""
+    import torch
+
     context = pipe.compress(prompt)
     stats = context.stats
     logits = [context.last_logits[0].float()]
@@ -136,6 +137,8 @@ def _teacher_forced_logits(pipe, prompt: str, tokens: list[int] | None, steps: i
 
 
 def _fidelity(pipe, reference, sample: Sample, steps: int) -> tuple[dict, Any]:
+    import torch
+
     ref_logits, ref_tokens = reference
     logits, _, stats = _teacher_forced_logits(pipe, sample.prompt, ref_tokens, steps)
     agree = (logits.argmax(dim=-1) == torch.tensor(ref_tokens)).float().mean().item()
@@ -196,9 +199,7 @@ def evaluate(
     with path.open("a") as sink:
         for task in tasks:
             for length in lengths:
-                for s_index, sample in enumerate(
-                    make_samples(tokenizer, task, length, samples, seed)
-                ):
+                for s_index, sample in enumerate(make_samples(tokenizer, task, length, samples, seed)):
                     reference = None
                     for spec, budget in runs:
                         key = record_key(model_name, seed, sample, spec, budget)
@@ -360,6 +361,7 @@ def plot_needle_heatmaps(records: list[dict], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     ok = [r for r in records if r["status"] == "ok" and r["task"] in NEEDLE_TASKS]
     paths = []
@@ -368,7 +370,8 @@ def plot_needle_heatmaps(records: list[dict], out: Path) -> list[Path]:
         budgets = sorted({r["budget"] for r in mine}, key=lambda b: -1 if b is None else b)
         depths = sorted({round(r["depth"], 3) for r in mine})
         lengths = sorted({r["length"] for r in mine})
-        fig, axes = plt.subplots(1, len(budgets), figsize=(1.2 + 1.3 * len(lengths) * len(budgets), 3.6))
+        width = 1.5 + max(2.6, 1.1 * len(lengths)) * len(budgets)
+        fig, axes = plt.subplots(1, len(budgets), figsize=(width, 3.8), layout="constrained")
         axes = [axes] if len(budgets) == 1 else list(axes)
         for ax, budget in zip(axes, budgets, strict=True):
             grid = torch.full((len(depths), len(lengths)), float("nan"))
@@ -387,7 +390,7 @@ def plot_needle_heatmaps(records: list[dict], out: Path) -> list[Path]:
             ax.set_title(f"budget {budget:g}" if budget is not None else "no budget")
         axes[0].set_ylabel("needle depth")
         fig.suptitle(f"{strategy}: needle retrieval (passkey + niah)")
-        fig.colorbar(image, ax=axes, fraction=0.05)
+        fig.colorbar(image, ax=axes, fraction=0.05, label="accuracy")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in strategy)
         path = out / f"heatmap_{safe}.png"
         fig.savefig(path, dpi=110)
@@ -480,5 +483,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

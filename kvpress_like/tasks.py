@@ -32,7 +32,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from kvpress_like.passkey import found_key, passkey_prompt
+from kvpress_like.passkey import _template, found_key, passkey_prompt
 
 NIAH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 NEEDLE_TASKS = ("passkey", *NIAH_TASKS)  # tasks with a depth worth a heatmap
@@ -49,23 +49,57 @@ MAX_NEW_TOKENS = {
     "fidelity": 16,  # decode steps compared
 }
 
-_ADJECTIVES = (
-    "lovely quiet brave silent amber rapid gentle hollow bitter golden crisp humble "
-    "frozen lively odd proud rustic shiny tidy wild"
-).split()
-_NOUNS = (
-    "cabbage harbor violin meadow lantern pebble falcon orchard compass saddle "
-    "thimble glacier ribbon kettle walrus canyon marble tulip anchor biscuit"
-).split()
+_ADJECTIVES = [
+    "lovely",
+    "quiet",
+    "brave",
+    "silent",
+    "amber",
+    "rapid",
+    "gentle",
+    "hollow",
+    "bitter",
+    "golden",
+    "crisp",
+    "humble",
+    "frozen",
+    "lively",
+    "odd",
+    "proud",
+    "rustic",
+    "shiny",
+    "tidy",
+    "wild",
+]
+_NOUNS = [
+    "cabbage",
+    "harbor",
+    "violin",
+    "meadow",
+    "lantern",
+    "pebble",
+    "falcon",
+    "orchard",
+    "compass",
+    "saddle",
+    "thimble",
+    "glacier",
+    "ribbon",
+    "kettle",
+    "walrus",
+    "canyon",
+    "marble",
+    "tulip",
+    "anchor",
+    "biscuit",
+]
 
 _NIAH_INTRO = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the numbers afterwards."
 )
 _NEEDLE = "One of the special magic numbers for {key} is: {value}."
-_VT_INTRO = (
-    "Memorize and track the chain(s) of variable assignment hidden in the following text."
-)
+_VT_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 
 
 @dataclass(frozen=True)
@@ -162,7 +196,13 @@ def _insert(context: str, items: list[tuple[float, str]]) -> str:
 def _fit(tokenizer, target_tokens: int, build: Callable[[int], tuple[str, dict]]) -> tuple[str, dict]:
     """Call ``build(context_tokens)`` with the context budget that brings the prompt to the target."""
     fixed_text, _ = build(0)
-    budget = max(0, target_tokens - _prompt_tokens(tokenizer, fixed_text))
+    fixed = _prompt_tokens(tokenizer, fixed_text)
+    if fixed > target_tokens:
+        raise ValueError(
+            f"target_tokens: must leave room for the instruction, needles and question, "
+            f"{fixed} tokens (got {target_tokens})"
+        )
+    budget = target_tokens - fixed
     best = None
     for _ in range(6):
         prompt, meta = build(budget)
@@ -204,6 +244,10 @@ def _context_depths(prompt: str, context_start: int, context: str, needles: list
 
 
 # ---- generators -------------------------------------------------------------------------------
+
+
+def _template_filler() -> str:
+    return _template()["filler"]
 
 
 def make_passkey(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
@@ -293,9 +337,7 @@ def make_niah_multiquery(tokenizer, target_tokens: int, depth: float, seed: int,
     return _niah("niah_multiquery", tokenizer, target_tokens, depth, seed, index, 4, 1, 4)
 
 
-def make_vt(
-    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, hops: int = 4
-) -> Sample:
+def make_vt(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, hops: int = 4) -> Sample:
     """One chain of ``hops + 1`` variables; its first assignment at ``depth``, the rest after it."""
     rng = random.Random(f"vt:{seed}")
     names: list[str] = []
