@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kvpress_like import ConfigError, Pipeline, UnsupportedModelError, load_config, pipeline
 
-from conftest import tiny_model
+from conftest import CharTokenizer, tiny_model
 
 PROMPT = list(range(3, 43))  # 40 tokens
 
@@ -85,12 +85,6 @@ def test_window_larger_than_budget_fails_before_prefill(model, forward_calls):
 
 @pytest.mark.parametrize("prompts", ["", [""], ["fine", ""], [], [[]], torch.empty(1, 0, dtype=torch.long)])
 def test_empty_prompt_fails_before_prefill(model, forward_calls, prompts):
-    class CharTokenizer:  # enough tokenizer for text prompts; the error comes before it matters
-        chat_template = None
-
-        def __call__(self, text, **_):
-            return {"input_ids": [3 + ord(c) % 200 for c in text]}
-
     pipe = pipeline(model, "full", tokenizer=CharTokenizer())
     with pytest.raises(ConfigError, match="prompts"):
         pipe(prompts)

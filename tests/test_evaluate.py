@@ -15,23 +15,9 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.evaluate import StrategySpec, add_eval_parser, evaluate
 from kvpress_like.pipeline import Pipeline
 
-from conftest import tiny_model
+from conftest import CharTokenizer, tiny_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
-
-
-class CharTokenizer:
-    """One token per ASCII character (ids < 128, so within the tiny models' 256), BOS 1, EOS 2."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    chat_template = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        ids = [ord(c) if 3 <= ord(c) < 128 else ord("?") for c in text]
-        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
 
 
 def test_strategy_specs_and_budgets():

@@ -8,19 +8,7 @@ from kvpress_like import tasks
 from kvpress_like.models import cache_dir
 from kvpress_like.tasks import Sample, length_tolerance, make_samples, recall, score
 
-
-class CharTokenizer:
-    """One token per character (ASCII -> its code, anything else -> '?'), BOS = 1, EOS = 2."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    chat_template = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        ids = [ord(c) if 3 <= ord(c) < 128 else ord("?") for c in text]
-        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
+from conftest import CharTokenizer
 
 
 def _real_tokenizer():
