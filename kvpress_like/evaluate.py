@@ -470,15 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kvpress_like.evaluate`` / ``benchmarks/accuracy.py``: the same as ``kvpress-like eval``."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="kvpress-like")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from kvpress_like.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
