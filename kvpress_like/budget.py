@@ -13,9 +13,9 @@ from pydantic import Field, field_validator, model_validator
 
 from kvpress_like.config import StrategyConfig
 from kvpress_like.errors import ConfigError
-from kvpress_like.hookspecs import LayerView
+from kvpress_like.hookspecs import LayerView, hookimpl
 from kvpress_like.plugins import Strategy
-from kvpress_like.selection import Pooling, budgets, rate_budget, recent_mask, top_k_mask
+from kvpress_like.selection import Pooling, budgets, rate_budget, recent_mask, top_k_mask, window_scores
 
 
 class BudgetConfig(StrategyConfig):
@@ -105,3 +105,15 @@ class BudgetStrategy(Strategy):
                         f"{self.name}.window: must not exceed the {kind} budget; {kind}_rate={rate} of a "
                         f"{n}-token prompt keeps {rate_budget(rate, n)} tokens (got window={c.window})"
                     )
+
+
+class WindowScoreStrategy(BudgetStrategy):
+    """A strategy scored by the observation window (``selection.window_scores``); subclasses
+    decide what to keep with those scores."""
+
+    config: WindowScoreConfig
+
+    @hookimpl
+    def score(self, layer: LayerView) -> torch.Tensor:
+        """Float ``[B, Hkv, S]``: the observation-window scores."""
+        return window_scores(layer, self.config.window, self.config.pooling, self.config.kernel)

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpress_like.budget import BudgetStrategy, WindowScoreConfig
+from kvpress_like.budget import WindowScoreConfig, WindowScoreStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
-from kvpress_like.selection import recent_mask, top_k_mask, window_scores
+from kvpress_like.selection import recent_mask, top_k_mask
 
 
 class AdaKVConfig(WindowScoreConfig):
@@ -20,7 +20,7 @@ class AdaKVConfig(WindowScoreConfig):
     )
 
 
-class AdaKV(BudgetStrategy):
+class AdaKV(WindowScoreStrategy):
     """Ada-KV (arXiv 2407.11550): observation-window scores with the layer's budget allocated
     adaptively across KV heads, by one top-k over the scores of all heads jointly.
 
@@ -47,11 +47,6 @@ class AdaKV(BudgetStrategy):
         share = (uniform - window).clamp(min=0)
         guaranteed = window + (share.double() * self.config.floor).floor().long()
         return guaranteed, window + share
-
-    @hookimpl
-    def score(self, layer: LayerView) -> torch.Tensor:
-        """Float ``[B, Hkv, S]``: the observation-window scores (``selection.window_scores``)."""
-        return window_scores(layer, self.config.window, self.config.pooling, self.config.kernel)
 
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:

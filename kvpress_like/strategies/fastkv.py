@@ -5,10 +5,9 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from kvpress_like.budget import BudgetStrategy, WindowScoreConfig
+from kvpress_like.budget import WindowScoreConfig, WindowScoreStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
 from kvpress_like.plugins import ModelInfo
-from kvpress_like.selection import window_scores
 
 # The paper puts TSP at layer 15 of Llama-3.1-8B's 32: about 47% of depth.
 DEFAULT_TSP_DEPTH = 0.47
@@ -24,7 +23,7 @@ class FastKVConfig(WindowScoreConfig):
     tsp_tokens: int | None = Field(None, ge=1, description="tokens propagated (constant mode)")
 
 
-class FastKV(BudgetStrategy):
+class FastKV(WindowScoreStrategy):
     """FastKV (arXiv 2502.01068): token-selective propagation at a middle layer plus an
     independent, uniform KV-retention budget chosen by observation-window scores."""
 
@@ -35,10 +34,6 @@ class FastKV(BudgetStrategy):
     def __init__(self, config: FastKVConfig, model: ModelInfo) -> None:
         super().__init__(config, model)
         self.tsp_layer = self.layer_setting("tsp_layer", DEFAULT_TSP_DEPTH)
-
-    @hookimpl
-    def score(self, layer: LayerView) -> torch.Tensor:
-        return window_scores(layer, self.config.window, self.config.pooling, self.config.kernel)
 
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:

@@ -5,10 +5,9 @@ from fractions import Fraction
 import torch
 from pydantic import Field
 
-from kvpress_like.budget import BudgetStrategy, WindowScoreConfig
+from kvpress_like.budget import WindowScoreConfig, WindowScoreStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
 from kvpress_like.plugins import ModelInfo
-from kvpress_like.selection import window_scores
 
 # 1 / beta is used as the nearest fraction with at most this denominator, so that the schedule
 # is computed in exact integer arithmetic (exact for integer beta up to 1000, 1.5, 2.5, 1.25, ...).
@@ -26,7 +25,7 @@ class PyramidKVConfig(WindowScoreConfig):
     )
 
 
-class PyramidKV(BudgetStrategy):
+class PyramidKV(WindowScoreStrategy):
     """PyramidKV (arXiv 2406.02069): observation-window scores with per-layer budgets that shrink
     linearly with depth and add up to the uniform budget times the number of layers.
 
@@ -76,11 +75,6 @@ class PyramidKV(BudgetStrategy):
         rank = torch.empty_like(order).scatter_(-1, order, depth.expand_as(order))  # by remainder
         extra = rank[:, layer_idx : layer_idx + 1] < spare
         return (window + whole[:, layer_idx : layer_idx + 1] + extra)[:, 0]
-
-    @hookimpl
-    def score(self, layer: LayerView) -> torch.Tensor:
-        """Float ``[B, Hkv, S]``: the observation-window scores (``selection.window_scores``)."""
-        return window_scores(layer, self.config.window, self.config.pooling, self.config.kernel)
 
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpress_like.budget import BudgetStrategy, WindowScoreConfig
+from kvpress_like.budget import WindowScoreConfig, WindowScoreStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
-from kvpress_like.selection import Pooling, window_scores
+from kvpress_like.selection import Pooling
 
 
 class SnapKVConfig(WindowScoreConfig):
@@ -21,7 +21,7 @@ class SnapKVConfig(WindowScoreConfig):
     kernel: int = Field(5, ge=1, description="pooling kernel over the key axis (odd; SnapKV's code: 5)")
 
 
-class SnapKV(BudgetStrategy):
+class SnapKV(WindowScoreStrategy):
     """SnapKV (arXiv 2404.14469): every layer keeps, per KV head, the most recent tokens plus the
     keys that the last ``window`` queries of the prompt attend to most, up to a uniform budget.
 
@@ -37,10 +37,6 @@ class SnapKV(BudgetStrategy):
     name = "snapkv"
     Config = SnapKVConfig
     config: SnapKVConfig
-
-    @hookimpl
-    def score(self, layer: LayerView) -> torch.Tensor:
-        return window_scores(layer, self.config.window, self.config.pooling, self.config.kernel)
 
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
