@@ -18,7 +18,7 @@ from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 
-BUCKET = 1024
+BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -40,7 +40,7 @@ def _decode_attention_op(
 
 @_decode_attention_op.register_fake
 def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window):
-    return torch.empty_like(query)  # capacity granularity: prompts within one bucket share buffers and graphs
+    return torch.empty_like(query)
 
 
 def capacity_bucket(entries: int) -> int:
@@ -84,7 +84,7 @@ class StaticDecoder:
 
     def __init__(self, adapter: ModelAdapter, batch: int, capacity: int, compiled: bool) -> None:
         info, device, dtype = adapter.info, adapter.device, adapter.dtype
-        self.adapter, self.batch, self.capacity = adapter, batch, capacity
+        self.adapter = adapter
         shape = (batch, info.num_kv_heads, capacity)
         self.layers = [
             StaticLayer(
@@ -102,9 +102,6 @@ class StaticDecoder:
                 for buffer in vars(layer).values():
                     torch._dynamo.mark_static_address(buffer)
             self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
-
-    def fits(self, cache: CompressedCache, new_tokens: int) -> bool:
-        return max(lc.valid.shape[2] for lc in cache.layers) + new_tokens <= self.capacity
 
     def load(self, cache: CompressedCache) -> None:
         """Copy every layer's valid entries, left-aligned per (row, head), into the buffers."""

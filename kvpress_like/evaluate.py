@@ -121,16 +121,11 @@ def _teacher_forced_logits(pipe, prompt: str, tokens: list[int] | None, steps: i
     stats = context.stats
     logits = [context.last_logits[0].float()]
     chosen: list[int] = []
-    # Pipeline._extend is the engine's own continuation path (what generate(more, context=...)
-    # runs): it feeds tokens through every layer with no compression hooks and returns a Context
-    # whose last_logits are the next-token logits; the public generate() only returns ids.
-    with pipe.adapter.borrowed(), torch.inference_mode():
-        for step in range(steps - 1):
-            token = int(logits[-1].argmax()) if tokens is None else tokens[step]
-            chosen.append(token)
-            ids = torch.tensor([[token]], device=pipe.adapter.device)
-            context = pipe._extend(context, ids, torch.ones_like(ids, dtype=torch.bool))
-            logits.append(context.last_logits[0].float())
+    for step in range(steps - 1):
+        token = int(logits[-1].argmax()) if tokens is None else tokens[step]
+        chosen.append(token)
+        context = pipe.extend(context, [token])  # next-token logits after one more token
+        logits.append(context.last_logits[0].float())
     if tokens is None:
         chosen.append(int(logits[-1].argmax()))
     return torch.stack(logits), chosen, stats

@@ -222,29 +222,34 @@ class Pipeline:
         with self.adapter.borrowed(), torch.inference_mode():
             return self._prefill(ids, valid)
 
+    def extend(self, context: Context, prompts: Prompts) -> Context:
+        """The context followed by more tokens (plain text continues it: no template, no special
+        tokens), nothing compressed; its ``last_logits`` are the next-token logits. ``context``
+        itself is left as it was."""
+        ids, valid = self._encode(prompts, self.generation, mode="continuation")
+        if ids.shape[0] != context.last_logits.shape[0]:
+            raise ConfigError(
+                f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
+                f"(got {ids.shape[0]})"
+            )
+        with self.adapter.borrowed(), torch.inference_mode():
+            return self._extend(context.clone(), ids, valid)
+
     def generate(
         self, prompts: Prompts | None = None, *, context: Context | None = None, **generation: Any
     ) -> Generation:
         """Generate from prompts, or from a context (optionally followed by more prompt tokens)."""
         gen = self._generation_config(generation)
-        if prompts is None and context is None:
-            raise ConfigError("prompts: must be given unless a context is (got None)")
-        mode = "prompt" if context is None else "continuation"
-        encoded = None if prompts is None else self._encode(prompts, gen, mode)
         if context is None:
-            self.strategy.check_prompt(encoded[1].sum(dim=-1).tolist())
-        elif encoded is not None and encoded[0].shape[0] != context.last_logits.shape[0]:
-            raise ConfigError(
-                f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
-                f"(got {encoded[0].shape[0]})"
-            )
+            if prompts is None:
+                raise ConfigError("prompts: must be given unless a context is (got None)")
+            ids, valid = self._encode(prompts, gen, mode="prompt")
+            self.strategy.check_prompt(valid.sum(dim=-1).tolist())
+            with self.adapter.borrowed(), torch.inference_mode():
+                return self._decode(self._prefill(ids, valid), gen)
+        # Decoding grows the cache it is given: it gets a copy, never the caller's context.
+        context = context.clone() if prompts is None else self.extend(context, prompts)
         with self.adapter.borrowed(), torch.inference_mode():
-            if context is None:
-                context = self._prefill(*encoded)
-            else:
-                context = context.clone()
-                if encoded is not None:
-                    context = self._extend(context, *encoded)
             return self._decode(context, gen)
 
     # ---- steps -------------------------------------------------------------------------------

@@ -55,10 +55,6 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def strategy_names() -> list[str]:
-    return sorted(_entry_points())
-
-
 def _check_class(cls: object, where: str) -> type[Strategy]:
     """A Strategy subclass whose hook implementations match the hook specs."""
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):

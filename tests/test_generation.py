@@ -113,3 +113,16 @@ def test_mlp_chunking_changes_nothing_but_memory(model, monkeypatch):
             [CONTEXT]
         ).ids
     )
+
+
+def test_extend_continues_a_context_and_leaves_it_as_it_was(model):
+    pipe = pipeline(model, "full")
+    context = pipe.compress(CONTEXT)
+    saved = context.last_logits.clone()
+    extended = pipe.extend(context, QUESTIONS[0])
+    expected = pipe.compress(CONTEXT + QUESTIONS[0]).last_logits
+    torch.testing.assert_close(extended.last_logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(context.last_logits, saved)
+    assert int(context.cache.next_positions[0]) == len(CONTEXT)
+    with pytest.raises(ConfigError, match=r"one row per context row \(1\) \(got 2\)"):
+        pipe.extend(context, QUESTIONS)
