@@ -12,12 +12,14 @@ physical limits (FLOPs at 790 TFLOP/s for prefill, bytes at 4.3 TB/s for decode)
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -148,27 +150,38 @@ def load_model(tiny: bool):
     return model
 
 
-def measure_one(system: str, length: int, batch: int, steps: int, tiny: bool) -> dict:
-    """One system on one case, in this process (``main`` gives each its own process)."""
+def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -> Iterator[dict]:
+    """One system on every case, in this process (``main`` gives each system its own process)."""
     model = load_model(tiny)
     cfg, device = model.config, model.device
-    ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        if SYSTEMS[system] is None:
-            result = run_transformers(model, ids, steps)
-        else:
-            result = run_kvpress(model, ids, steps, *SYSTEMS[system])
-    except Exception as exc:  # report and go on: one failing system must not hide the others
-        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    floors = limits(cfg, system, length, batch)
-    if "prefill_s" in result:
-        result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
-        result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
-    return {"system": system, "length": length, "batch": batch, **floors, **result}
+    for length, batch in cases:
+        ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
+        resident = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated() / 2**30  # weights (+ leftovers, if any)
+        try:
+            if SYSTEMS[system] is None:
+                result = run_transformers(model, ids, steps)
+            else:
+                result = run_kvpress(model, ids, steps, *SYSTEMS[system])
+        except Exception as exc:  # report and go on: one failing case must not hide the others
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["resident_gib_at_start"] = resident
+        floors = limits(cfg, system, length, batch)
+        if "prefill_s" in result:
+            result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
+            result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+        yield {"system": system, "length": length, "batch": batch, **floors, **result}
+        # Nothing of this case may stay resident in the next one's peak: caches, graphs, pools.
+        for name in ("_cache", "_compiled_call"):
+            vars(model).pop(name, None)
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -180,33 +193,45 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # SYSTEM:LENGTHxBATCH, run in this process
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one SYSTEM in this process
     args = parser.parse_args()
+    cases = [tuple(map(int, case.split("x"))) for case in args.cases.split(",")]
+    started = time.perf_counter()
 
     if args.one:
-        system, case = args.one.split(":")
-        length, batch = map(int, case.split("x"))
-        print("RECORD " + json.dumps(measure_one(system, length, batch, args.steps, args.tiny)), flush=True)
+        for record in measure(args.one, cases, args.steps, args.tiny):
+            print("RECORD " + json.dumps(record), flush=True)
         return
 
-    # Each measurement gets a fresh process: compiled graphs, CUDA-graph pools and the allocator's
-    # peak statistics of one system must not leak into the next (seen: a transformers run after a
-    # kvpress_like run in the same process decoded 4x slower than in a process of its own).
+    # Each system gets a fresh process: compiled graphs, CUDA-graph pools and allocator state of
+    # one system must not leak into the next (seen: a transformers run after a kvpress_like run in
+    # the same process decoded 4x slower than in a process of its own). Inductor's on-disk caches
+    # are shared, so a kernel tuned by one system is not tuned again by the next.
     records = []
-    for case in args.cases.split(","):
-        for system in args.systems.split(","):
-            command = [sys.executable, __file__, "--one", f"{system}:{case}", "--steps", str(args.steps)]
-            done = subprocess.run(
-                [*command, *(["--tiny"] if args.tiny else [])], capture_output=True, text=True
-            )
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
-            if lines:
-                records.append(json.loads(lines[-1].removeprefix("RECORD ")))
-            else:
-                length, batch = map(int, case.split("x"))
-                records.append({"system": system, "length": length, "batch": batch,
-                                "error": done.stderr[-500:]})  # fmt: skip
-            print(json.dumps(records[-1])[:300], flush=True)
+    for system in args.systems.split(","):
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            system,
+            "--cases",
+            args.cases,
+            "--steps",
+            str(args.steps),
+        ]
+        done = subprocess.run([*command, *(["--tiny"] if args.tiny else [])], capture_output=True, text=True)
+        mine = [
+            json.loads(line[len("RECORD ") :])
+            for line in done.stdout.splitlines()
+            if line.startswith("RECORD ")
+        ]
+        for length, batch in cases[len(mine) :]:  # the process died before these cases
+            mine.append({"system": system, "length": length, "batch": batch, "error": done.stderr[-500:]})
+        for record in mine:
+            print(json.dumps(record)[:300], flush=True)
+        records += mine
+    order = {case: i for i, case in enumerate(cases)}
+    records.sort(key=lambda r: order[(r["length"], r["batch"])])  # stable: systems stay in order
 
     args.out.mkdir(parents=True, exist_ok=True)
     kernels = attention_kernels(load_model(args.tiny)) if torch.cuda.is_available() else []
@@ -219,6 +244,7 @@ def main() -> None:
         "torch": torch.__version__,
         "steps": args.steps,
         "tiny": args.tiny,
+        "seconds": round(time.perf_counter() - started),
     }
     (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     print_table(records)

@@ -2,10 +2,12 @@
 
 After prefill the kept entries of every layer are copied, left-aligned per (row, KV head), into
 static buffers ``[B, Hkv, C, D]`` whose capacity ``C`` is rounded up to a bucket, so that prompts
-with similar budgets reuse the same buffers and the same captured graph. A step writes the new
-token's key/value at slot ``lengths[b, h]``, bumps ``lengths`` in place and attends over the
-first ``lengths`` slots with a split-K kernel that takes the lengths (no mask over the capacity).
-Slot index, RoPE position (passed in) and valid length are three separate inputs.
+with similar budgets reuse the same buffers and the same captured graph. Step ``t`` (a counter the
+step bumps in place, shared by all layers) writes the new token's key/value at slot
+``kept[b, h] + t`` of each layer and attends over the slots below ``kept[b, h] + t + 1`` with a
+split-K kernel that takes those lengths (no mask over the capacity); the token's RoPE position is
+``first_position[b] + t``. Slot, position and valid length are thus separate quantities, and the
+step's only per-call input is the token.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 
 BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
+# Inductor options of the compiled step (gpt-fast's recipe): CUDA graphs remove the per-kernel
+# launch cost, and coordinate-descent tuning makes Inductor lower batch-1 matrix-vector products
+# to tuned Triton reductions that stream the weights closer to peak bandwidth than cuBLAS GEMV.
+COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -52,26 +58,26 @@ class StaticLayer:
     keys: torch.Tensor  # [B, Hkv, C, D]
     values: torch.Tensor  # [B, Hkv, C, D]
     positions: torch.Tensor  # [B, Hkv, C] long: true position of each slot's token
-    lengths: torch.Tensor  # [B, Hkv] long: slots [0, length) are valid
+    kept: torch.Tensor  # [B, Hkv] long: slots filled by prefill
 
 
 class _StepRouter:
     """The attention router of one decode step: write the new entry, attend over the valid slots."""
 
-    def __init__(self, layers: list[StaticLayer], positions: torch.Tensor, fused: bool) -> None:
-        self.layers, self.positions, self.fused = layers, positions, fused
+    def __init__(self, layers: list[StaticLayer], step: torch.Tensor, positions: torch.Tensor, fused: bool):
+        self.layers, self.step, self.positions, self.fused = layers, step, positions, fused
 
     def attend(self, layer_idx, query, key, value, scaling, sliding_window):
         buf = self.layers[layer_idx]
-        batch, heads = buf.lengths.shape
+        batch, heads = buf.kept.shape
         rows = torch.arange(batch, device=key.device)[:, None]
         cols = torch.arange(heads, device=key.device)[None, :]
-        slot = buf.lengths
+        slot = buf.kept + self.step
         buf.keys[rows, cols, slot] = key[:, :, 0]
         buf.values[rows, cols, slot] = value[:, :, 0]
-        buf.positions[rows, cols, slot] = self.positions[:, None]
-        buf.lengths.add_(1)
-        args = (query[:, :, 0], buf.keys, buf.values, buf.lengths, scaling, buf.positions, self.positions)
+        if sliding_window is not None:  # only a window reads key positions
+            buf.positions[rows, cols, slot] = self.positions[:, None]
+        args = (query[:, :, 0], buf.keys, buf.values, slot + 1, scaling, buf.positions, self.positions)
         if self.fused:
             out = _decode_attention_op(*args, sliding_window or 0)
         else:
@@ -95,16 +101,19 @@ class StaticDecoder:
             )
             for _ in range(info.num_layers)
         ]
+        self.steps_done = torch.zeros((), dtype=torch.long, device=device)
+        self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.fused = device.type == "cuda"
         self.step = self._step
         if compiled:
-            for layer in self.layers:
-                for buffer in vars(layer).values():
-                    torch._dynamo.mark_static_address(buffer)
-            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+            state = [self.steps_done, self.first_positions]
+            for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
+                torch._dynamo.mark_static_address(buffer)
+            self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
     def load(self, cache: CompressedCache) -> None:
-        """Copy every layer's valid entries, left-aligned per (row, head), into the buffers."""
+        """Copy every layer's valid entries, left-aligned per (row, head), into the buffers; the
+        next step decodes the token at ``cache.next_positions``."""
         for buf, layer in zip(self.layers, cache.layers, strict=True):
             dense = layer.dense()
             order = torch.sort(dense.valid.to(torch.int8), dim=-1, descending=True, stable=True).indices
@@ -113,15 +122,19 @@ class StaticDecoder:
             buf.keys[:, :, :size].copy_(dense.keys.gather(2, slot))
             buf.values[:, :, :size].copy_(dense.values.gather(2, slot))
             buf.positions[:, :, :size].copy_(dense.positions.gather(2, order))
-            buf.lengths.copy_(dense.valid.sum(dim=-1))
+            buf.kept.copy_(dense.valid.sum(dim=-1))
+        self.steps_done.zero_()
+        self.first_positions.copy_(cache.next_positions)
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, V]`` for ``tokens`` ``[B]`` at true ``positions`` ``[B]``."""
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` for the next ``tokens`` ``[B]``, then one more step done."""
         adapter = self.adapter
         hidden = adapter.embed(tokens[:, None])
+        positions = self.first_positions + self.steps_done
         pos = positions[:, None]
-        router = _StepRouter(self.layers, positions, self.fused)
+        router = _StepRouter(self.layers, self.steps_done, positions, self.fused)
         rotary = {t: adapter.rotary(hidden, pos, t) for t in dict.fromkeys(adapter.layer_types)}
         for idx, layer_type in enumerate(adapter.layer_types):
             hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router)
+        self.steps_done.add_(1)
         return adapter.logits(hidden[:, -1])

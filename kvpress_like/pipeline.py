@@ -9,6 +9,7 @@ decode      one token at a time at true positions (prompt length + step), until 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -375,18 +376,19 @@ class Pipeline:
         if gen.do_sample and gen.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(gen.seed)
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        all_finished = _FinishedFlag(logits.device)
+        clock = _StepClock(logits.device)
         steps: list[torch.Tensor] = []
-        step_seconds: list[float] = []
         for index in range(gen.max_new_tokens):
             token = _pick(logits, gen, generator)
             token = torch.where(finished, eos[0] if len(eos) else token, token)
             steps.append(token)
             finished |= torch.isin(token, eos)
-            if index == gen.max_new_tokens - 1 or (gen.stop_on_eos and bool(finished.all())):
+            if index == gen.max_new_tokens - 1 or (gen.stop_on_eos and all_finished.check(finished)):
                 break
-            start = time.perf_counter()
             logits = step(token)
-            step_seconds.append(_elapsed(start, logits))
+            clock.tick()
+        step_seconds = clock.seconds()
         tokens = torch.stack(steps, dim=1).tolist()
         token_ids = [_until_eos(row, set(eos.tolist())) if gen.stop_on_eos else row for row in tokens]
         texts = None
@@ -423,14 +425,7 @@ class Pipeline:
             self._decoders[key] = StaticDecoder(self.adapter, *key)
         decoder = self._decoders[key]
         decoder.load(cache)
-        positions = cache.next_positions.clone()
-
-        def static(token: Tensor) -> Tensor:
-            logits = decoder.step(token, positions)
-            positions.add_(1)
-            return logits
-
-        return static
+        return decoder.step
 
     def _stats(self, fwd: _Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
         info, head_dim = self.adapter.info, self.adapter.head_dim
@@ -463,6 +458,52 @@ def _elapsed(start: float, result: torch.Tensor) -> float:
     if result.device.type == "cuda":
         torch.cuda.synchronize(result.device)
     return time.perf_counter() - start
+
+
+class _StepClock:
+    """Seconds between consecutive ``tick``s, from CUDA events on a GPU (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.tick()
+
+    def tick(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+class _FinishedFlag:
+    """Whether every row has finished, read without stalling the GPU's queue: on CUDA ``check``
+    queues a copy to pinned memory and answers from the previous call's copy, so a finished batch
+    costs one extra step (its tokens are cut at EOS) instead of a host sync on every step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda)
+        self.copied: list[torch.cuda.Event] = []
+
+    def check(self, finished: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(finished.all())
+        slot = len(self.copied) % 2
+        self.host[slot].copy_(finished.all(), non_blocking=True)
+        self.copied.append(torch.cuda.Event())
+        self.copied[-1].record()
+        if len(self.copied) < 2:
+            return False
+        self.copied[-2].synchronize()
+        return bool(self.host[1 - slot])
 
 
 def _until_eos(row: list[int], eos: set[int]) -> list[int]:

@@ -1,0 +1,143 @@
+"""Where FastKV's time and memory go on one GPU: prefill kernels, per-layer memory peaks, decode kernels.
+
+On the Llama-3.1-8B-shaped random model of ``speed.py``: one warm prefill under the profiler
+(kernel time by name, wall time, GPU-busy fraction), the peak memory reached in each decoder layer,
+and the decode step's kernels (compiled without CUDA graphs so the profiler sees every kernel;
+the graph replays the same kernels). Writes ``profile.json`` under ``--out``.
+
+    python benchmarks/profile_fastkv.py --length 131072 --out results/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import FASTKV, load_model
+
+from kvpress_like import decode, pipeline
+
+
+def kernel_table(prof, top: int) -> tuple[list[dict], float]:
+    """The ``top`` CUDA kernels by total time, and the total kernel milliseconds."""
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in rows) / 1e3
+    table = [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in rows[:top]]
+    return table, total
+
+
+def layer_memory(model, run) -> list[float]:
+    """Peak GiB allocated while each decoder layer runs (forward hooks, this script only)."""
+    peaks: list[float] = []
+
+    def before(module, args, kwargs):
+        torch.cuda.reset_peak_memory_stats()
+
+    def after(module, args, kwargs, output):
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(layer.register_forward_hook(after, with_kwargs=True))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("results/profile"))
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill profile and memory")
+    parser.add_argument(
+        "--variants",
+        default="library",
+        help="decode compile options to time, comma-separated: library, cublas_gemv, combo",
+    )
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"length": args.length}
+
+    model = load_model(tiny=False)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.length), device="cuda")
+    pipe = pipeline(model, "fastkv", max_new_tokens=args.steps + 1, stop_on_eos=False, **FASTKV)
+    pipe.compress(ids)  # warm-up
+    torch.cuda.synchronize()
+    if not args.decode_only:
+        profile_prefill(model, pipe, ids, report)
+    profile_decode(pipe, ids, args.variants.split(","), args.steps, args.out, report)
+    (args.out / "profile.json").write_text(json.dumps(report, indent=1))
+
+
+def profile_prefill(model, pipe, ids, report: dict) -> None:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        context = pipe.compress(ids)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    table, busy = kernel_table(prof, 30)
+    report["prefill"] = {"wall_s": wall, "kernel_s": busy / 1e3, "kernels": table}
+    print(f"prefill {wall:.3f} s, kernels {busy / 1e3:.3f} s")
+    for row in table[:20]:
+        print(f"  {row['ms']:9.1f} ms {row['calls']:5d}  {row['kernel']}")
+
+    report["layer_peak_gib"] = layer_memory(model, lambda: pipe.compress(ids))
+    print("peak GiB per layer:", [round(x, 2) for x in report["layer_peak_gib"]])
+    torch.cuda.reset_peak_memory_stats()
+    del context
+    pipe.compress(ids)
+    report["prefill_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(f"prefill peak {report['prefill_peak_gib']:.2f} GiB")
+
+
+def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:
+    """Decode ms/token per compile-option variant, then the library step's kernels (no CUDA graphs)."""
+    library = dict(decode.COMPILE_OPTIONS)
+    variants = {
+        "library": library,
+        "cublas_gemv": {"triton.cudagraphs": True},
+        "combo": {**library, "combo_kernels": True},
+    }
+    report["decode_ms"] = {}
+    for name in names:
+        decode.COMPILE_OPTIONS = variants[name]
+        torch._dynamo.reset()
+        pipe._decoders.clear()
+        start = time.perf_counter()
+        pipe(ids)
+        warm = time.perf_counter() - start
+        result = pipe(ids)
+        ms = 1e3 * result.stats.decode_seconds_per_token
+        report["decode_ms"][name] = {"ms_per_token": ms, "first_call_s": warm}
+        print(f"decode {name}: {ms:.3f} ms/token (first call {warm:.1f} s)")
+
+    decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}
+    torch._dynamo.reset()
+    pipe._decoders.clear()
+    context = pipe.compress(ids)
+    pipe.generate(context=context, max_new_tokens=4)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.generate(context=context, max_new_tokens=steps + 1)
+    table, busy = kernel_table(prof, 40)
+    report["decode_kernels"] = {"kernel_ms_per_step": busy / steps, "kernels": table}
+    print(f"decode kernels {busy / steps:.3f} ms per step")
+    for row in table[:30]:
+        print(f"  {row['ms'] / steps:8.4f} ms/step {row['calls'] // steps:4d}/step  {row['kernel']}")
+    prof.export_chrome_trace(str(out / "decode_trace.json"))
+
+
+if __name__ == "__main__":
+    main()
