@@ -21,10 +21,11 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 
 BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
-# Inductor options of the compiled step (gpt-fast's recipe): CUDA graphs remove the per-kernel
-# launch cost, and coordinate-descent tuning makes Inductor lower batch-1 matrix-vector products
-# to tuned Triton reductions that stream the weights closer to peak bandwidth than cuBLAS GEMV.
-COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+# Inductor options of the compiled step (measured on an H200, docs/performance.md): CUDA graphs
+# remove the per-kernel launch cost; coordinate-descent tuning lowers batch-1 matrix-vector
+# products to tuned Triton reductions that stream the weights faster than cuBLAS GEMV (gpt-fast's
+# recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
+COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
