@@ -91,3 +91,18 @@ def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch):
     assert len(recordings) == captures
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert len(out.stats.decode_step_seconds) == 31
+
+
+def test_compiled_decode_stops_at_eos_without_a_sync_per_step():
+    """The EOS flag is read one step late on CUDA: same tokens, at most one extra (discarded) step."""
+    model = _gpu_model("llama", torch.float32)
+    rows = _rows([120], seed=4)
+    pipe = pipeline(model, "fastkv", max_new_tokens=12, decode="compiled", **FASTKV)
+    free = pipe(rows, stop_on_eos=False).ids
+    eos = free[2]
+    model.generation_config.eos_token_id = eos
+    out = pipe(rows)
+    assert out.ids == free[: free.index(eos) + 1]
+    assert out.stats.new_tokens == (len(out.ids),)
+    # The token at index i needs i steps; the late flag may add one, never more.
+    assert len(out.ids) - 1 <= len(out.stats.decode_step_seconds) <= len(out.ids)
