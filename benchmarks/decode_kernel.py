@@ -2,7 +2,8 @@
 
 For each batch size and cache length C (a static buffer of capacity C, every (row, KV head) holding
 ``fill * C`` entries) it times, as the median of CUDA-event timings of single graph replays:
-``triton`` (kvpress_like.kernels.decode_attention), ``sdpa_exact`` (SDPA on views cut to the length,
+``triton`` (kvpress_like.kernels.decode_attention), ``triton_merged`` (the same, its last split merging
+the partial results: one launch instead of two), ``sdpa_exact`` (SDPA on views cut to the length,
 enable_gqa, no mask) and ``sdpa_mask`` (SDPA over the whole capacity with a boolean mask). Bandwidth is
 the K+V bytes of the valid entries over the time; errors are max |out - reference| with the fp32
 reference. Small C fits in L2 (60 MB), so its bandwidth is not HBM bandwidth.
@@ -61,8 +62,12 @@ def bench(b: int, cap: int, args: argparse.Namespace) -> list[dict]:
     scale = d**-0.5
     mask = (torch.arange(cap, device="cuda") < length)[None, None, None].expand(b, 1, 1, cap)
     q4 = q[:, :, None]
+    arrivals = torch.zeros(b * hkv, device="cuda", dtype=torch.int32)
     impls = {
         "triton": lambda: decode_attention(q, k, v, lengths, scale, num_splits=args.num_splits),
+        "triton_merged": lambda: decode_attention(  # the last split merges: one launch
+            q, k, v, lengths, scale, num_splits=args.num_splits, arrivals=arrivals
+        ),
         "sdpa_exact": lambda: F.scaled_dot_product_attention(
             q4, k[:, :, :length], v[:, :, :length], scale=scale, enable_gqa=True
         )[:, :, 0],
@@ -96,10 +101,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
     rows = [row for b in args.batch for cap in args.capacity for row in bench(b, cap, args)]
-    print(f"{'impl':<11}{'B':>3}{'C':>8}{'length':>8}{'us':>10}{'GB/s':>9}{'max_err':>10}")
+    print(f"{'impl':<14}{'B':>3}{'C':>8}{'length':>8}{'us':>10}{'GB/s':>9}{'max_err':>10}")
     for r in rows:
         print(
-            f"{r['impl']:<11}{r['B']:>3}{r['C']:>8}{r['length']:>8}{r['ms'] * 1e3:>10.1f}"
+            f"{r['impl']:<14}{r['B']:>3}{r['C']:>8}{r['length']:>8}{r['ms'] * 1e3:>10.1f}"
             f"{r['GBps']:>9.0f}{r['max_err']:>10.2e}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="library",
-        help="decode compile options to time, comma-separated: library, cublas_gemv, combo",
+        help="decode variants to time, comma-separated: library, merge_in_split, no_combo, cublas_gemv",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,15 +105,16 @@ def profile_prefill(model, pipe, ids, report: dict) -> None:
 
 def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:
     """Decode ms/token per compile-option variant, then the library step's kernels (no CUDA graphs)."""
-    library = dict(decode.COMPILE_OPTIONS)
-    variants = {
-        "library": library,
-        "cublas_gemv": {"triton.cudagraphs": True},
-        "combo": {**library, "combo_kernels": True},
+    library, merge = dict(decode.COMPILE_OPTIONS), decode.MERGE_IN_SPLIT_KERNEL
+    variants = {  # (compile options, merge in the split kernel)
+        "library": (library, merge),
+        "merge_in_split": (library, True),
+        "no_combo": ({**library, "combo_kernels": False}, merge),
+        "cublas_gemv": ({"triton.cudagraphs": True}, merge),  # CUDA graphs only: cuBLAS GEMV
     }
     report["decode_ms"] = {}
     for name in names:
-        decode.COMPILE_OPTIONS = variants[name]
+        decode.COMPILE_OPTIONS, decode.MERGE_IN_SPLIT_KERNEL = variants[name]
         torch._dynamo.reset()
         pipe._decoders.clear()
         start = time.perf_counter()
@@ -124,7 +125,8 @@ def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: d
         report["decode_ms"][name] = {"ms_per_token": ms, "first_call_s": warm}
         print(f"decode {name}: {ms:.3f} ms/token (first call {warm:.1f} s)")
 
-    decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}
+    decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}  # the profiler sees each kernel
+    decode.MERGE_IN_SPLIT_KERNEL = merge
     torch._dynamo.reset()
     pipe._decoders.clear()
     context = pipe.compress(ids)

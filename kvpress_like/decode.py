@@ -26,10 +26,14 @@ BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers a
 # products to tuned Triton reductions that stream the weights faster than cuBLAS GEMV (gpt-fast's
 # recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
+# Let the attention kernel's last split merge the partial results (one launch per layer instead of
+# two). Tested in Triton's interpreter; off until measured on a GPU (benchmarks/profile_fastkv.py).
+MERGE_IN_SPLIT_KERNEL = False
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
-# out of the traced graph, and the CUDA graph captures it like any other kernel.
+# out of the traced graph, and the CUDA graph captures it like any other kernel. ``arrivals`` is
+# scratch the kernel leaves as it found it (zeros), hence declared unmutated.
 @torch.library.custom_op("kvpress_like::decode_attention", mutates_args=())
 def _decode_attention_op(
     query: torch.Tensor,
@@ -40,13 +44,16 @@ def _decode_attention_op(
     key_positions: torch.Tensor,
     query_positions: torch.Tensor,
     sliding_window: int,
+    arrivals: torch.Tensor | None,
 ) -> torch.Tensor:
     window = sliding_window if sliding_window > 0 else None
-    return decode_attention(query, keys, values, lengths, scale, key_positions, query_positions, window)
+    return decode_attention(
+        query, keys, values, lengths, scale, key_positions, query_positions, window, arrivals=arrivals
+    )
 
 
 @_decode_attention_op.register_fake
-def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window):
+def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window, arrivals):
     return torch.empty_like(query)
 
 
@@ -65,8 +72,11 @@ class StaticLayer:
 class _StepRouter:
     """The attention router of one decode step: write the new entry, attend over the valid slots."""
 
-    def __init__(self, layers: list[StaticLayer], step: torch.Tensor, positions: torch.Tensor, fused: bool):
-        self.layers, self.step, self.positions, self.fused = layers, step, positions, fused
+    def __init__(
+        self, layers: list[StaticLayer], step: torch.Tensor, positions: torch.Tensor, arrivals: torch.Tensor
+    ) -> None:
+        self.layers, self.step, self.positions, self.arrivals = layers, step, positions, arrivals
+        self.fused = arrivals.is_cuda  # the Triton kernel on a GPU, the reference elsewhere
 
     def attend(self, layer_idx, query, key, value, scaling, sliding_window):
         buf = self.layers[layer_idx]
@@ -80,7 +90,8 @@ class _StepRouter:
             buf.positions[rows, cols, slot] = self.positions[:, None]
         args = (query[:, :, 0], buf.keys, buf.values, slot + 1, scaling, buf.positions, self.positions)
         if self.fused:
-            out = _decode_attention_op(*args, sliding_window or 0)
+            scratch = self.arrivals if MERGE_IN_SPLIT_KERNEL else None
+            out = _decode_attention_op(*args, sliding_window or 0, scratch)
         else:
             out = decode_attention_reference(*args, sliding_window)
         return out[:, :, None]
@@ -104,10 +115,10 @@ class StaticDecoder:
         ]
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.fused = device.type == "cuda"
+        self.arrivals = torch.zeros(batch * info.num_kv_heads, dtype=torch.int32, device=device)
         self.step = self._step
         if compiled:
-            state = [self.steps_done, self.first_positions]
+            state = [self.steps_done, self.first_positions, self.arrivals]
             for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
                 torch._dynamo.mark_static_address(buffer)
             self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
@@ -133,7 +144,7 @@ class StaticDecoder:
         hidden = adapter.embed(tokens[:, None])
         positions = self.first_positions + self.steps_done
         pos = positions[:, None]
-        router = _StepRouter(self.layers, self.steps_done, positions, self.fused)
+        router = _StepRouter(self.layers, self.steps_done, positions, self.arrivals)
         rotary = {t: adapter.rotary(hidden, pos, t) for t in dict.fromkeys(adapter.layer_types)}
         for idx, layer_type in enumerate(adapter.layer_types):
             hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router)

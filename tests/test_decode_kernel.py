@@ -158,23 +158,33 @@ def test_module_imports_and_falls_back_without_triton(monkeypatch):
 # ---------------------------------------------------------------- the Triton kernel
 
 
+def _arrivals(merge_here: bool, b: int, hkv: int) -> dict:
+    """The kernel's ``arrivals`` argument: zeros when the split kernel merges, else absent."""
+    return {"arrivals": torch.zeros(b * hkv, dtype=torch.int32, device=DEVICE)} if merge_here else {}
+
+
 @needs_triton
 @FAST
-@given(**shapes, num_splits=st.sampled_from([None, 1, 2, 3, 7]))
-def test_kernel_matches_reference(seed, b, hkv, g, cap, d, num_splits):
+@given(**shapes, num_splits=st.sampled_from([None, 1, 2, 3, 7]), merge_here=st.booleans())
+def test_kernel_matches_reference(seed, b, hkv, g, cap, d, num_splits, merge_here):
     (q, k, v, lengths), _ = make_inputs(seed, b, hkv, g, cap, d)
-    out = decode_attention(q, k, v, lengths.int(), d**-0.5, num_splits=num_splits)
-    ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
-    assert out.dtype == q.dtype and not out.isnan().any()
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    extra = _arrivals(merge_here, b, hkv)
+    for _ in range(2):  # the second call reuses the arrival counters the first one left behind
+        out = decode_attention(q, k, v, lengths.int(), d**-0.5, num_splits=num_splits, **extra)
+        ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
+        assert out.dtype == q.dtype and not out.isnan().any()
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        if merge_here:
+            assert not extra["arrivals"].any()
 
 
 @needs_triton
 @FAST
-@given(**shapes, num_splits=st.sampled_from([None, 2, 5]), size=st.integers(1, 600))
-def test_kernel_sliding_window(seed, b, hkv, g, cap, d, num_splits, size):
+@given(**shapes, num_splits=st.sampled_from([None, 2, 5]), size=st.integers(1, 600), merge_here=st.booleans())
+def test_kernel_sliding_window(seed, b, hkv, g, cap, d, num_splits, size, merge_here):
     (q, k, v, lengths), pos = make_inputs(seed, b, hkv, g, cap, d, window=True)
-    out = decode_attention(q, k, v, lengths, 0.3, **pos, sliding_window=size, num_splits=num_splits)
+    extra = _arrivals(merge_here, b, hkv)
+    out = decode_attention(q, k, v, lengths, 0.3, **pos, sliding_window=size, num_splits=num_splits, **extra)
     ref = decode_attention_reference(q, k, v, lengths, 0.3, **pos, sliding_window=size)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 

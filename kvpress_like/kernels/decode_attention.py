@@ -78,11 +78,12 @@ def _launch_config(cap: int, d: int, programs: int, sms: int, num_splits: int | 
 # they are interpreted (TRITON_INTERPRET=1) is then decided by the environment of the call, not by
 # whichever import happened to load this module first.
 def _split_kernel(
-    Q, K, V, Lens, KPos, QPos, MidO, MidLse,
+    Q, K, V, Lens, KPos, QPos, MidO, MidLse, Out, Arrivals,
     qk_scale, window, cap, split_size,
-    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp,
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp, sob, soh, sod,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    MERGE_HERE: tl.constexpr,
 ):  # fmt: skip
     # GQA: one program owns a KV head and all G query heads reading it, so every K/V tile is loaded
     # once and used by G rows. Scores use tl.dot with the G rows padded to G_PAD >= 16 (tl.dot's
@@ -129,6 +130,43 @@ def _split_kernel(
     rows = (b * HKV * G + heads) * NUM_SPLITS + split
     tl.store(MidO + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=offs_g[:, None] < G)
     tl.store(MidLse + rows, tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf")), mask=offs_g < G)
+    if MERGE_HERE:
+        # The last split of this (row, KV head) to arrive merges all of them, saving a kernel
+        # launch per layer. acq_rel orders the partials stored above before the count, and the
+        # other splits' partials before the loads below; the last one resets the count to zero
+        # for the next call (CUDA-graph replays reuse the same counters).
+        arrived = tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            for g in tl.static_range(G):
+                _merge_row(MidO, MidLse, Out, b * HKV * G + hk * G + g, b, hk * G + g, sob, soh, sod,
+                           D, NUM_SPLITS, S_PAD)  # fmt: skip
+            tl.atomic_xchg(Arrivals + pid_bh, 0)
+
+
+def _merge_row(
+    MidO, MidLse, Out, row, b, h, sob, soh, sod,
+    D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+):  # fmt: skip
+    """Out[b, h] = the splits' partial outputs of ``row`` weighted by their softmax mass."""
+    offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+    # .cg: read through L2, where other programs' partials are (the last-arrival merge).
+    lse_ptr = MidLse + row * NUM_SPLITS + offs_s
+    lse = tl.load(lse_ptr, mask=offs_s < NUM_SPLITS, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
+    o = tl.load(
+        MidO + (row * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+        mask=offs_s[:, None] < NUM_SPLITS,
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
+
+
+if triton is not None:  # a device function of both kernels below (jitted now: they look it up by name)
+    _merge_row = triton.jit(_merge_row)
 
 
 def _merge_kernel(
@@ -136,19 +174,8 @@ def _merge_kernel(
     HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
-    lse = tl.load(MidLse + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
-    o = tl.load(
-        MidO + (row * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-        mask=offs_s[:, None] < NUM_SPLITS,
-        other=0.0,
-    )
-    denom = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
     b, h = (row // HQ).to(tl.int64), (row % HQ).to(tl.int64)
-    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
+    _merge_row(MidO, MidLse, Out, row, b, h, sob, soh, sod, D, NUM_SPLITS, S_PAD)
 
 
 @functools.cache
@@ -168,9 +195,12 @@ def decode_attention(
     sliding_window: int | None = None,
     *,
     num_splits: int | None = None,
+    arrivals: Tensor | None = None,
 ) -> Tensor:
     """Softmax(q·k·scale)·v over the visible keys (see the module docstring); ``num_splits`` overrides
-    the split count chosen from the static shapes (tests and tuning)."""
+    the split count chosen from the static shapes (tests and tuning). With ``arrivals`` (int32, at
+    least ``B * Hkv`` zeros, left zero again by the call) the last split of each (row, KV head)
+    merges the partial results itself: one kernel launch instead of two."""
     interpret = triton is not None and triton.knobs.runtime.interpret
     if triton is None or not (query.is_cuda or interpret):
         return decode_attention_reference(
@@ -183,6 +213,9 @@ def decode_attention(
     has_window = sliding_window is not None
     if has_window and (key_positions is None or query_positions is None):
         raise ValueError("a sliding window needs key_positions and query_positions")
+    if arrivals is not None and (arrivals.dtype != torch.int32 or arrivals.numel() < b * hkv):
+        raise ValueError(f"arrivals must be int32 with >= B*Hkv={b * hkv} entries, got {arrivals.dtype} "
+                         f"with {arrivals.numel()}")  # fmt: skip
     g = hq // hkv
     splits, split_size, block_n = _launch_config(cap, d, b * hkv, _sm_count(query.device), num_splits)
     mid_o = torch.empty(b, hq, splits, d, device=query.device, dtype=torch.float32)
@@ -192,18 +225,22 @@ def decode_attention(
     kpos, kpos_strides = (key_positions, key_positions.stride()) if has_window else (lengths, (0, 0, 0))
     qpos, qpos_stride = (query_positions, query_positions.stride(0)) if has_window else (lengths, 0)
     split_kernel, merge_kernel = _jit(interpret)
+    s_pad = triton.next_power_of_2(splits)
     split_kernel[(b * hkv, splits)](
-        query, keys, values, lengths, kpos, qpos, mid_o, mid_lse,
+        query, keys, values, lengths, kpos, qpos, mid_o, mid_lse, out,
+        lengths if arrivals is None else arrivals,  # not read unless merging here
         scale * LOG2E, int(sliding_window or 0), cap, split_size,
         *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
+        *out.stride(),
         HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, HAS_WINDOW=has_window,
+        NUM_SPLITS=splits, S_PAD=s_pad, HAS_WINDOW=has_window,
         # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        MERGE_HERE=arrivals is not None,
         num_warps=TILE["num_warps"], num_stages=TILE["num_stages"],
     )  # fmt: skip
-    merge_kernel[(b * hq,)](
-        mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits,
-        S_PAD=triton.next_power_of_2(splits), num_warps=4,
-    )  # fmt: skip
+    if arrivals is None:
+        merge_kernel[(b * hq,)](
+            mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad, num_warps=4
+        )  # fmt: skip
     return out
