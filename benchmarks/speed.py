@@ -175,8 +175,9 @@ def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -
             result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
             result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
         yield {"system": system, "length": length, "batch": batch, **floors, **result}
-        # Nothing of this case may stay resident in the next one's peak: caches, graphs, pools.
-        for name in ("_cache", "_compiled_call"):
+        # Nothing of this case may carry over: transformers keeps its compiled forward and sizes
+        # the next static cache to at least the previous one; graphs and pools hold memory.
+        for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
             vars(model).pop(name, None)
         torch._dynamo.reset()
         gc.collect()
