@@ -94,6 +94,7 @@ def profile_prefill(model, pipe, ids, report: dict) -> None:
     for row in table[:20]:
         print(f"  {row['ms']:9.1f} ms {row['calls']:5d}  {row['kernel']}")
 
+    report["prefill_modes"] = compare_prefill_modes(model, ids)
     report["layer_peak_gib"] = layer_memory(model, lambda: pipe.compress(ids))
     print("peak GiB per layer:", [round(x, 2) for x in report["layer_peak_gib"]])
     torch.cuda.reset_peak_memory_stats()
@@ -101,6 +102,26 @@ def profile_prefill(model, pipe, ids, report: dict) -> None:
     pipe.compress(ids)
     report["prefill_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"prefill peak {report['prefill_peak_gib']:.2f} GiB")
+
+
+def compare_prefill_modes(model, ids) -> dict:
+    """Seconds and peak GiB of a warm FastKV prefill, eager vs ``prefill="compiled"``."""
+    modes = {}
+    for mode in ("eager", "compiled"):
+        pipe = pipeline(model, "fastkv", prefill=mode, **FASTKV)
+        start = time.perf_counter()
+        pipe.compress(ids)  # warm-up (compiles)
+        first = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
+        seconds = pipe.compress(ids).stats.prefill_seconds
+        modes[mode] = {
+            "seconds": seconds,
+            "first_call_s": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        peak = modes[mode]["peak_gib"]
+        print(f"prefill {mode}: {seconds:.3f} s, peak {peak:.2f} GiB (first call {first:.1f} s)")
+    return modes
 
 
 def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:

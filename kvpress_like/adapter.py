@@ -9,6 +9,7 @@ and partial rotary all stay inside transformers' code. Nothing is patched global
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +82,38 @@ def _chunked(forward):
         return out
 
     return chunked_forward
+
+
+def _call_layer(
+    layer: nn.Module, hidden: torch.Tensor, rotary: tuple, positions: torch.Tensor, router: AttentionRouter
+) -> torch.Tensor:
+    out = layer(
+        hidden,
+        attention_mask=None,
+        position_ids=positions,
+        position_embeddings=rotary,
+        **{STATE_KWARG: router},
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _OpaqueRouter:
+    """A router torch.compile does not trace into: the graph breaks at attention, whose routing,
+    hooks and host-side decisions stay eager, and resumes after it."""
+
+    def __init__(self, router: AttentionRouter) -> None:
+        self.router = router
+
+    @torch.compiler.disable
+    def attend(self, *args: Any) -> torch.Tensor:
+        return self.router.attend(*args)
+
+
+@functools.cache
+def _compiled_call_layer():
+    # One compiled function for every layer, model and prompt length: parameters are graph inputs
+    # and the token axis is dynamic, so a new length or another layer reuses the graphs.
+    return torch.compile(_call_layer, dynamic=True)
 
 
 class ModelAdapter:
@@ -162,17 +195,19 @@ class ModelAdapter:
         return self.base.rotary_emb(hidden, positions)
 
     def run_layer(
-        self, idx: int, hidden: torch.Tensor, rotary: tuple, positions: torch.Tensor, router: AttentionRouter
+        self,
+        idx: int,
+        hidden: torch.Tensor,
+        rotary: tuple,
+        positions: torch.Tensor,
+        router: AttentionRouter,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``."""
-        out = self.layers[idx](
-            hidden,
-            attention_mask=None,
-            position_ids=positions,
-            position_embeddings=rotary,
-            **{STATE_KWARG: router},
-        )
-        return out[0] if isinstance(out, tuple) else out
+        """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``. ``compiled``
+        runs the layer's own work through torch.compile, the router's ``attend`` staying eager."""
+        if compiled:
+            return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _OpaqueRouter(router))
+        return _call_layer(self.layers[idx], hidden, rotary, positions, router)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits ``[B, V]`` for final-position hidden states ``[B, H]``."""

@@ -33,7 +33,7 @@ class StrategyConfig(StrictModel):
 
 
 class GenerationConfig(StrictModel):
-    """How tokens are produced after prefill."""
+    """How a request runs: prefill mode, then how tokens are produced."""
 
     max_new_tokens: int = Field(32, ge=1, description="upper bound on generated tokens per sequence")
     do_sample: bool = Field(False, description="sample instead of greedy argmax")
@@ -45,6 +45,12 @@ class GenerationConfig(StrictModel):
         "auto",
         description="eager: the layer loop per token; static: preallocated buffers; compiled: static plus "
         "torch.compile with CUDA graphs (auto: compiled on CUDA, eager elsewhere)",
+    )
+    prefill: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="compiled: torch.compile (dynamic shapes) fuses transformers' per-token work around "
+        "attention (norms, RoPE, activations); attention and the strategy's hooks stay eager. Opt-in: "
+        "not yet measured on a GPU",
     )
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"

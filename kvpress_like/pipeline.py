@@ -221,7 +221,7 @@ class Pipeline:
         ids, valid = self._encode(prompts, self.generation, mode="prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
         with self.adapter.borrowed(), torch.inference_mode():
-            return self._prefill(ids, valid)
+            return self._prefill(ids, valid, self.generation.prefill == "compiled")
 
     def extend(self, context: Context, prompts: Prompts) -> Context:
         """The context followed by more tokens (plain text continues it: no template, no special
@@ -234,7 +234,7 @@ class Pipeline:
                 f"(got {ids.shape[0]})"
             )
         with self.adapter.borrowed(), torch.inference_mode():
-            return self._extend(context.clone(), ids, valid)
+            return self._extend(context.clone(), ids, valid, self.generation.prefill == "compiled")
 
     def generate(
         self, prompts: Prompts | None = None, *, context: Context | None = None, **generation: Any
@@ -247,7 +247,7 @@ class Pipeline:
             ids, valid = self._encode(prompts, gen, mode="prompt")
             self.strategy.check_prompt(valid.sum(dim=-1).tolist())
             with self.adapter.borrowed(), torch.inference_mode():
-                return self._decode(self._prefill(ids, valid), gen)
+                return self._decode(self._prefill(ids, valid, gen.prefill == "compiled"), gen)
         # Decoding grows the cache it is given: it gets a copy, never the caller's context.
         context = context.clone() if prompts is None else self.extend(context, prompts)
         with self.adapter.borrowed(), torch.inference_mode():
@@ -326,32 +326,34 @@ class Pipeline:
             ids.update(value if isinstance(value, list) else [] if value is None else [value])
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.adapter.device)
 
-    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> Context:
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
         start = time.perf_counter()
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
         fwd = _Forward(cache, positions, valid, self.plugin_manager.hook)
-        logits, restart_ids = self._run_layers(ids, fwd)
+        logits, restart_ids = self._run_layers(ids, fwd, compiled)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
             cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)
             fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None, contiguous=False)
-            logits, _ = self._run_layers(restart_ids, fwd)
+            logits, _ = self._run_layers(restart_ids, fwd, compiled)
             fwd.tokens_per_layer[: len(first_pass)] = [
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
             ]
         return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
 
-    def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor) -> Context:
+    def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
         start = time.perf_counter()
         cache = context.cache
         positions = cache.next_positions[:, None] + (valid.cumsum(dim=-1) - 1).clamp(min=0)
         fwd = _Forward(cache, positions, valid, hooks=None)
-        logits, _ = self._run_layers(ids, fwd)
+        logits, _ = self._run_layers(ids, fwd, compiled)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
         return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
 
-    def _run_layers(self, ids: torch.Tensor, fwd: _Forward) -> tuple[Tensor | None, Tensor | None]:
+    def _run_layers(
+        self, ids: torch.Tensor, fwd: _Forward, compiled: bool = False
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Embed, every decoder layer, then logits of the last position only ``[B, V]``; or, when
         the restart hook asks for it, stop and return the chosen ids ``[B, T']`` instead."""
         hidden = self.adapter.embed(ids)
@@ -359,7 +361,7 @@ class Pipeline:
         for idx, layer_type in enumerate(self.adapter.layer_types):
             if layer_type not in rotary:
                 rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
-            hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd)
+            hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd, compiled)
             if fwd.propagated is not None:
                 order = fwd.take_propagated()
                 if fwd.restart:

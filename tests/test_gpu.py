@@ -32,13 +32,16 @@ def _rows(lengths: list[int], seed: int) -> list[list[int]]:
     family=st.sampled_from(["llama", "qwen3", "gemma3"]),
     lengths=st.lists(st.integers(16, 300), min_size=1, max_size=4),
     seed=st.integers(0, 100),
+    prefill=st.sampled_from(["eager", "compiled"]),
 )
-def test_keep_everything_matches_generate_on_gpu(family, lengths, seed):
+def test_keep_everything_matches_generate_on_gpu(family, lengths, seed, prefill):
     rows = _rows(lengths, seed)
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device="cuda")
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
-    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4, max_new_tokens=6, stop_on_eos=False)
+    keep_all = dict(
+        tsp_rate=1.0, retain_rate=1.0, window=4, max_new_tokens=6, stop_on_eos=False, prefill=prefill
+    )
 
     fp32 = _gpu_model(family, torch.float32)  # tokens: exact in fp32
     expected = fp32.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)

@@ -1,0 +1,67 @@
+"""``prefill="compiled"``: transformers' per-token work compiled around eager attention and hooks.
+
+Keep-everything settings must still reproduce ``model.generate``; compressing settings must keep
+exactly the entries the eager prefill keeps; new prompt lengths must not recompile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from kvpress_like import pipeline
+
+from conftest import tiny_model
+
+FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+
+
+def _rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_compiled_prefill_keeping_everything_matches_generate(family):
+    model = tiny_model(family)
+    rows = _rows([40, 29])
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width) >= width - torch.tensor([[len(r)] for r in rows])).long()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, -1]
+
+    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
+    pipe = pipeline(model, "fastkv", prefill="compiled", max_new_tokens=6, stop_on_eos=False, **keep_all)
+    torch.testing.assert_close(pipe.compress(rows).last_logits, logits, rtol=1e-4, atol=1e-4)
+    assert pipe(rows).token_ids == expected[:, width:].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_compiled_prefill_keeps_what_eager_prefill_keeps(family):
+    model = tiny_model(family)
+    rows = _rows([90, 61, 75])
+    eager = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **FASTKV)
+    compiled = pipeline(model, "fastkv", prefill="compiled", max_new_tokens=5, stop_on_eos=False, **FASTKV)
+    ours, theirs = compiled.compress(rows), eager.compress(rows)
+    for mine, ref in zip(ours.cache.layers, theirs.cache.layers, strict=True):
+        assert torch.equal(mine.valid, ref.valid)
+        assert torch.equal(mine.positions[mine.valid], ref.positions[ref.valid])
+    assert ours.stats.tokens_per_layer == theirs.stats.tokens_per_layer
+    torch.testing.assert_close(ours.last_logits, theirs.last_logits, rtol=1e-4, atol=1e-4)
+    assert compiled(rows).token_ids == eager(rows).token_ids
+
+
+def test_new_prompt_lengths_do_not_recompile():
+    model = tiny_model("llama")
+    pipe = pipeline(model, "fastkv", prefill="compiled", **FASTKV)
+    # A high limit, so that recompiles would show as new graphs rather than a silent eager fallback.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        pipe.compress(_rows([120]))
+        pipe.compress(_rows([150]))  # the first new length may turn the token axis dynamic
+        graphs = counters["stats"]["unique_graphs"]
+        for length in (99, 200, 333):
+            pipe.compress(_rows([length]))
+    assert counters["stats"]["unique_graphs"] == graphs
