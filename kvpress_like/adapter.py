@@ -60,8 +60,28 @@ def _routed_attention(
         raise RuntimeError("kvpress_like attention was called outside a kvpress_like pipeline call")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = router.attend(module.layer_idx, query, key, value, scaling, sliding_window)
+    route = _route
+    if isinstance(router, _EagerRouter):
+        route, router = _route_eagerly, router.router
+    out = route(router, module, query, key, value, scaling, sliding_window)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _route(router: AttentionRouter, module: nn.Module, *args: Any) -> torch.Tensor:
+    return router.attend(module.layer_idx, *args)
+
+
+# Under compiled prefill the graph breaks here: routing, the strategy's hooks and their host-side
+# decisions stay eager, and the layer index is read outside the graph (a constant inside it would
+# make every layer compile its own copy).
+_route_eagerly = torch.compiler.disable(_route)
+
+
+class _EagerRouter:
+    """Marks a router whose attention calls must stay out of torch.compile's graph."""
+
+    def __init__(self, router: AttentionRouter) -> None:
+        self.router = router
 
 
 AttentionInterface.register(ATTENTION_NAME, _routed_attention)
@@ -73,13 +93,17 @@ MLP_CHUNK = 16384
 
 
 def _chunked(forward):
-    def chunked_forward(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[1] <= MLP_CHUNK:
-            return forward(hidden)
+    # Eager even under compiled prefill: a loop whose trip count follows the length would
+    # compile once per prompt length.
+    @torch.compiler.disable
+    def sliced(hidden: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(hidden)
         for start in range(0, hidden.shape[1], MLP_CHUNK):
             out[:, start : start + MLP_CHUNK] = forward(hidden[:, start : start + MLP_CHUNK])
         return out
+
+    def chunked_forward(hidden: torch.Tensor) -> torch.Tensor:
+        return forward(hidden) if hidden.shape[1] <= MLP_CHUNK else sliced(hidden)
 
     return chunked_forward
 
@@ -95,18 +119,6 @@ def _call_layer(
         **{STATE_KWARG: router},
     )
     return out[0] if isinstance(out, tuple) else out
-
-
-class _OpaqueRouter:
-    """A router torch.compile does not trace into: the graph breaks at attention, whose routing,
-    hooks and host-side decisions stay eager, and resumes after it."""
-
-    def __init__(self, router: AttentionRouter) -> None:
-        self.router = router
-
-    @torch.compiler.disable
-    def attend(self, *args: Any) -> torch.Tensor:
-        return self.router.attend(*args)
 
 
 @functools.cache
@@ -206,7 +218,7 @@ class ModelAdapter:
         """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``. ``compiled``
         runs the layer's own work through torch.compile, the router's ``attend`` staying eager."""
         if compiled:
-            return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _OpaqueRouter(router))
+            return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _EagerRouter(router))
         return _call_layer(self.layers[idx], hidden, rotary, positions, router)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_like import pipeline
 
-from conftest import tiny_model
+from conftest import COMMON, tiny_model
 
 FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
 
@@ -55,14 +56,18 @@ def test_compiled_prefill_keeps_what_eager_prefill_keeps(family, monkeypatch):
     assert compiled(rows).token_ids == eager(rows).token_ids
 
 
-def test_new_prompt_lengths_do_not_recompile():
-    model = tiny_model("llama")
-    pipe = pipeline(model, "fastkv", prefill="compiled", **FASTKV)
+def test_new_prompt_lengths_and_layers_do_not_recompile(monkeypatch):
+    """Twelve layers and prompts on both sides of the MLP slice size: one set of graphs serves all."""
+    monkeypatch.setattr("kvpress_like.adapter.MLP_CHUNK", 64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 12}))
+    model.config._attn_implementation = "sdpa"
+    pipe = pipeline(model, "fastkv", prefill="compiled", **{**FASTKV, "tsp_layer": 5})
     # A high limit, so that recompiles would show as new graphs rather than a silent eager fallback.
     with torch._dynamo.config.patch(recompile_limit=64):
         pipe.compress(_rows([120]))
         pipe.compress(_rows([150]))  # the first new length may turn the token axis dynamic
         graphs = counters["stats"]["unique_graphs"]
-        for length in (99, 200, 333):
+        for length in (99, 200, 333, 40):
             pipe.compress(_rows([length]))
     assert counters["stats"]["unique_graphs"] == graphs
