@@ -223,18 +223,19 @@ class Pipeline:
         with self.adapter.borrowed(), torch.inference_mode():
             return self._prefill(ids, valid, self.generation.prefill == "compiled")
 
-    def extend(self, context: Context, prompts: Prompts) -> Context:
+    def extend(self, context: Context, prompts: Prompts, **generation: Any) -> Context:
         """The context followed by more tokens (plain text continues it: no template, no special
         tokens), nothing compressed; its ``last_logits`` are the next-token logits. ``context``
-        itself is left as it was."""
-        ids, valid = self._encode(prompts, self.generation, mode="continuation")
+        itself is left as it was. ``generation`` overrides settings (e.g. ``prefill``) for this call."""
+        gen = self._generation_config(generation)
+        ids, valid = self._encode(prompts, gen, mode="continuation")
         if ids.shape[0] != context.last_logits.shape[0]:
             raise ConfigError(
                 f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
                 f"(got {ids.shape[0]})"
             )
         with self.adapter.borrowed(), torch.inference_mode():
-            return self._extend(context.clone(), ids, valid, self.generation.prefill == "compiled")
+            return self._extend(context.clone(), ids, valid, gen.prefill == "compiled")
 
     def generate(
         self, prompts: Prompts | None = None, *, context: Context | None = None, **generation: Any
@@ -249,7 +250,7 @@ class Pipeline:
             with self.adapter.borrowed(), torch.inference_mode():
                 return self._decode(self._prefill(ids, valid, gen.prefill == "compiled"), gen)
         # Decoding grows the cache it is given: it gets a copy, never the caller's context.
-        context = context.clone() if prompts is None else self.extend(context, prompts)
+        context = context.clone() if prompts is None else self.extend(context, prompts, **generation)
         with self.adapter.borrowed(), torch.inference_mode():
             return self._decode(context, gen)
 
@@ -466,20 +467,20 @@ class _StepClock:
     """Seconds between consecutive ``tick``s, from CUDA events on a GPU (no host sync per step)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.marks: list = []
         self.tick()
 
     def tick(self) -> None:
-        if self.cuda:
+        if self.stream is not None:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(self.stream)
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
 
     def seconds(self) -> list[float]:
-        if self.cuda:
+        if self.stream is not None:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
         return [b - a for a, b in itertools.pairwise(self.marks)]
@@ -491,17 +492,17 @@ class _FinishedFlag:
     costs one extra step (its tokens are cut at EOS) instead of a host sync on every step."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.stream is not None)
         self.copied: list[torch.cuda.Event] = []
 
     def check(self, finished: torch.Tensor) -> bool:
-        if not self.cuda:
+        if self.stream is None:
             return bool(finished.all())
         slot = len(self.copied) % 2
         self.host[slot].copy_(finished.all(), non_blocking=True)
         self.copied.append(torch.cuda.Event())
-        self.copied[-1].record()
+        self.copied[-1].record(self.stream)
         if len(self.copied) < 2:
             return False
         self.copied[-2].synchronize()

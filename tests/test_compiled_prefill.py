@@ -54,6 +54,10 @@ def test_compiled_prefill_keeps_what_eager_prefill_keeps(family, monkeypatch):
     assert ours.stats.tokens_per_layer == theirs.stats.tokens_per_layer
     torch.testing.assert_close(ours.last_logits, theirs.last_logits, rtol=1e-4, atol=1e-4)
     assert compiled(rows).token_ids == eager(rows).token_ids
+    # A question on the compressed context, compiled or not (a per-call setting).
+    question = _rows([7, 3, 12], seed=5)
+    asked = eager.extend(theirs, question, prefill="compiled").last_logits
+    torch.testing.assert_close(asked, eager.extend(theirs, question).last_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_new_prompt_lengths_and_layers_do_not_recompile(monkeypatch):

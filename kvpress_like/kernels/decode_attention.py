@@ -135,6 +135,9 @@ def _split_kernel(
         # launch per layer. acq_rel orders the partials stored above before the count, and the
         # other splits' partials before the loads below; the last one resets the count to zero
         # for the next call (CUDA-graph replays reuse the same counters).
+        # Every thread's partial stores come before the arrival: Triton's atomics do not promise a
+        # block-wide barrier by themselves.
+        tl.debug_barrier()
         arrived = tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
             for g in tl.static_range(G):
