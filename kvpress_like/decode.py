@@ -44,16 +44,18 @@ def _decode_attention_op(
     key_positions: torch.Tensor,
     query_positions: torch.Tensor,
     sliding_window: int,
-    arrivals: torch.Tensor | None,
+    arrivals: torch.Tensor,
+    merge_in_split: bool,
 ) -> torch.Tensor:
     window = sliding_window if sliding_window > 0 else None
+    scratch = arrivals if merge_in_split else None
     return decode_attention(
-        query, keys, values, lengths, scale, key_positions, query_positions, window, arrivals=arrivals
+        query, keys, values, lengths, scale, key_positions, query_positions, window, arrivals=scratch
     )
 
 
 @_decode_attention_op.register_fake
-def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window, arrivals):
+def _(query, keys, values, lengths, scale, key_positions, query_positions, sliding_window, *merge):
     return torch.empty_like(query)
 
 
@@ -90,8 +92,7 @@ class _StepRouter:
             buf.positions[rows, cols, slot] = self.positions[:, None]
         args = (query[:, :, 0], buf.keys, buf.values, slot + 1, scaling, buf.positions, self.positions)
         if self.fused:
-            scratch = self.arrivals if MERGE_IN_SPLIT_KERNEL else None
-            out = _decode_attention_op(*args, sliding_window or 0, scratch)
+            out = _decode_attention_op(*args, sliding_window or 0, self.arrivals, MERGE_IN_SPLIT_KERNEL)
         else:
             out = decode_attention_reference(*args, sliding_window)
         return out[:, :, None]
