@@ -174,6 +174,8 @@ def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -
         if "prefill_s" in result:
             result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
             result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+        if system == "fastkv" and device.type == "cuda" and "prefill_s" in result:
+            result["prefill_attention_kernels"] = attention_kernels(model)
         yield {"system": system, "length": length, "batch": batch, **floors, **result}
         # Nothing of this case may carry over: transformers keeps its compiled forward and sizes
         # the next static cache to at least the previous one; graphs and pools hold memory.
@@ -235,7 +237,7 @@ def main() -> None:
     records.sort(key=lambda r: order[(r["length"], r["batch"])])  # stable: systems stay in order
 
     args.out.mkdir(parents=True, exist_ok=True)
-    kernels = attention_kernels(load_model(args.tiny)) if torch.cuda.is_available() else []
+    kernels = sorted({k for r in records for k in r.pop("prefill_attention_kernels", [])})
     print("prefill attention kernels:", kernels)
     meta = {
         "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
