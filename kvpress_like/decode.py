@@ -139,8 +139,8 @@ class StaticDecoder:
         self.steps_done.zero_()
         self.first_positions.copy_(cache.next_positions)
 
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, V]`` for the next ``tokens`` ``[B]``, then one more step done."""
+    def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, V]`` after ``tokens`` ``[B]`` and their argmax ``[B]``; one more step done."""
         adapter = self.adapter
         hidden = adapter.embed(tokens[:, None])
         positions = self.first_positions + self.steps_done
@@ -150,4 +150,5 @@ class StaticDecoder:
         for idx, layer_type in enumerate(adapter.layer_types):
             hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router)
         self.steps_done.add_(1)
-        return adapter.logits(hidden[:, -1])
+        logits = adapter.logits(hidden[:, -1])
+        return logits, logits.argmax(dim=-1)

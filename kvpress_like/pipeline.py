@@ -373,6 +373,7 @@ class Pipeline:
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
         cache, logits = context.cache, context.last_logits
+        greedy = logits.argmax(dim=-1)
         step = self._decode_step(cache, gen)
         eos = self._eos_ids()
         generator = None
@@ -383,13 +384,13 @@ class Pipeline:
         clock = _StepClock(logits.device)
         steps: list[torch.Tensor] = []
         for index in range(gen.max_new_tokens):
-            token = _pick(logits, gen, generator)
+            token = _sample(logits, gen, generator) if gen.do_sample else greedy
             token = torch.where(finished, eos[0] if len(eos) else token, token)
             steps.append(token)
             finished |= torch.isin(token, eos)
             if index == gen.max_new_tokens - 1 or (gen.stop_on_eos and all_finished.check(finished)):
                 break
-            logits = step(token)
+            logits, greedy = step(token)
             clock.tick()
         step_seconds = clock.seconds()
         tokens = torch.stack(steps, dim=1).tolist()
@@ -405,19 +406,22 @@ class Pipeline:
         )
         return Generation(token_ids, texts, stats)
 
-    def _decode_step(self, cache: CompressedCache, gen: GenerationConfig) -> Callable[[Tensor], Tensor]:
-        """The function that takes each row's next token ``[B]`` and returns logits ``[B, V]``."""
+    def _decode_step(
+        self, cache: CompressedCache, gen: GenerationConfig
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """The function that takes each row's next token ``[B]`` and returns the logits ``[B, V]``
+        and their argmax ``[B]`` (inside the compiled step: no separate, slower argmax launch)."""
         mode = gen.decode
         if mode == "auto":
             mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
         if mode == "eager":
 
-            def eager(token: Tensor) -> Tensor:
+            def eager(token: Tensor) -> tuple[Tensor, Tensor]:
                 positions = cache.next_positions[:, None]
                 fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
                 logits, _ = self._run_layers(token[:, None], fwd)
                 cache.next_positions = cache.next_positions + 1
-                return logits
+                return logits, logits.argmax(dim=-1)
 
             return eager
 
@@ -444,10 +448,8 @@ class Pipeline:
         )
 
 
-def _pick(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from float logits ``[B, V]``: argmax, or temperature / top-p sampling."""
-    if not gen.do_sample:
-        return logits.argmax(dim=-1)
+def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from float logits ``[B, V]`` by temperature / top-p sampling."""
     probs = torch.softmax(logits / gen.temperature, dim=-1)
     if gen.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
