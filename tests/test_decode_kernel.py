@@ -238,3 +238,28 @@ def test_kernel_half_precision():
     out = decode_attention(q, k, v, lengths, 0.125, num_splits=2)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.125), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_splits", [None, 64])
+def test_kernel_merging_in_its_last_split_under_cuda_graph_replays(num_splits):
+    """Many splits racing for the arrival counter, replayed from one graph with changing inputs."""
+    (q, k, v, lengths), _ = make_inputs(7, 4, 8, 4, 4096, 128, dtype=torch.bfloat16)
+    arrivals = torch.zeros(4 * 8, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile the kernels before capture
+        decode_attention(q, k, v, lengths, 0.1, num_splits=num_splits, arrivals=arrivals)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, lengths, 0.1, num_splits=num_splits, arrivals=arrivals)
+    for seed in range(20):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
+        lengths.copy_(torch.randint(0, 4097, lengths.shape, generator=gen, device="cuda"))
+        graph.replay()
+        ref = decode_attention_reference(q.float(), k, v, lengths, 0.1)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        assert not arrivals.any()
