@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kvpress_like import flash
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
@@ -135,7 +136,11 @@ class _Forward:
         seq = query.shape[2]
         within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
         if fresh and self.all_valid and within_window:
-            # Sorted, unpadded positions: plain causal attention, so SDPA can take cuDNN or flash.
+            # Sorted, unpadded positions: plain causal attention, for flash-attn when installed
+            # (and faster than cuDNN on this GPU), else for SDPA's cuDNN or flash kernel.
+            out = flash.causal_attention(query, layer.keys, layer.values, scaling)
+            if out is not None:
+                return out
             with sdpa_kernel(PREFILL_KERNELS, set_priority=True):
                 return F.scaled_dot_product_attention(
                     query, layer.keys, layer.values, is_causal=seq > 1, scale=scaling, enable_gqa=True

@@ -1,8 +1,10 @@
 """GPU properties (run on the H200; skipped without CUDA): keep-everything equals the full cache,
-the compiled decode equals eager decoding of the same compressed cache, and a warmed-up bucket
-never recompiles or re-captures."""
+the compiled decode equals eager decoding of the same compressed cache, a warmed-up bucket never
+recompiles or re-captures, and an installed flash-attn serves prefill."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -109,3 +111,52 @@ def test_compiled_decode_stops_at_eos_without_a_sync_per_step():
     assert out.stats.new_tokens == (len(out.ids),)
     # The token at index i needs i steps; the late flag may add one, never more.
     assert len(out.ids) - 1 <= len(out.stats.decode_step_seconds) <= len(out.ids)
+
+
+FLASH_CONTRACT = '''
+import torch
+
+calls = []
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, **kwargs):
+    """flash-attn's documented contract in plain PyTorch: [B, T, H, D] in and out, fewer KV heads
+    shared by groups of query heads, causal aligned to the bottom right."""
+    calls.append(q.shape)
+    b, t, h, d = q.shape
+    k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * softmax_scale
+    if causal:
+        keep = torch.ones(t, k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - t)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
+'''
+
+
+def test_installed_flash_attn_serves_prefill(tmp_path, monkeypatch):
+    """With a flash-attn for this GPU importable, the fast causal prefill goes through it, in its
+    [B, T, H, D] layout, and gives what SDPA gives."""
+    from kvpress_like import flash
+
+    model = _gpu_model("llama", torch.bfloat16)
+    rows = _rows([200], seed=3)
+    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)  # no selection for rounding to flip
+    pipe = pipeline(model, "fastkv", **keep_all)
+    expected = pipe.compress(rows).last_logits
+
+    major = torch.cuda.get_device_capability()[0]
+    name = next((m for m, low, high in flash.CANDIDATES if low <= major <= high), None)
+    if name is None:
+        pytest.skip(f"no flash-attn generation is used on compute capability {major}")
+    (tmp_path / f"{name}.py").write_text(FLASH_CONTRACT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    flash.causal_kernel.cache_clear()
+    try:
+        got = pipe.compress(rows).last_logits
+        calls = sys.modules[name].calls
+    finally:
+        flash.causal_kernel.cache_clear()
+    assert len(calls) == model.config.num_hidden_layers  # every layer's fresh causal attention
+    # bf16 roundings differ between the two; a wrong layout, head grouping or mask would not be close.
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
