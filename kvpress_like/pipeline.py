@@ -135,16 +135,18 @@ class _Forward:
     def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
         seq = query.shape[2]
         within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
-        if fresh and self.all_valid and within_window:
-            # Sorted, unpadded positions: plain causal attention, for flash-attn when installed
-            # (and faster than cuDNN on this GPU), else for SDPA's cuDNN or flash kernel.
-            out = flash.causal_attention(query, layer.keys, layer.values, scaling)
-            if out is not None:
-                return out
-            with sdpa_kernel(PREFILL_KERNELS, set_priority=True):
-                return F.scaled_dot_product_attention(
-                    query, layer.keys, layer.values, is_causal=seq > 1, scale=scaling, enable_gqa=True
-                )
+        if fresh and within_window:
+            # Positions sorted along the row: plain causal attention, on the fast kernels.
+            if self.all_valid:
+                return _causal_attention(query, layer.keys, layer.values, scaling)
+            # Left-padded rows (prefill keeps each row's valid tokens last): one causal call per
+            # row on its valid tokens, rather than a mask that would push SDPA off its fast kernels.
+            out = query.new_zeros(query.shape)
+            for row, n in enumerate(self.valid.sum(dim=-1).tolist()):
+                if n:
+                    part = (slice(row, row + 1), slice(None), slice(seq - n, seq))
+                    out[part] = _causal_attention(query[part], layer.keys[part], layer.values[part], scaling)
+            return out
         mask = layer.attention_mask(self.positions, self.valid, sliding_window)
         if mask.shape[1] > 1:
             mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
@@ -461,6 +463,18 @@ def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Genera
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > gen.top_p  # the top token always stays
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> Tensor:
+    """Causal attention ``[B, Hq, T, D]`` over as many keys as queries: flash-attn when installed
+    for this GPU (and faster there than cuDNN), else SDPA with cuDNN first."""
+    out = flash.causal_attention(query, keys, values, scaling)
+    if out is not None:
+        return out
+    with sdpa_kernel(PREFILL_KERNELS, set_priority=True):
+        return F.scaled_dot_product_attention(
+            query, keys, values, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
+        )
 
 
 def _elapsed(start: float, result: torch.Tensor) -> float:
