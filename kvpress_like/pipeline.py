@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,10 @@ PREFILL_KERNELS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+
+# Static decoders (buffers + captured step) kept per pipeline for reuse; the least recently used
+# goes first, so a server seeing many prompt lengths does not hold a static cache for each.
+KEPT_DECODERS = 4
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -205,7 +210,8 @@ class Pipeline:
         self.adapter = ModelAdapter(model)
         self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
         self.plugin_manager = make_plugin_manager(strategy, plugins)
-        self._decoders: dict[tuple[int, int, bool], StaticDecoder] = {}
+        # (batch, capacity bucket, compiled) -> buffers and step, the most recently used last
+        self._decoders: OrderedDict[tuple[int, int, bool], StaticDecoder] = OrderedDict()
 
     @classmethod
     def from_config(
@@ -436,7 +442,10 @@ class Pipeline:
         needed = max(lc.valid.shape[2] for lc in cache.layers) + gen.max_new_tokens
         key = (batch, capacity_bucket(needed), mode == "compiled")
         if key not in self._decoders:  # buffers and captured graphs are reused within a bucket
+            while len(self._decoders) >= KEPT_DECODERS:  # bounded: each holds a whole static cache
+                self._decoders.popitem(last=False)
             self._decoders[key] = StaticDecoder(self.adapter, *key)
+        self._decoders.move_to_end(key)
         decoder = self._decoders[key]
         decoder.load(cache)
         return decoder.step

@@ -36,3 +36,25 @@ def test_a_bucket_is_reused_across_prompts_and_continuations():
     continued = pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="static").token_ids
     assert continued == pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="eager").token_ids
     assert list(pipe._decoders) == [(3, BUCKET, False)]  # one set of buffers served all three calls
+
+
+def test_only_the_most_recently_used_decoders_are_kept():
+    """Each decoder holds a whole static cache: a pipeline serving many batch sizes or lengths
+    keeps the last few and lets the others go."""
+    import gc
+    import weakref
+
+    from kvpress_like.pipeline import KEPT_DECODERS
+
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="static")
+    first = None
+    for batch in range(1, KEPT_DECODERS + 3):
+        pipe([[5, 6, 7, 8]] * batch)
+        if first is None:
+            first = weakref.ref(pipe._decoders[(1, BUCKET, False)])
+    pipe([[5, 6, 7, 8]] * 3)  # reused, and now the most recent
+    assert len(pipe._decoders) == KEPT_DECODERS
+    assert list(pipe._decoders)[-1] == (3, BUCKET, False)
+    assert (1, BUCKET, False) not in pipe._decoders
+    gc.collect()
+    assert first() is None  # its buffers are free
