@@ -62,6 +62,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("results/profile"))
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill profile and memory")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the decode variants and kernels")
+    parser.add_argument(
+        "--peak-tensors", action="store_true", help="only list what is allocated at the prefill's memory peak"
+    )
     parser.add_argument(
         "--variants",
         default="library",
@@ -76,9 +80,14 @@ def main() -> None:
     pipe = pipeline(model, "fastkv", max_new_tokens=args.steps + 1, stop_on_eos=False, **FASTKV)
     pipe.compress(ids)  # warm-up
     torch.cuda.synchronize()
+    if args.peak_tensors:
+        report["peak_tensors"] = peak_tensors(lambda: pipe.compress(ids))
+        (args.out / "profile.json").write_text(json.dumps(report, indent=1))
+        return
     if not args.decode_only:
         profile_prefill(model, pipe, ids, report)
-    profile_decode(pipe, ids, args.variants.split(","), args.steps, args.out, report)
+    if not args.prefill_only:
+        profile_decode(pipe, ids, args.variants.split(","), args.steps, args.out, report)
     (args.out / "profile.json").write_text(json.dumps(report, indent=1))
 
 
@@ -122,6 +131,42 @@ def compare_prefill_modes(model, ids) -> dict:
         peak = modes[mode]["peak_gib"]
         print(f"prefill {mode}: {seconds:.3f} s, peak {peak:.2f} GiB (first call {first:.1f} s)")
     return modes
+
+
+def peak_tensors(run, top: int = 25) -> dict:
+    """The allocations alive at the memory peak of ``run`` (beyond what was allocated before), each
+    named by the innermost transformers/kvpress_like source line that made it."""
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        run()
+        torch.cuda.synchronize()
+        events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+
+    def origin(event: dict) -> str:
+        for frame in event.get("frames", []):
+            if any(part in frame["filename"] for part in ("transformers", "kvpress_like")):
+                return f"{frame['filename'].split('/')[-1]}:{frame['line']} {frame['name']}"
+        return "?"
+
+    rows = sorted(at_peak, key=lambda e: e["size"], reverse=True)[:top]
+    table = [{"gib": e["size"] / 2**30, "origin": origin(e)} for e in rows]
+    print(f"peak {peak / 2**30:.2f} GiB above the start; largest allocations alive there:")
+    for row in table:
+        print(f"  {row['gib']:7.3f} GiB  {row['origin']}")
+    return {"peak_gib_above_start": peak / 2**30, "largest": table}
 
 
 def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:

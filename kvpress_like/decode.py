@@ -26,9 +26,9 @@ BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers a
 # products to tuned Triton reductions that stream the weights faster than cuBLAS GEMV (gpt-fast's
 # recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
-# Let the attention kernel's last split merge the partial results (one launch per layer instead of
-# two). Tested in Triton's interpreter; off until measured on a GPU (benchmarks/profile_fastkv.py).
-MERGE_IN_SPLIT_KERNEL = False
+# Let the attention kernel's last split merge the partial results: one launch per layer instead of
+# two (H200, 128K: 5.48 vs 5.55 ms/token in one process, benchmarks/profile_fastkv.py).
+MERGE_IN_SPLIT_KERNEL = True
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
