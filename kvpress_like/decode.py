@@ -122,6 +122,11 @@ class StaticDecoder:
             state = [self.steps_done, self.first_positions, self.arrivals]
             for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
                 torch._dynamo.mark_static_address(buffer)
+            # The capacity axis is symbolic from the start: every bucket (and, through inductor's
+            # on-disk cache, every process) reuses one compiled step; only the graph is captured anew.
+            for layer in self.layers:
+                for buffer in (layer.keys, layer.values, layer.positions):
+                    torch._dynamo.mark_dynamic(buffer, 2)
             self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
     def load(self, cache: CompressedCache) -> None:
