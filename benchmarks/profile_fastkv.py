@@ -24,6 +24,8 @@ from speed import FASTKV, load_model
 
 from kvpress_like import decode, pipeline
 
+VARIANTS = ("library", "flip_merge", "flip_symbolic", "no_combo", "cublas_gemv")
+
 
 def kernel_table(prof, top: int) -> tuple[list[dict], float]:
     """The ``top`` CUDA kernels by total time, and the total kernel milliseconds."""
@@ -69,9 +71,13 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="library",
-        help="decode variants to time, comma-separated: library, merge_in_split, no_combo, cublas_gemv",
+        help="decode variants to time, comma-separated: library, flip_merge (MERGE_IN_SPLIT_KERNEL flipped), "
+        "flip_symbolic (SYMBOLIC_CAPACITY flipped), no_combo, cublas_gemv",
     )
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: {sorted(unknown)} not among {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"length": args.length}
 
@@ -171,16 +177,21 @@ def peak_tensors(run, top: int = 25) -> dict:
 
 def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:
     """Decode ms/token per compile-option variant, then the library step's kernels (no CUDA graphs)."""
-    library, merge = dict(decode.COMPILE_OPTIONS), decode.MERGE_IN_SPLIT_KERNEL
-    variants = {  # (compile options, merge in the split kernel)
-        "library": (library, merge),
-        "merge_in_split": (library, True),
-        "no_combo": ({**library, "combo_kernels": False}, merge),
-        "cublas_gemv": ({"triton.cudagraphs": True}, merge),  # CUDA graphs only: cuBLAS GEMV
+    library, merge, symbolic = (
+        dict(decode.COMPILE_OPTIONS),
+        decode.MERGE_IN_SPLIT_KERNEL,
+        decode.SYMBOLIC_CAPACITY,
+    )
+    variants = {  # (compile options, merge in the split kernel, symbolic capacity)
+        "library": (library, merge, symbolic),
+        "flip_merge": (library, not merge, symbolic),
+        "flip_symbolic": (library, merge, not symbolic),
+        "no_combo": ({**library, "combo_kernels": False}, merge, symbolic),
+        "cublas_gemv": ({"triton.cudagraphs": True}, merge, symbolic),  # CUDA graphs only: cuBLAS GEMV
     }
     report["decode_ms"] = {}
     for name in names:
-        decode.COMPILE_OPTIONS, decode.MERGE_IN_SPLIT_KERNEL = variants[name]
+        decode.COMPILE_OPTIONS, decode.MERGE_IN_SPLIT_KERNEL, decode.SYMBOLIC_CAPACITY = variants[name]
         torch._dynamo.reset()
         pipe._decoders.clear()
         start = time.perf_counter()
@@ -192,7 +203,7 @@ def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: d
         print(f"decode {name}: {ms:.3f} ms/token (first call {warm:.1f} s)")
 
     decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}  # the profiler sees each kernel
-    decode.MERGE_IN_SPLIT_KERNEL = merge
+    decode.MERGE_IN_SPLIT_KERNEL, decode.SYMBOLIC_CAPACITY = merge, symbolic
     torch._dynamo.reset()
     pipe._decoders.clear()
     context = pipe.compress(ids)

@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,7 @@ def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -
     cfg, device = model.config, model.device
     kernels_read = False
     for length, batch in cases:
+        print(f"{length}x{batch}: warm-up call (compiles), then the measured call", flush=True)
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
         resident = 0.0
         if device.type == "cuda":
@@ -212,6 +214,9 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one SYSTEM in this process
     args = parser.parse_args()
     cases = [tuple(map(int, case.split("x"))) for case in args.cases.split(",")]
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"--systems: {sorted(unknown)} not among {list(SYSTEMS)}")
     started = time.perf_counter()
 
     if args.one:
@@ -222,12 +227,30 @@ def main() -> None:
     # Each system gets a fresh process: compiled graphs, CUDA-graph pools and allocator state of
     # one system must not leak into the next (seen: a transformers run after a kvpress_like run in
     # the same process decoded 4x slower than in a process of its own). Inductor's on-disk caches
-    # are shared, so a kernel tuned by one system is not tuned again by the next.
+    # are shared, so a kernel tuned by one system is not tuned again by the next. The JSON is
+    # rewritten after every case and progress is printed as it happens: a run cut short keeps
+    # what it measured and shows where its time went.
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     kernels: set[str] = set()
-    systems = args.systems.split(",")
-    for done_systems, system in enumerate(systems, 1):
+    order = {case: i for i, case in enumerate(cases)}
+
+    def write(complete: bool) -> None:
+        records.sort(key=lambda r: order[(r["length"], r["batch"])])  # stable: systems stay in order
+        meta = {
+            "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
+            "complete": complete,
+            "prefill_attention_kernels": sorted(kernels),
+            "date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "steps": args.steps,
+            "tiny": args.tiny,
+            "seconds": round(time.perf_counter() - started),
+        }
+        (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+
+    for system in args.systems.split(","):
         command = [
             sys.executable,
             __file__,
@@ -238,32 +261,26 @@ def main() -> None:
             "--steps",
             str(args.steps),
         ]
-        done = subprocess.run([*command, *(["--tiny"] if args.tiny else [])], capture_output=True, text=True)
-        mine = [
-            json.loads(line[len("RECORD ") :])
-            for line in done.stdout.splitlines()
-            if line.startswith("RECORD ")
-        ]
-        for length, batch in cases[len(mine) :]:  # the process died before these cases
-            mine.append({"system": system, "length": length, "batch": batch, "error": done.stderr[-500:]})
-        for record in mine:
-            kernels.update(record.pop("prefill_attention_kernels", []))
-            print(json.dumps(record)[:300], flush=True)
-        records += mine
-        order = {case: i for i, case in enumerate(cases)}
-        records.sort(key=lambda r: order[(r["length"], r["batch"])])  # stable: systems stay in order
-        meta = {
-            "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
-            "complete": done_systems == len(systems),  # written after every system: a cut run keeps some
-            "prefill_attention_kernels": sorted(kernels),
-            "date": time.strftime("%Y-%m-%d"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__,
-            "steps": args.steps,
-            "tiny": args.tiny,
-            "seconds": round(time.perf_counter() - started),
-        }
-        (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        measured = 0
+        with tempfile.TemporaryFile("w+") as errors:
+            command += ["--tiny"] if args.tiny else []
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+            for line in child.stdout:
+                if line.startswith("RECORD "):
+                    record = json.loads(line[len("RECORD ") :])
+                    kernels.update(record.pop("prefill_attention_kernels", []))
+                    records.append(record)
+                    measured += 1
+                    print(json.dumps(record)[:300], flush=True)
+                    write(complete=False)
+                else:
+                    print(f"[{time.perf_counter() - started:5.0f} s] {system}: {line.rstrip()}", flush=True)
+            child.wait()
+            errors.seek(0)
+            error = errors.read()[-500:]
+        for length, batch in cases[measured:]:  # the process died before these cases
+            records.append({"system": system, "length": length, "batch": batch, "error": error})
+    write(complete=True)
     print("prefill attention kernels:", sorted(kernels))
     print_table(records)
     plot(records, args.out / "speed.png")

@@ -29,6 +29,10 @@ COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
 # Let the attention kernel's last split merge the partial results: one launch per layer instead of
 # two (H200, 128K: 5.48 vs 5.55 ms/token in one process, benchmarks/profile_fastkv.py).
 MERGE_IN_SPLIT_KERNEL = True
+# Compile the step once for every capacity bucket (capacity axis symbolic from the first bucket)
+# instead of once per bucket; inductor's on-disk cache then also serves other processes. Tested on
+# CPU; off until its compile time and ms/token are measured on a GPU.
+SYMBOLIC_CAPACITY = False
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -122,11 +126,10 @@ class StaticDecoder:
             state = [self.steps_done, self.first_positions, self.arrivals]
             for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
                 torch._dynamo.mark_static_address(buffer)
-            # The capacity axis is symbolic from the start: every bucket (and, through inductor's
-            # on-disk cache, every process) reuses one compiled step; only the graph is captured anew.
-            for layer in self.layers:
-                for buffer in (layer.keys, layer.values, layer.positions):
-                    torch._dynamo.mark_dynamic(buffer, 2)
+            if SYMBOLIC_CAPACITY:
+                for layer in self.layers:
+                    for buffer in (layer.keys, layer.values, layer.positions):
+                        torch._dynamo.mark_dynamic(buffer, 2)
             self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
     def load(self, cache: CompressedCache) -> None:

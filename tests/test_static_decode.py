@@ -58,3 +58,22 @@ def test_only_the_most_recently_used_decoders_are_kept():
     assert (1, BUCKET, False) not in pipe._decoders
     gc.collect()
     assert first() is None  # its buffers are free
+
+
+def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch):
+    """With the capacity axis symbolic, prompts in three buckets share one compiled step (without
+    it, the second bucket compiles again) and decode like the eager loop."""
+    from torch._dynamo.utils import counters
+
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "SYMBOLIC_CAPACITY", True)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="compiled")
+    tokens = torch.randint(3, 256, (2 * BUCKET + 20,), generator=torch.Generator().manual_seed(3)).tolist()
+    for length in (20, BUCKET + 20, 2 * BUCKET + 20):
+        prompt = tokens[:length]
+        assert pipe([prompt]).token_ids == pipe([prompt], decode="eager").token_ids
+    assert [key[1] for key in pipe._decoders] == [BUCKET, 2 * BUCKET, 3 * BUCKET]
+    assert counters["stats"]["unique_graphs"] == 1
