@@ -50,7 +50,7 @@ class GenerationConfig(StrictModel):
         "eager",
         description="compiled: torch.compile (dynamic shapes) fuses transformers' per-token work around "
         "attention (norms, RoPE, activations); attention and the strategy's hooks stay eager. Opt-in: "
-        "not yet measured on a GPU",
+        "5% faster at 128K on an H200, for a first call ~12 s longer (the compile)",
     )
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"
