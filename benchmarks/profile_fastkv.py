@@ -63,9 +63,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("results/profile"))
-    parser.add_argument("--decode-only", action="store_true", help="skip the prefill profile and memory")
-    parser.add_argument("--prefill-only", action="store_true", help="skip the decode variants and kernels")
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--decode-only", action="store_true", help="skip the prefill profile and memory")
+    only.add_argument("--prefill-only", action="store_true", help="skip the decode variants and kernels")
+    only.add_argument(
         "--peak-tensors", action="store_true", help="only list what is allocated at the prefill's memory peak"
     )
     parser.add_argument(
@@ -149,25 +150,31 @@ def peak_tensors(run, top: int = 25) -> dict:
         events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    live: dict[int, dict] = {}
-    total = peak = 0
-    at_peak: list[dict] = []
-    for event in events:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            total += event["size"]
-            if total > peak:
-                peak, at_peak = total, list(live.values())
-        elif event["action"] == "free_completed" and event["addr"] in live:
-            total -= live.pop(event["addr"])["size"]
 
-    def origin(event: dict) -> str:
+    def replay(until: int) -> tuple[dict[int, dict], int, int]:
+        """Allocations alive after event ``until``; the peak total and the event reaching it."""
+        live: dict[int, dict] = {}
+        total = peak = peak_at = 0
+        for index, event in enumerate(events[: until + 1]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+                if total > peak:
+                    peak, peak_at = total, index
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(events) - 1)
+    at_peak, _, _ = replay(peak_at)
+
+    def origin(event: dict) -> str:  # frames run innermost first
         for frame in event.get("frames", []):
-            if any(part in frame["filename"] for part in ("transformers", "kvpress_like")):
+            if any(part in frame["filename"] for part in ("/transformers/", "/kvpress_like/")):
                 return f"{frame['filename'].split('/')[-1]}:{frame['line']} {frame['name']}"
         return "?"
 
-    rows = sorted(at_peak, key=lambda e: e["size"], reverse=True)[:top]
+    rows = sorted(at_peak.values(), key=lambda e: e["size"], reverse=True)[:top]
     table = [{"gib": e["size"] / 2**30, "origin": origin(e)} for e in rows]
     print(f"peak {peak / 2**30:.2f} GiB above the start; largest allocations alive there:")
     for row in table:

@@ -191,7 +191,8 @@ def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -
         if system == "fastkv" and device.type == "cuda" and "prefill_s" in result and not kernels_read:
             result["prefill_attention_kernels"] = attention_kernels(model)  # once: same for every case
             kernels_read = True
-        yield {"system": system, "length": length, "batch": batch, **floors, **result}
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        yield {"system": system, "length": length, "batch": batch, "device": name, **floors, **result}
         # Nothing of this case may carry over: transformers keeps its compiled forward and sizes
         # the next static cache to at least the previous one; graphs and pools hold memory.
         for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
@@ -242,13 +243,15 @@ def main() -> None:
             "complete": complete,
             "prefill_attention_kernels": sorted(kernels),
             "date": time.strftime("%Y-%m-%d"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device": next((r["device"] for r in records if "device" in r), "unknown"),
             "torch": torch.__version__,
             "steps": args.steps,
             "tiny": args.tiny,
             "seconds": round(time.perf_counter() - started),
         }
-        (args.out / "speed.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        partial = args.out / "speed.json.partial"  # a kill mid-write must not truncate the last JSON
+        partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        partial.replace(args.out / "speed.json")
 
     for system in args.systems.split(","):
         command = [
@@ -277,9 +280,10 @@ def main() -> None:
                     print(f"[{time.perf_counter() - started:5.0f} s] {system}: {line.rstrip()}", flush=True)
             child.wait()
             errors.seek(0)
-            error = errors.read()[-500:]
+            error = f"exit status {child.returncode}: " + errors.read()[-500:]
         for length, batch in cases[measured:]:  # the process died before these cases
             records.append({"system": system, "length": length, "batch": batch, "error": error})
+        write(complete=False)
     write(complete=True)
     print("prefill attention kernels:", sorted(kernels))
     print_table(records)

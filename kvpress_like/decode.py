@@ -27,11 +27,12 @@ BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers a
 # recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 # Let the attention kernel's last split merge the partial results: one launch per layer instead of
-# two (H200, 128K: 5.48 vs 5.55 ms/token in one process, benchmarks/profile_fastkv.py).
+# two (H200, 128K: 5.48 vs 5.55 ms/token, one sample each in one process, profile_fastkv.py).
 MERGE_IN_SPLIT_KERNEL = True
 # Compile the step once for every capacity bucket (capacity axis symbolic from the first bucket)
-# instead of once per bucket; inductor's on-disk cache then also serves other processes. Tested on
-# CPU; off until its compile time and ms/token are measured on a GPU.
+# instead of twice (static, then dynamo's automatic dynamic shapes), and a graph that inductor's
+# on-disk cache can serve to every case and process. Tested on CPU; off until its compile time and
+# ms/token are measured on a GPU.
 SYMBOLIC_CAPACITY = False
 
 

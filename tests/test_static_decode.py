@@ -60,7 +60,15 @@ def test_only_the_most_recently_used_decoders_are_kept():
     assert first() is None  # its buffers are free
 
 
-def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch):
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled step comes in from an earlier test, and none leaves for a later one."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch, fresh_dynamo):
     """With the capacity axis symbolic, prompts in three buckets share one compiled step (without
     it, the second bucket compiles again) and decode like the eager loop."""
     from torch._dynamo.utils import counters
@@ -68,7 +76,6 @@ def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch):
     from kvpress_like import decode
 
     monkeypatch.setattr(decode, "SYMBOLIC_CAPACITY", True)
-    torch._dynamo.reset()
     counters.clear()
     pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="compiled")
     tokens = torch.randint(3, 256, (2 * BUCKET + 20,), generator=torch.Generator().manual_seed(3)).tolist()
