@@ -162,45 +162,58 @@ def load_model(tiny: bool):
     return model
 
 
-def measure(system: str, cases: list[tuple[int, int]], steps: int, tiny: bool) -> Iterator[dict]:
-    """One system on every case, in this process (``main`` gives each system its own process)."""
+def measure(systems: list[str], cases: list[tuple[int, int]], steps: int, tiny: bool) -> Iterator[dict]:
+    """Every case (outer loop) for every system of one process group (inner loop)."""
     model = load_model(tiny)
     cfg, device = model.config, model.device
-    kernels_read = False
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    kernels_read, previous_batch = False, None
     for length, batch in cases:
-        print(f"{length}x{batch}: warm-up call (compiles), then the measured call", flush=True)
+        # Compiled graphs carry over from case to case (kvpress_like's decode step and compiled
+        # prefill are shared by its systems and capacity buckets), except to a new batch size,
+        # which gets graphs specialised to it, and in transformers' process, whose compiled
+        # forward is tied to one static cache size.
+        if batch != previous_batch or "transformers" in systems:
+            torch._dynamo.reset()
+        previous_batch = batch
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
-        resident = 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            resident = torch.cuda.memory_allocated() / 2**30  # weights (+ leftovers, if any)
-        try:
-            if SYSTEMS[system] is None:
-                result = run_transformers(model, ids, steps)
-            else:
-                result = run_kvpress(model, ids, steps, *SYSTEMS[system])
-        except Exception as exc:  # report and go on: one failing case must not hide the others
-            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            result["resident_gib_at_start"] = resident
-        floors = limits(cfg, system, length, batch)
-        if "prefill_s" in result:
-            result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
-            result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
-        if system == "fastkv" and device.type == "cuda" and "prefill_s" in result and not kernels_read:
-            result["prefill_attention_kernels"] = attention_kernels(model)  # once: same for every case
-            kernels_read = True
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        yield {"system": system, "length": length, "batch": batch, "device": name, **floors, **result}
-        # Nothing of this case may carry over: transformers keeps its compiled forward and sizes
-        # the next static cache to at least the previous one; graphs and pools hold memory.
-        for name in ("_cache", "_previous_max_cache_length", "_compiled_call"):
-            vars(model).pop(name, None)
-        torch._dynamo.reset()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for system in systems:
+            print(f"{length}x{batch} {system}: warm-up call (compiles), then the measured call", flush=True)
+            resident = 0.0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated() / 2**30  # weights (+ leftovers, if any)
+            try:
+                if SYSTEMS[system] is None:
+                    result = run_transformers(model, ids, steps)
+                else:
+                    result = run_kvpress(model, ids, steps, *SYSTEMS[system])
+            except Exception as exc:  # report and go on: one failing case must not hide the others
+                result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            if device.type == "cuda":
+                result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                result["resident_gib_at_start"] = resident
+            floors = limits(cfg, system, length, batch)
+            if "prefill_s" in result:
+                result["prefill_vs_floor"] = result["prefill_s"] / floors["prefill_floor_s"]
+                result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+            if system == "fastkv" and device.type == "cuda" and "prefill_s" in result and not kernels_read:
+                result["prefill_attention_kernels"] = attention_kernels(model)  # once: same for every case
+                kernels_read = True
+            yield {
+                "system": system,
+                "length": length,
+                "batch": batch,
+                "device": device_name,
+                **floors,
+                **result,
+            }
+            # transformers keeps its static cache and sizes the next one to at least this one.
+            for attribute in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+                vars(model).pop(attribute, None)
+            gc.collect()  # the pipeline and its decoders (whole static caches) go here
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -212,7 +225,13 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one SYSTEM in this process
+    parser.add_argument(
+        "--process-per-system",
+        action="store_true",
+        help="every system in a process of its own (default: transformers in one, the kvpress_like "
+        "systems together in another, sharing their compiled graphs)",
+    )
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # run these SYSTEMS in this process
     args = parser.parse_args()
     cases = [tuple(map(int, case.split("x"))) for case in args.cases.split(",")]
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
@@ -220,17 +239,18 @@ def main() -> None:
         parser.error(f"--systems: {sorted(unknown)} not among {list(SYSTEMS)}")
     started = time.perf_counter()
 
-    if args.one:
-        for record in measure(args.one, cases, args.steps, args.tiny):
+    if args.group:
+        for record in measure(args.group.split(","), cases, args.steps, args.tiny):
             print("RECORD " + json.dumps(record), flush=True)
         return
 
-    # Each system gets a fresh process: compiled graphs, CUDA-graph pools and allocator state of
-    # one system must not leak into the next (seen: a transformers run after a kvpress_like run in
-    # the same process decoded 4x slower than in a process of its own). Inductor's on-disk caches
-    # are shared, so a kernel tuned by one system is not tuned again by the next. The JSON is
-    # rewritten after every case and progress is printed as it happens: a run cut short keeps
-    # what it measured and shows where its time went.
+    # transformers runs in a process of its own: its compiled graphs, CUDA-graph pools and
+    # allocator state must not meet kvpress_like's (seen: a transformers run after a kvpress_like
+    # run in the same process decoded 4x slower than in a process of its own). The kvpress_like
+    # systems share one process so that they compile their decode step once per batch size, not
+    # once per case and system. Inductor's on-disk caches are shared by all processes. The JSON is
+    # rewritten after every measurement and progress is printed as it happens: a run cut short
+    # keeps what it measured and shows where its time went.
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     kernels: set[str] = set()
@@ -253,36 +273,46 @@ def main() -> None:
         partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         partial.replace(args.out / "speed.json")
 
-    for system in args.systems.split(","):
+    systems = args.systems.split(",")
+    if args.process_per_system:
+        groups = [[system] for system in systems]
+    else:
+        kvpress = [system for system in systems if system != "transformers"]
+        groups = [
+            group for group in (["transformers"] if "transformers" in systems else [], kvpress) if group
+        ]
+    for group in groups:
         command = [
             sys.executable,
             __file__,
-            "--one",
-            system,
+            "--group",
+            ",".join(group),
             "--cases",
             args.cases,
             "--steps",
             str(args.steps),
         ]
-        measured = 0
+        command += ["--tiny"] if args.tiny else []
+        received: set[tuple] = set()
         with tempfile.TemporaryFile("w+") as errors:
-            command += ["--tiny"] if args.tiny else []
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
             for line in child.stdout:
                 if line.startswith("RECORD "):
                     record = json.loads(line[len("RECORD ") :])
                     kernels.update(record.pop("prefill_attention_kernels", []))
                     records.append(record)
-                    measured += 1
+                    received.add((record["system"], record["length"], record["batch"]))
                     print(json.dumps(record)[:300], flush=True)
                     write(complete=False)
                 else:
-                    print(f"[{time.perf_counter() - started:5.0f} s] {system}: {line.rstrip()}", flush=True)
+                    print(f"[{time.perf_counter() - started:5.0f} s] {line.rstrip()}", flush=True)
             child.wait()
             errors.seek(0)
             error = f"exit status {child.returncode}: " + errors.read()[-500:]
-        for length, batch in cases[measured:]:  # the process died before these cases
-            records.append({"system": system, "length": length, "batch": batch, "error": error})
+        for length, batch in cases:  # what the process died before measuring
+            for system in group:
+                if (system, length, batch) not in received:
+                    records.append({"system": system, "length": length, "batch": batch, "error": error})
         write(complete=False)
     write(complete=True)
     print("prefill attention kernels:", sorted(kernels))
