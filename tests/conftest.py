@@ -75,6 +75,14 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled step comes in from an earlier test, and none leaves for a later one."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family_model(request):
     return tiny_model(request.param)

@@ -74,7 +74,8 @@ def test_compiled_decode_equals_eager_decode_of_the_same_cache(lengths, seed):
     assert pipe.generate(context=context, decode="static").token_ids == eager
 
 
-def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch, batch):
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
@@ -88,14 +89,35 @@ def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch):
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
     model = _gpu_model("llama", torch.bfloat16)
     pipe = pipeline(model, "fastkv", max_new_tokens=32, stop_on_eos=False, decode="compiled", **FASTKV)
-    pipe(_rows([300, 280], seed=1))  # warm-up: compile and capture this (batch, bucket)
+    first, second = _rows([300, 280] * 4, seed=1)[:batch], _rows([320, 200] * 4, seed=2)[:batch]
+    pipe(first)  # warm-up: compile and capture this (batch, bucket)
     graphs, captures = counters["stats"]["unique_graphs"], len(recordings)
-    out = pipe(_rows([300, 280], seed=1))  # more steps
-    pipe(_rows([320, 200], seed=2))  # another prompt in the same bucket
+    out = pipe(first)  # more steps
+    pipe(second)  # another prompt in the same bucket
     assert counters["stats"]["unique_graphs"] == graphs
     assert len(recordings) == captures
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert len(out.stats.decode_step_seconds) == 31
+
+
+def test_symbolic_capacity_reuses_the_compiled_step_in_a_new_bucket(monkeypatch, fresh_dynamo):
+    """A new bucket is captured anew (its buffers are new) but not compiled again, and decodes
+    like the eager loop over the same compressed cache."""
+    from torch._dynamo.utils import counters
+
+    from kvpress_like import decode
+    from kvpress_like.decode import BUCKET
+
+    monkeypatch.setattr(decode, "SYMBOLIC_CAPACITY", True)
+    model = _gpu_model("llama", torch.float32)  # tokens: exact in fp32
+    pipe = pipeline(model, "full", max_new_tokens=8, stop_on_eos=False, decode="compiled")
+    pipe(_rows([300], seed=1))
+    graphs = counters["stats"]["unique_graphs"]
+    context = pipe.compress(_rows([BUCKET + 300], seed=2))
+    eager = pipe.generate(context=context, decode="eager").token_ids
+    assert pipe.generate(context=context, decode="compiled").token_ids == eager
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(pipe._decoders) == 2  # two buckets
 
 
 def test_compiled_decode_stops_at_eos_without_a_sync_per_step():

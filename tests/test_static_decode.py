@@ -60,14 +60,6 @@ def test_only_the_most_recently_used_decoders_are_kept():
     assert first() is None  # its buffers are free
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """No compiled step comes in from an earlier test, and none leaves for a later one."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch, fresh_dynamo):
     """With the capacity axis symbolic, prompts in three buckets share one compiled step (without
     it, the second bucket compiles again) and decode like the eager loop."""
