@@ -120,11 +120,19 @@ def profile_prefill(model, pipe, ids, report: dict) -> None:
     print(f"prefill peak {report['prefill_peak_gib']:.2f} GiB")
 
 
+PREFILL_MODES = {
+    "eager": {},
+    "compiled": {"prefill": "compiled"},
+    "eager, 16K chunks": {"prefill_chunk": 16384},
+    "compiled, 16K chunks": {"prefill": "compiled", "prefill_chunk": 16384},
+}
+
+
 def compare_prefill_modes(model, ids) -> dict:
-    """Seconds and peak GiB of a warm FastKV prefill, eager vs ``prefill="compiled"``."""
+    """Seconds and peak GiB of a warm FastKV prefill in each of ``PREFILL_MODES``."""
     modes = {}
-    for mode in ("eager", "compiled"):
-        pipe = pipeline(model, "fastkv", prefill=mode, **FASTKV)
+    for mode, settings in PREFILL_MODES.items():
+        pipe = pipeline(model, "fastkv", **settings, **FASTKV)
         start = time.perf_counter()
         pipe.compress(ids)  # warm-up (compiles)
         first = time.perf_counter() - start

@@ -102,6 +102,7 @@ class _Forward:
         valid: torch.Tensor,
         hooks: pluggy.HookRelay | None,
         contiguous: bool = True,
+        chunk: int | None = None,
     ) -> None:
         self.cache, self.hooks = cache, hooks
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
@@ -110,6 +111,22 @@ class _Forward:
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
         self.restart = False  # set by the restart hook: prefill again on the propagated tokens
         self.tokens_per_layer: list[torch.Tensor] = []
+        self.chunk = chunk  # tokens per chunk of a chunked prefill layer (None: whole layers)
+        self.in_flight: slice | None = None  # the chunk of tokens now in the layer
+        self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
+
+    def chunks(self, layer_idx: int, layer_type: str, hidden: Tensor) -> bool:
+        """Whether this layer runs in chunks: a fresh full-attention layer longer than a chunk, in
+        an unpadded batch (causal by index then equals causal by position), with a fused attention
+        kernel that gives its log-sum-exp (cuDNN takes fp16/bf16 only)."""
+        return (
+            self.chunk is not None
+            and hidden.shape[1] > self.chunk
+            and layer_type == "full_attention"
+            and self.all_valid
+            and self.cache.layers[layer_idx] is None
+            and (hidden.device.type == "cpu" or hidden.dtype in (torch.float16, torch.bfloat16))
+        )
 
     def attend(
         self,
@@ -120,22 +137,52 @@ class _Forward:
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        self.tokens_per_layer.append(self.valid.sum(dim=-1))
+        if self.in_flight is not None:
+            return self._attend_chunk(layer_idx, query, key, value, scaling)
         past = self.cache.layers[layer_idx]
         if past is None:  # prefill: these are all the keys; one position row serves every head
             layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
         else:
             layer = past.extended(key, value, self.positions, self.valid)
         out = self._attention(query, layer.dense(), scaling, sliding_window, fresh=past is None)
-        if past is None:
+        self._store(layer_idx, query, layer, scaling, sliding_window, fresh=past is None)
+        return out
+
+    def _attend_chunk(self, layer_idx, query, key, value, scaling) -> torch.Tensor:
+        """Attention of the chunk in flight over the layer's keys so far; the last chunk completes
+        the layer (the strategy sees all its queries and keys, as without chunks)."""
+        part, seq = self.in_flight, self.positions.shape[1]
+        if part.start == 0:
+            batch, heads, _, dim = query.shape
+            queries = query.new_empty(batch, heads, seq, dim) if self.hooks is not None else None
+            self.gathered = (
+                key.new_empty(*key.shape[:2], seq, dim),
+                value.new_empty(*key.shape[:2], seq, dim),
+                queries,
+            )
+        keys, values, queries = self.gathered
+        keys[:, :, part], values[:, :, part] = key, value
+        if queries is not None:
+            queries[:, :, part] = query
+        end = part.start + query.shape[2]
+        out = _chunk_attention(query, keys[:, :, :end], values[:, :, :end], part.start, scaling)
+        if end == seq:
+            self.gathered = None
+            layer = LayerCache(keys, values, self.positions[:, None], self.valid[:, None])
+            self._store(layer_idx, queries, layer, scaling, sliding_window=None, fresh=True)
+        return out
+
+    def _store(self, layer_idx, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> None:
+        """Compress the layer's entries (prefill only, when a strategy runs) and keep them."""
+        self.tokens_per_layer.append(self.valid.sum(dim=-1))
+        if fresh:
             layer = layer.broadcast_heads()
         if self.hooks is not None:
             layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
-        if past is None and sliding_window is not None:  # lossless: decoding never reaches further
+        if fresh and sliding_window is not None:  # lossless: decoding never reaches further
             reachable = self.positions > self.cache.next_positions[:, None] - sliding_window
             layer = layer.select((self.valid & reachable)[:, None].expand_as(layer.valid))
         self.cache.layers[layer_idx] = layer
-        return out
 
     def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
         seq = query.shape[2]
@@ -234,7 +281,7 @@ class Pipeline:
         ids, valid = self._encode(prompts, self.generation, mode="prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
         with self.adapter.borrowed(), torch.inference_mode():
-            return self._prefill(ids, valid, self.generation.prefill == "compiled")
+            return self._prefill(ids, valid, self.generation)
 
     def extend(self, context: Context, prompts: Prompts, **generation: Any) -> Context:
         """The context followed by more tokens (plain text continues it: no template, no special
@@ -261,7 +308,7 @@ class Pipeline:
             ids, valid = self._encode(prompts, gen, mode="prompt")
             self.strategy.check_prompt(valid.sum(dim=-1).tolist())
             with self.adapter.borrowed(), torch.inference_mode():
-                return self._decode(self._prefill(ids, valid, gen.prefill == "compiled"), gen)
+                return self._decode(self._prefill(ids, valid, gen), gen)
         # Decoding grows the cache it is given: it gets a copy, never the caller's context.
         context = context.clone() if prompts is None else self.extend(context, prompts, **generation)
         with self.adapter.borrowed(), torch.inference_mode():
@@ -340,16 +387,18 @@ class Pipeline:
             ids.update(value if isinstance(value, list) else [] if value is None else [value])
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.adapter.device)
 
-    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, gen: GenerationConfig) -> Context:
         start = time.perf_counter()
+        compiled = gen.prefill == "compiled"
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
-        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook)
+        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook, chunk=gen.prefill_chunk)
         logits, restart_ids = self._run_layers(ids, fwd, compiled)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
             cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)
-            fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None, contiguous=False)
+            chunk = gen.prefill_chunk
+            fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None, contiguous=False, chunk=chunk)
             logits, _ = self._run_layers(restart_ids, fwd, compiled)
             fwd.tokens_per_layer[: len(first_pass)] = [
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
@@ -375,7 +424,10 @@ class Pipeline:
         for idx, layer_type in enumerate(self.adapter.layer_types):
             if layer_type not in rotary:
                 rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
-            hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd, compiled)
+            if fwd.chunks(idx, layer_type, hidden):
+                hidden = self._run_layer_in_chunks(idx, hidden, rotary[layer_type], fwd, compiled)
+            else:
+                hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd, compiled)
             if fwd.propagated is not None:
                 order = fwd.take_propagated()
                 if fwd.restart:
@@ -383,6 +435,22 @@ class Pipeline:
                 hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
                 rotary.clear()
         return self.adapter.logits(hidden[:, -1]), None
+
+    def _run_layer_in_chunks(
+        self, idx: int, hidden: Tensor, rotary: tuple, fwd: _Forward, compiled: bool
+    ) -> Tensor:
+        """One decoder layer ``fwd.chunk`` tokens at a time: transformers' per-token work and its
+        activations stay chunk-sized; ``fwd.attend`` gathers the layer's keys as they come."""
+        out = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[1], fwd.chunk):
+            part = slice(start, start + fwd.chunk)
+            fwd.in_flight = part
+            rotary_part = tuple(t[:, part] for t in rotary)
+            out[:, part] = self.adapter.run_layer(
+                idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled
+            )
+        fwd.in_flight = None
+        return out
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
         cache, logits = context.cache, context.last_logits
@@ -484,6 +552,40 @@ def _causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
         return F.scaled_dot_product_attention(
             query, keys, values, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
         )
+
+
+def _chunk_attention(query: Tensor, keys: Tensor, values: Tensor, start: int, scaling: float) -> Tensor:
+    """Causal attention ``[B, Hq, C, D]`` of the ``C`` queries at indices ``start..`` over the keys
+    ``0 .. start + C``: the chunk's own keys (causal, a square) and the earlier ones (all seen) on
+    the fast kernels, merged by their log-sum-exps."""
+    out, lse = _attention_with_lse(query, keys[:, :, start:], values[:, :, start:], scaling, causal=True)
+    if start == 0:
+        return out
+    earlier, earlier_lse = _attention_with_lse(
+        query, keys[:, :, :start], values[:, :, :start], scaling, causal=False
+    )
+    total = torch.logaddexp(lse, earlier_lse)
+    merged = (
+        out.float() * (lse - total).exp()[..., None]
+        + earlier.float() * (earlier_lse - total).exp()[..., None]
+    )
+    return merged.to(out.dtype)
+
+
+def _attention_with_lse(
+    query: Tensor, keys: Tensor, values: Tensor, scaling: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """Attention ``[B, Hq, T, D]`` (GQA: KV heads shared by groups of query heads) and its natural
+    log-sum-exp ``[B, Hq, T]`` in float32: cuDNN's fused kernel on CUDA, the flash kernel on CPU."""
+    if query.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, keys, values, None, True, 0.0, causal, False, scale=scaling
+        )[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, causal, scale=scaling
+        )
+    return out, lse.reshape(query.shape[:3])
 
 
 def _elapsed(start: float, result: torch.Tensor) -> float:

@@ -1,0 +1,104 @@
+"""``prefill_chunk``: full-attention layers prefill a chunk of tokens at a time.
+
+The chunk's attention (its own keys causally, the earlier ones fully, merged by log-sum-exp) must
+equal plain causal attention; a chunked prefill must reproduce ``model.generate`` when everything
+is kept, and keep exactly what the whole-layer prefill keeps when compressing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpress_like import pipeline
+from kvpress_like.errors import ConfigError
+from kvpress_like.pipeline import _chunk_attention
+
+from conftest import tiny_model
+
+FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+
+
+def _rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    end=st.integers(1, 70),
+    chunk=st.integers(1, 70),
+    groups=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+def test_chunk_attention_equals_causal_attention(end, chunk, groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, dim = 2, 16
+    start = max(0, end - chunk)
+    query = torch.randn(2, kv_heads * groups, end - start, dim, generator=gen)
+    keys, values = (torch.randn(2, kv_heads, end, dim, generator=gen) for _ in range(2))
+    # Reference: every query at index start + i sees keys 0 .. start + i, heads repeated for GQA.
+    allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    expected = F.scaled_dot_product_attention(
+        query,
+        keys.repeat_interleave(groups, dim=1),
+        values.repeat_interleave(groups, dim=1),
+        attn_mask=allowed,
+        scale=0.3,
+    )
+    torch.testing.assert_close(_chunk_attention(query, keys, values, start, 0.3), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mistral"])
+def test_chunked_prefill_keeping_everything_matches_generate(family):
+    model = tiny_model(family)
+    rows = _rows([70, 70])
+    ids = torch.tensor(rows)
+    expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1]
+
+    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
+    pipe = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=6, stop_on_eos=False, **keep_all)
+    torch.testing.assert_close(pipe.compress(rows).last_logits, logits, rtol=1e-4, atol=1e-4)
+    assert pipe(rows).token_ids == expected[:, 70:].tolist()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "settings_"),
+    [("fastkv", FASTKV), ("snapkv", dict(retain_rate=0.25, window=4)), ("h2o", dict(retain_rate=0.25))],
+)
+@pytest.mark.parametrize("prefill", ["eager", "compiled"])
+def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, settings_, prefill):
+    model = tiny_model("llama")
+    rows = _rows([90, 90, 90])
+    whole = pipeline(model, strategy, max_new_tokens=5, stop_on_eos=False, **settings_)
+    chunked = pipeline(
+        model, strategy, prefill=prefill, prefill_chunk=25, max_new_tokens=5, stop_on_eos=False, **settings_
+    )
+    ours, theirs = chunked.compress(rows), whole.compress(rows)
+    for mine, ref in zip(ours.cache.layers, theirs.cache.layers, strict=True):
+        assert torch.equal(mine.valid, ref.valid)
+        assert torch.equal(mine.positions[mine.valid], ref.positions[ref.valid])
+        torch.testing.assert_close(mine.keys[mine.valid], ref.keys[ref.valid], rtol=1e-4, atol=1e-4)
+    assert ours.stats.tokens_per_layer == theirs.stats.tokens_per_layer
+    torch.testing.assert_close(ours.last_logits, theirs.last_logits, rtol=1e-4, atol=1e-4)
+    assert chunked(rows).token_ids == whole(rows).token_ids
+
+
+def test_a_padded_batch_prefills_whole_layers_and_stays_exact():
+    model = tiny_model("llama")
+    rows = _rows([60, 35])
+    keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
+    chunked = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=5, stop_on_eos=False, **keep_all)
+    whole = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **keep_all)
+    assert chunked(rows).token_ids == whole(rows).token_ids
+
+
+@pytest.mark.parametrize("value", [0, -4])
+def test_a_chunk_size_below_one_is_refused_before_any_work(value):
+    with pytest.raises(ConfigError, match="prefill_chunk"):
+        pipeline(tiny_model("llama"), "fastkv", prefill_chunk=value)
