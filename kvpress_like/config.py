@@ -56,8 +56,8 @@ class GenerationConfig(StrictModel):
         None,
         ge=1,
         description="prefill full-attention layers this many tokens at a time (attention over all keys "
-        "so far), which bounds the activations of a long prompt; None: the whole prompt at once. "
-        "Unpadded batches only (padded ones prefill whole)",
+        "so far), which bounds their activations on a long prompt; None: whole layers. Sliding-window "
+        "layers, padded batches and fp32 on CUDA run whole layers",
     )
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"

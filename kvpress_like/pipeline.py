@@ -115,17 +115,15 @@ class _Forward:
         self.in_flight: slice | None = None  # the chunk of tokens now in the layer
         self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
 
-    def chunks(self, layer_idx: int, layer_type: str, hidden: Tensor) -> bool:
+    def runs_in_chunks(self, layer_idx: int, layer_type: str, seq: int) -> bool:
         """Whether this layer runs in chunks: a fresh full-attention layer longer than a chunk, in
-        an unpadded batch (causal by index then equals causal by position), with a fused attention
-        kernel that gives its log-sum-exp (cuDNN takes fp16/bf16 only)."""
+        an unpadded batch (causal by index then equals causal by position)."""
         return (
             self.chunk is not None
-            and hidden.shape[1] > self.chunk
+            and seq > self.chunk
             and layer_type == "full_attention"
             and self.all_valid
             and self.cache.layers[layer_idx] is None
-            and (hidden.device.type == "cpu" or hidden.dtype in (torch.float16, torch.bfloat16))
         )
 
     def attend(
@@ -137,7 +135,7 @@ class _Forward:
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        if self.in_flight is not None:
+        if self.in_flight is not None:  # runs_in_chunks: a full-attention layer, no window
             return self._attend_chunk(layer_idx, query, key, value, scaling)
         past = self.cache.layers[layer_idx]
         if past is None:  # prefill: these are all the keys; one position row serves every head
@@ -392,12 +390,12 @@ class Pipeline:
         compiled = gen.prefill == "compiled"
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
-        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook, chunk=gen.prefill_chunk)
+        chunk = gen.prefill_chunk if _chunk_kernels_available(self.adapter) else None
+        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook, chunk=chunk)
         logits, restart_ids = self._run_layers(ids, fwd, compiled)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
             cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)
-            chunk = gen.prefill_chunk
             fwd = _Forward(cache, fwd.positions, fwd.valid, hooks=None, contiguous=False, chunk=chunk)
             logits, _ = self._run_layers(restart_ids, fwd, compiled)
             fwd.tokens_per_layer[: len(first_pass)] = [
@@ -424,7 +422,7 @@ class Pipeline:
         for idx, layer_type in enumerate(self.adapter.layer_types):
             if layer_type not in rotary:
                 rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
-            if fwd.chunks(idx, layer_type, hidden):
+            if fwd.runs_in_chunks(idx, layer_type, hidden.shape[1]):
                 hidden = self._run_layer_in_chunks(idx, hidden, rotary[layer_type], fwd, compiled)
             else:
                 hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd, compiled)
@@ -440,17 +438,17 @@ class Pipeline:
         self, idx: int, hidden: Tensor, rotary: tuple, fwd: _Forward, compiled: bool
     ) -> Tensor:
         """One decoder layer ``fwd.chunk`` tokens at a time: transformers' per-token work and its
-        activations stay chunk-sized; ``fwd.attend`` gathers the layer's keys as they come."""
-        out = torch.empty_like(hidden)
+        activations stay chunk-sized; ``fwd.attend`` gathers the layer's keys as they come. Each
+        chunk's output replaces its input in place: later chunks need only the keys gathered."""
         for start in range(0, hidden.shape[1], fwd.chunk):
             part = slice(start, start + fwd.chunk)
             fwd.in_flight = part
             rotary_part = tuple(t[:, part] for t in rotary)
-            out[:, part] = self.adapter.run_layer(
+            hidden[:, part] = self.adapter.run_layer(
                 idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled
             )
         fwd.in_flight = None
-        return out
+        return hidden
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
         cache, logits = context.cache, context.last_logits
@@ -565,10 +563,8 @@ def _chunk_attention(query: Tensor, keys: Tensor, values: Tensor, start: int, sc
         query, keys[:, :, :start], values[:, :, :start], scaling, causal=False
     )
     total = torch.logaddexp(lse, earlier_lse)
-    merged = (
-        out.float() * (lse - total).exp()[..., None]
-        + earlier.float() * (earlier_lse - total).exp()[..., None]
-    )
+    merged = out * (lse - total).exp()[..., None]  # float32 by type promotion
+    merged.addcmul_(earlier, (earlier_lse - total).exp()[..., None])
     return merged.to(out.dtype)
 
 
@@ -577,6 +573,11 @@ def _attention_with_lse(
 ) -> tuple[Tensor, Tensor]:
     """Attention ``[B, Hq, T, D]`` (GQA: KV heads shared by groups of query heads) and its natural
     log-sum-exp ``[B, Hq, T]`` in float32: cuDNN's fused kernel on CUDA, the flash kernel on CPU."""
+    if keys.shape[2] == 1:  # one key (cuDNN takes none such): every query takes its value
+        groups = query.shape[1] // keys.shape[1]
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (keys, values))
+        lse = (query.float() * key.float()).sum(dim=-1) * scaling
+        return value.expand_as(query).to(query.dtype), lse
     if query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, keys, values, None, True, 0.0, causal, False, scale=scaling
@@ -586,6 +587,22 @@ def _attention_with_lse(
             query, keys, values, 0.0, causal, scale=scaling
         )
     return out, lse.reshape(query.shape[:3])
+
+
+def _chunk_kernels_available(adapter: ModelAdapter) -> bool:
+    """Whether ``_attention_with_lse`` has its fused kernel here: always on CPU; on CUDA cuDNN's,
+    which takes fp16/bf16 and head sizes up to 128 in multiples of 8 (checked once per prefill,
+    never per chunk; without it the layers run whole)."""
+    if adapter.device.type == "cpu":
+        return True
+    return (
+        adapter.device.type == "cuda"
+        and adapter.dtype in (torch.float16, torch.bfloat16)
+        and adapter.head_dim <= 128
+        and adapter.head_dim % 8 == 0
+        and torch.cuda.get_device_capability(adapter.device)[0] >= 8
+        and torch.backends.cuda.cudnn_sdp_enabled()
+    )
 
 
 def _elapsed(start: float, result: torch.Tensor) -> float:

@@ -7,6 +7,8 @@ is kept, and keep exactly what the whole-layer prefill keeps when compressing.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,20 @@ from kvpress_like.pipeline import _chunk_attention
 from conftest import tiny_model
 
 FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch) -> list[int]:
+    """How many chunks attended (one entry per call), so a test sees that chunking happened."""
+    calls: list[int] = []
+
+    def counted(query, *args):
+        calls.append(query.shape[2])
+        return _chunk_attention(query, *args)
+
+    # The package's ``pipeline`` attribute is the function; the module is imported by its name.
+    monkeypatch.setattr(importlib.import_module("kvpress_like.pipeline"), "_chunk_attention", counted)
+    return calls
 
 
 def _rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
@@ -52,8 +68,12 @@ def test_chunk_attention_equals_causal_attention(end, chunk, groups, seed):
     torch.testing.assert_close(_chunk_attention(query, keys, values, start, 0.3), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mistral"])
-def test_chunked_prefill_keeping_everything_matches_generate(family):
+# Chunked layers per prefill of 70 tokens in chunks of 16 (5 chunks each): all 4 layers of llama
+# and qwen3, gemma3's 2 full-attention layers, none of mistral's (all sliding-window).
+@pytest.mark.parametrize(
+    ("family", "chunked_layers"), [("llama", 4), ("qwen3", 4), ("gemma3", 2), ("mistral", 0)]
+)
+def test_chunked_prefill_keeping_everything_matches_generate(family, chunked_layers, chunk_calls):
     model = tiny_model(family)
     rows = _rows([70, 70])
     ids = torch.tensor(rows)
@@ -64,6 +84,7 @@ def test_chunked_prefill_keeping_everything_matches_generate(family):
     keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
     pipe = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=6, stop_on_eos=False, **keep_all)
     torch.testing.assert_close(pipe.compress(rows).last_logits, logits, rtol=1e-4, atol=1e-4)
+    assert chunk_calls == [16, 16, 16, 16, 6] * chunked_layers
     assert pipe(rows).token_ids == expected[:, 70:].tolist()
 
 
@@ -72,7 +93,7 @@ def test_chunked_prefill_keeping_everything_matches_generate(family):
     [("fastkv", FASTKV), ("snapkv", dict(retain_rate=0.25, window=4)), ("h2o", dict(retain_rate=0.25))],
 )
 @pytest.mark.parametrize("prefill", ["eager", "compiled"])
-def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, settings_, prefill):
+def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, settings_, prefill, chunk_calls):
     model = tiny_model("llama")
     rows = _rows([90, 90, 90])
     whole = pipeline(model, strategy, max_new_tokens=5, stop_on_eos=False, **settings_)
@@ -80,6 +101,7 @@ def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, sett
         model, strategy, prefill=prefill, prefill_chunk=25, max_new_tokens=5, stop_on_eos=False, **settings_
     )
     ours, theirs = chunked.compress(rows), whole.compress(rows)
+    assert chunk_calls  # 90 tokens in chunks of 25 (FastKV: 45 after its TSP layer)
     for mine, ref in zip(ours.cache.layers, theirs.cache.layers, strict=True):
         assert torch.equal(mine.valid, ref.valid)
         assert torch.equal(mine.positions[mine.valid], ref.positions[ref.valid])
@@ -89,13 +111,29 @@ def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, sett
     assert chunked(rows).token_ids == whole(rows).token_ids
 
 
-def test_a_padded_batch_prefills_whole_layers_and_stays_exact():
+@pytest.mark.parametrize(("length", "chunk"), [(33, 16), (20, 1)])
+def test_chunks_of_one_token_attend_like_the_whole_layer(length, chunk, chunk_calls):
+    """A last chunk of one token (and chunks of one) attend over a single own key, which the
+    fused kernels do not take: handled without them, same result."""
+    model = tiny_model("llama")
+    rows = _rows([length])
+    whole = pipeline(model, "fastkv", max_new_tokens=4, stop_on_eos=False, **FASTKV)
+    chunked = pipeline(model, "fastkv", prefill_chunk=chunk, max_new_tokens=4, stop_on_eos=False, **FASTKV)
+    torch.testing.assert_close(
+        chunked.compress(rows).last_logits, whole.compress(rows).last_logits, rtol=1e-4, atol=1e-4
+    )
+    assert 1 in chunk_calls
+    assert chunked(rows).token_ids == whole(rows).token_ids
+
+
+def test_a_padded_batch_prefills_whole_layers_and_stays_exact(chunk_calls):
     model = tiny_model("llama")
     rows = _rows([60, 35])
     keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
     chunked = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=5, stop_on_eos=False, **keep_all)
     whole = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **keep_all)
     assert chunked(rows).token_ids == whole(rows).token_ids
+    assert not chunk_calls
 
 
 @pytest.mark.parametrize("value", [0, -4])
