@@ -54,6 +54,16 @@ FAMILIES = {
 }
 
 
+# FastKV settings that compress the tiny models' four layers and prompts of a few dozen tokens.
+TINY_FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+
+
+def random_rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
+    """Prompts of these lengths, random ids from the tiny models' vocabulary (no special tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = FAMILIES[family]()

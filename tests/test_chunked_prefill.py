@@ -19,9 +19,7 @@ from kvpress_like import pipeline
 from kvpress_like.errors import ConfigError
 from kvpress_like.pipeline import _chunk_attention
 
-from conftest import tiny_model
-
-FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+from conftest import TINY_FASTKV, random_rows, tiny_model
 
 
 @pytest.fixture
@@ -36,11 +34,6 @@ def chunk_calls(monkeypatch) -> list[int]:
     # The package's ``pipeline`` attribute is the function; the module is imported by its name.
     monkeypatch.setattr(importlib.import_module("kvpress_like.pipeline"), "_chunk_attention", counted)
     return calls
-
-
-def _rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
 
 
 @settings(max_examples=25, deadline=None)
@@ -75,7 +68,7 @@ def test_chunk_attention_equals_causal_attention(end, chunk, groups, seed):
 )
 def test_chunked_prefill_keeping_everything_matches_generate(family, chunked_layers, chunk_calls):
     model = tiny_model(family)
-    rows = _rows([70, 70])
+    rows = random_rows([70, 70])
     ids = torch.tensor(rows)
     expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
@@ -90,12 +83,12 @@ def test_chunked_prefill_keeping_everything_matches_generate(family, chunked_lay
 
 @pytest.mark.parametrize(
     ("strategy", "settings_"),
-    [("fastkv", FASTKV), ("snapkv", dict(retain_rate=0.25, window=4)), ("h2o", dict(retain_rate=0.25))],
+    [("fastkv", TINY_FASTKV), ("snapkv", dict(retain_rate=0.25, window=4)), ("h2o", dict(retain_rate=0.25))],
 )
 @pytest.mark.parametrize("prefill", ["eager", "compiled"])
 def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, settings_, prefill, chunk_calls):
     model = tiny_model("llama")
-    rows = _rows([90, 90, 90])
+    rows = random_rows([90, 90, 90])
     whole = pipeline(model, strategy, max_new_tokens=5, stop_on_eos=False, **settings_)
     chunked = pipeline(
         model, strategy, prefill=prefill, prefill_chunk=25, max_new_tokens=5, stop_on_eos=False, **settings_
@@ -116,9 +109,11 @@ def test_chunks_of_one_token_attend_like_the_whole_layer(length, chunk, chunk_ca
     """A last chunk of one token (and chunks of one) attend over a single own key, which the
     fused kernels do not take: handled without them, same result."""
     model = tiny_model("llama")
-    rows = _rows([length])
-    whole = pipeline(model, "fastkv", max_new_tokens=4, stop_on_eos=False, **FASTKV)
-    chunked = pipeline(model, "fastkv", prefill_chunk=chunk, max_new_tokens=4, stop_on_eos=False, **FASTKV)
+    rows = random_rows([length])
+    whole = pipeline(model, "fastkv", max_new_tokens=4, stop_on_eos=False, **TINY_FASTKV)
+    chunked = pipeline(
+        model, "fastkv", prefill_chunk=chunk, max_new_tokens=4, stop_on_eos=False, **TINY_FASTKV
+    )
     torch.testing.assert_close(
         chunked.compress(rows).last_logits, whole.compress(rows).last_logits, rtol=1e-4, atol=1e-4
     )
@@ -128,7 +123,7 @@ def test_chunks_of_one_token_attend_like_the_whole_layer(length, chunk, chunk_ca
 
 def test_a_padded_batch_prefills_whole_layers_and_stays_exact(chunk_calls):
     model = tiny_model("llama")
-    rows = _rows([60, 35])
+    rows = random_rows([60, 35])
     keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
     chunked = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=5, stop_on_eos=False, **keep_all)
     whole = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **keep_all)

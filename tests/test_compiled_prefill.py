@@ -13,20 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_like import pipeline
 
-from conftest import COMMON, tiny_model
-
-FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
-
-
-def _rows(lengths: list[int], seed: int = 3) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+from conftest import COMMON, TINY_FASTKV, random_rows, tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_compiled_prefill_keeping_everything_matches_generate(family):
     model = tiny_model(family)
-    rows = _rows([40, 29])
+    rows = random_rows([40, 29])
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (torch.arange(width) >= width - torch.tensor([[len(r)] for r in rows])).long()
@@ -44,9 +37,11 @@ def test_compiled_prefill_keeping_everything_matches_generate(family):
 def test_compiled_prefill_keeps_what_eager_prefill_keeps(family, monkeypatch):
     monkeypatch.setattr("kvpress_like.adapter.MLP_CHUNK", 32)  # the MLP's slicing loop runs compiled too
     model = tiny_model(family)
-    rows = _rows([90, 61, 75])
-    eager = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **FASTKV)
-    compiled = pipeline(model, "fastkv", prefill="compiled", max_new_tokens=5, stop_on_eos=False, **FASTKV)
+    rows = random_rows([90, 61, 75])
+    eager = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **TINY_FASTKV)
+    compiled = pipeline(
+        model, "fastkv", prefill="compiled", max_new_tokens=5, stop_on_eos=False, **TINY_FASTKV
+    )
     ours, theirs = compiled.compress(rows), eager.compress(rows)
     for mine, ref in zip(ours.cache.layers, theirs.cache.layers, strict=True):
         assert torch.equal(mine.valid, ref.valid)
@@ -55,7 +50,7 @@ def test_compiled_prefill_keeps_what_eager_prefill_keeps(family, monkeypatch):
     torch.testing.assert_close(ours.last_logits, theirs.last_logits, rtol=1e-4, atol=1e-4)
     assert compiled(rows).token_ids == eager(rows).token_ids
     # A question on the compressed context, compiled or not (a per-call setting).
-    question = _rows([7, 3, 12], seed=5)
+    question = random_rows([7, 3, 12], seed=5)
     asked = eager.extend(theirs, question, prefill="compiled").last_logits
     torch.testing.assert_close(asked, eager.extend(theirs, question).last_logits, rtol=1e-4, atol=1e-4)
 
@@ -66,12 +61,12 @@ def test_new_prompt_lengths_and_layers_do_not_recompile(monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 12}))
     model.config._attn_implementation = "sdpa"
-    pipe = pipeline(model, "fastkv", prefill="compiled", **{**FASTKV, "tsp_layer": 5})
+    pipe = pipeline(model, "fastkv", prefill="compiled", **{**TINY_FASTKV, "tsp_layer": 5})
     # A high limit, so that recompiles would show as new graphs rather than a silent eager fallback.
     with torch._dynamo.config.patch(recompile_limit=64):
-        pipe.compress(_rows([120]))
-        pipe.compress(_rows([150]))  # the first new length may turn the token axis dynamic
+        pipe.compress(random_rows([120]))
+        pipe.compress(random_rows([150]))  # the first new length may turn the token axis dynamic
         graphs = counters["stats"]["unique_graphs"]
         for length in (99, 200, 333, 40):
-            pipe.compress(_rows([length]))
+            pipe.compress(random_rows([length]))
     assert counters["stats"]["unique_graphs"] == graphs

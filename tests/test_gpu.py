@@ -13,20 +13,14 @@ from hypothesis import strategies as st
 
 from kvpress_like import pipeline
 
-from conftest import tiny_model
+from conftest import TINY_FASTKV, random_rows, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 SLOW_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
-FASTKV = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
 
 
 def _gpu_model(family: str, dtype: torch.dtype):
     return tiny_model(family).to("cuda", dtype)
-
-
-def _rows(lengths: list[int], seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
 
 
 @SLOW_SETTINGS
@@ -37,7 +31,7 @@ def _rows(lengths: list[int], seed: int) -> list[list[int]]:
     prefill=st.sampled_from(["eager", "compiled"]),
 )
 def test_keep_everything_matches_generate_on_gpu(family, lengths, seed, prefill):
-    rows = _rows(lengths, seed)
+    rows = random_rows(lengths, seed)
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device="cuda")
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
@@ -72,7 +66,7 @@ def test_keep_everything_matches_generate_on_gpu(family, lengths, seed, prefill)
 def test_chunked_prefill_on_cudnn_matches_the_full_model(family, length, batch, chunk, seed):
     """Chunks attend through cuDNN with log-sum-exps (bf16): the last logits stay as close to the
     fp32 truth as transformers' own bf16 run is."""
-    rows = _rows([length] * batch, seed)
+    rows = random_rows([length] * batch, seed)
     ids = torch.tensor(rows, device="cuda")
     fp32 = _gpu_model(family, torch.float32)
     with torch.no_grad():
@@ -91,8 +85,8 @@ def test_chunked_prefill_on_cudnn_matches_the_full_model(family, length, batch, 
 )
 def test_compiled_decode_equals_eager_decode_of_the_same_cache(lengths, seed):
     model = _gpu_model("llama", torch.float32)
-    pipe = pipeline(model, "fastkv", max_new_tokens=8, stop_on_eos=False, **FASTKV)
-    context = pipe.compress(_rows(lengths, seed))
+    pipe = pipeline(model, "fastkv", max_new_tokens=8, stop_on_eos=False, **TINY_FASTKV)
+    context = pipe.compress(random_rows(lengths, seed))
     eager = pipe.generate(context=context, decode="eager").token_ids
     assert pipe.generate(context=context, decode="compiled").token_ids == eager
     assert pipe.generate(context=context, decode="static").token_ids == eager
@@ -112,8 +106,8 @@ def test_a_warm_bucket_never_recompiles_or_recaptures(monkeypatch, batch):
 
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
     model = _gpu_model("llama", torch.bfloat16)
-    pipe = pipeline(model, "fastkv", max_new_tokens=32, stop_on_eos=False, decode="compiled", **FASTKV)
-    first, second = _rows([300, 280] * 4, seed=1)[:batch], _rows([320, 200] * 4, seed=2)[:batch]
+    pipe = pipeline(model, "fastkv", max_new_tokens=32, stop_on_eos=False, decode="compiled", **TINY_FASTKV)
+    first, second = random_rows([300, 280] * 4, seed=1)[:batch], random_rows([320, 200] * 4, seed=2)[:batch]
     pipe(first)  # warm-up: compile and capture this (batch, bucket)
     graphs, captures = counters["stats"]["unique_graphs"], len(recordings)
     out = pipe(first)  # more steps
@@ -135,9 +129,9 @@ def test_symbolic_capacity_reuses_the_compiled_step_in_a_new_bucket(monkeypatch,
     monkeypatch.setattr(decode, "SYMBOLIC_CAPACITY", True)
     model = _gpu_model("llama", torch.float32)  # tokens: exact in fp32
     pipe = pipeline(model, "full", max_new_tokens=8, stop_on_eos=False, decode="compiled")
-    pipe(_rows([300], seed=1))
+    pipe(random_rows([300], seed=1))
     graphs = counters["stats"]["unique_graphs"]
-    context = pipe.compress(_rows([BUCKET + 300], seed=2))
+    context = pipe.compress(random_rows([BUCKET + 300], seed=2))
     eager = pipe.generate(context=context, decode="eager").token_ids
     assert pipe.generate(context=context, decode="compiled").token_ids == eager
     assert counters["stats"]["unique_graphs"] == graphs
@@ -147,8 +141,8 @@ def test_symbolic_capacity_reuses_the_compiled_step_in_a_new_bucket(monkeypatch,
 def test_compiled_decode_stops_at_eos_without_a_sync_per_step():
     """The EOS flag is read one step late on CUDA: same tokens, at most one extra (discarded) step."""
     model = _gpu_model("llama", torch.float32)
-    rows = _rows([120], seed=4)
-    pipe = pipeline(model, "fastkv", max_new_tokens=12, decode="compiled", **FASTKV)
+    rows = random_rows([120], seed=4)
+    pipe = pipeline(model, "fastkv", max_new_tokens=12, decode="compiled", **TINY_FASTKV)
     free = pipe(rows, stop_on_eos=False).ids
     eos = free[2]
     model.generation_config.eos_token_id = eos
@@ -185,7 +179,7 @@ def test_installed_flash_attn_serves_prefill(tmp_path, monkeypatch):
     from kvpress_like import flash
 
     model = _gpu_model("llama", torch.bfloat16)
-    rows = _rows([200], seed=3)
+    rows = random_rows([200], seed=3)
     keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)  # no selection for rounding to flip
     pipe = pipeline(model, "fastkv", **keep_all)
     expected = pipe.compress(rows).last_logits
