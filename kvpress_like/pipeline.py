@@ -390,7 +390,9 @@ class Pipeline:
         compiled = gen.prefill == "compiled"
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
-        chunk = gen.prefill_chunk if _chunk_kernels_available(self.adapter) else None
+        chunk = gen.prefill_chunk
+        if chunk is not None and not _chunk_kernels_available(self.adapter):
+            chunk = None  # no fused kernel with log-sum-exps here: whole layers
         fwd = _Forward(cache, positions, valid, self.plugin_manager.hook, chunk=chunk)
         logits, restart_ids = self._run_layers(ids, fwd, compiled)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
