@@ -8,7 +8,7 @@ import torch
 from kvpress_like import ConfigError, pipeline
 from kvpress_like.cache import PackedLayerCache
 
-from conftest import tiny_model
+from conftest import TINY_FASTKV, tiny_model
 
 CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
 QUESTIONS = [[10, 11, 12, 13], [40, 41]]
@@ -83,7 +83,7 @@ def test_a_padded_batch_gives_each_row_what_it_gets_alone(family):
     and the uneven rows are stored packed (no padding slots kept)."""
     model = tiny_model(family)
     rows = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
-    budgets = dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4)
+    budgets = TINY_FASTKV
     pipe = pipeline(model, "fastkv", **budgets, max_new_tokens=6, stop_on_eos=False)
     batched = pipe(rows)
     alone = [pipe(row) for row in rows]

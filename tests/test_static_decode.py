@@ -8,13 +8,13 @@ import torch
 from kvpress_like import pipeline
 from kvpress_like.decode import BUCKET
 
-from conftest import tiny_model
+from conftest import TINY_FASTKV, tiny_model
 
 CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
 ROWS = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
 STRATEGIES = {
     "full": {},
-    "fastkv": dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4),
+    "fastkv": TINY_FASTKV,
     "adakv": dict(retain_rate=0.25, window=4),  # per-head budgets: packed, uneven lengths per head
 }
 
