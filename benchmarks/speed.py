@@ -32,11 +32,21 @@ PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12  # measured H200 ceilings (DESIGN.md)
 FASTKV = dict(tsp_layer=15, tsp_rate=0.2, retain_rate=0.1)
 SYSTEMS = {
     "transformers": None,  # full cache, StaticCache + torch.compile (generate's own compiled path)
-    # The library's fastest prefill: decoder layers through torch.compile (5% faster at 128K).
+    # The library's fastest prefill: decoder layers through torch.compile, full-attention layers
+    # 16K tokens at a time (the default prefill_chunk); H200, 128K: 5.80 s vs 6.15 s eager
+    # (docs/results/profile-h200-prefill-chunked.json).
     "fastkv": ("fastkv", {**FASTKV, "prefill": "compiled"}),
     "full": ("full", {}),
     "snapkv": ("snapkv", {"retain_rate": 0.1}),
 }
+# The issue's targets, all at 128K x1: (what, unit, comparison, limit).
+TARGETS = [
+    ("FastKV decode", "ms/token", "<=", 5.0),
+    ("FastKV decode vs transformers", "x", ">=", 10.0),
+    ("FastKV prefill vs transformers", "x", ">=", 2.0),
+    ("FastKV peak GPU memory", "GiB", "<=", 22.0),
+    ("whole benchmark run", "s", "<=", 600.0),
+]
 
 
 def llama8b_config(tiny: bool) -> LlamaConfig:
@@ -256,8 +266,9 @@ def main() -> None:
     kernels: set[str] = set()
     order = {case: i for i, case in enumerate(cases)}
 
-    def write(complete: bool) -> None:
+    def write(complete: bool) -> dict:
         records.sort(key=lambda r: order[(r["length"], r["batch"])])  # stable: systems stay in order
+        seconds = time.perf_counter() - started
         meta = {
             "command": " ".join(["python benchmarks/speed.py", *sys.argv[1:]]),
             "complete": complete,
@@ -267,11 +278,13 @@ def main() -> None:
             "torch": torch.__version__,
             "steps": args.steps,
             "tiny": args.tiny,
-            "seconds": round(time.perf_counter() - started),
+            "seconds": round(seconds),
+            "targets": check_targets(records, seconds),
         }
         partial = args.out / "speed.json.partial"  # a kill mid-write must not truncate the last JSON
         partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         partial.replace(args.out / "speed.json")
+        return meta
 
     systems = args.systems.split(",")
     if args.process_per_system:
@@ -314,9 +327,10 @@ def main() -> None:
                 if (system, length, batch) not in received:
                     records.append({"system": system, "length": length, "batch": batch, "error": error})
         write(complete=False)
-    write(complete=True)
+    meta = write(complete=True)
     print("prefill attention kernels:", sorted(kernels))
     print_table(records)
+    print_targets(meta["targets"])
     plot(records, args.out / "speed.png")
 
 
@@ -341,6 +355,49 @@ def print_table(records: list[dict]) -> None:
             f"{speedup_d:>6} {r.get('peak_gib', 0):>9.1f} {r['prefill_vs_floor']:>14.2f} "
             f"{r['decode_vs_floor']:>13.2f}"
         )
+
+
+def check_targets(records: list[dict], seconds: float) -> list[dict]:
+    """``TARGETS`` against this run's FastKV and transformers records at 128K x1: the value reached,
+    whether it is met, and by how much (relative to the limit) a miss misses. Empty without them."""
+    at_128k = {
+        r["system"]: r for r in records if (r["length"], r["batch"]) == (131072, 1) and "prefill_s" in r
+    }
+    if not {"fastkv", "transformers"} <= at_128k.keys():
+        return []
+    fast, base = at_128k["fastkv"], at_128k["transformers"]
+    reached = [
+        fast["decode_ms"],
+        base["decode_ms"] / fast["decode_ms"],
+        base["prefill_s"] / fast["prefill_s"],
+        fast.get("peak_gib"),  # GPU only
+        seconds,
+    ]
+    rows = []
+    for (what, unit, comparison, limit), value in zip(TARGETS, reached, strict=True):
+        if value is None:
+            continue
+        met = value <= limit if comparison == "<=" else value >= limit
+        miss = 0.0 if met else abs(value - limit) / limit
+        rows.append(
+            {
+                "target": f"{what} {comparison} {limit:g} {unit}",
+                "reached": value,
+                "met": met,
+                "missed_by": miss,
+            }
+        )
+    return rows
+
+
+def print_targets(rows: list[dict]) -> None:
+    if not rows:
+        print("\ntargets: not checked (they need the 131072x1 case of transformers and fastkv)")
+        return
+    print("\ntargets (128K x1, this run):")
+    for row in rows:
+        status = "met" if row["met"] else f"MISSED by {100 * row['missed_by']:.1f}%"
+        print(f"  {row['target']:<48} reached {row['reached']:8.2f}  {status}")
 
 
 def plot(records: list[dict], path: Path) -> None:

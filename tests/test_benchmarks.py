@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -34,7 +35,38 @@ def test_speed_benchmark_smoke_run(tmp_path):
         assert record["first_call_s"] >= record["prefill_s"]
     assert records[1]["kv_kept_per_layer"][0] == round(0.1 * 96)
     assert (tmp_path / "speed.png").stat().st_size > 0
-    assert "fastkv" in done.stdout.splitlines()[-1]
+    table = done.stdout[done.stdout.index("prefill s") :]
+    assert "fastkv" in table and "targets: not checked" in table  # no 128K case in a smoke run
+
+
+def test_targets_say_which_are_met_and_by_how_much_the_others_miss():
+    speed = _load_speed_module()
+
+    def record(system, prefill_s, decode_ms, **extra):
+        return {"system": system, "length": 131072, "batch": 1, "prefill_s": prefill_s,
+                "decode_ms": decode_ms, **extra}  # fmt: skip
+
+    records = [
+        record("transformers", 10.0, 50.0, peak_gib=45.0),
+        record("fastkv", 5.5, 4.0, peak_gib=23.1),
+        {"system": "fastkv", "length": 32768, "batch": 1, "prefill_s": 1.0, "decode_ms": 99.0},
+    ]
+    rows = {row["target"].split(" <")[0].split(" >")[0]: row for row in speed.check_targets(records, 550.0)}
+    # by hand: 4.0 <= 5.0; 50 / 4 = 12.5 >= 10; 10 / 5.5 = 1.818 < 2.0 (miss 9.1%); 23.1 > 22 (5%)
+    assert rows["FastKV decode"]["met"] and rows["FastKV decode vs transformers"]["reached"] == 12.5
+    assert not rows["FastKV prefill vs transformers"]["met"]
+    assert abs(rows["FastKV prefill vs transformers"]["missed_by"] - (2.0 - 10 / 5.5) / 2.0) < 1e-12
+    assert not rows["FastKV peak GPU memory"]["met"]
+    assert abs(rows["FastKV peak GPU memory"]["missed_by"] - 0.05) < 1e-12
+    assert rows["whole benchmark run"]["met"] and rows["whole benchmark run"]["missed_by"] == 0.0
+    assert speed.check_targets(records[1:], 550.0) == []  # no baseline at 128K: nothing to check
+
+
+def _load_speed_module():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_speed_benchmark_rejects_an_unknown_system_before_any_work(tmp_path):

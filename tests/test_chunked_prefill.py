@@ -89,7 +89,7 @@ def test_chunked_prefill_keeping_everything_matches_generate(family, chunked_lay
 def test_chunked_prefill_keeps_what_the_whole_layer_prefill_keeps(strategy, settings_, prefill, chunk_calls):
     model = tiny_model("llama")
     rows = random_rows([90, 90, 90])
-    whole = pipeline(model, strategy, max_new_tokens=5, stop_on_eos=False, **settings_)
+    whole = pipeline(model, strategy, prefill_chunk=None, max_new_tokens=5, stop_on_eos=False, **settings_)
     chunked = pipeline(
         model, strategy, prefill=prefill, prefill_chunk=25, max_new_tokens=5, stop_on_eos=False, **settings_
     )
@@ -110,7 +110,7 @@ def test_chunks_of_one_token_attend_like_the_whole_layer(length, chunk, chunk_ca
     fused kernels do not take: handled without them, same result."""
     model = tiny_model("llama")
     rows = random_rows([length])
-    whole = pipeline(model, "fastkv", max_new_tokens=4, stop_on_eos=False, **TINY_FASTKV)
+    whole = pipeline(model, "fastkv", prefill_chunk=None, max_new_tokens=4, stop_on_eos=False, **TINY_FASTKV)
     chunked = pipeline(
         model, "fastkv", prefill_chunk=chunk, max_new_tokens=4, stop_on_eos=False, **TINY_FASTKV
     )
@@ -126,7 +126,7 @@ def test_a_padded_batch_prefills_whole_layers_and_stays_exact(chunk_calls):
     rows = random_rows([60, 35])
     keep_all = dict(tsp_rate=1.0, retain_rate=1.0, window=4)
     chunked = pipeline(model, "fastkv", prefill_chunk=16, max_new_tokens=5, stop_on_eos=False, **keep_all)
-    whole = pipeline(model, "fastkv", max_new_tokens=5, stop_on_eos=False, **keep_all)
+    whole = pipeline(model, "fastkv", prefill_chunk=None, max_new_tokens=5, stop_on_eos=False, **keep_all)
     assert chunked(rows).token_ids == whole(rows).token_ids
     assert not chunk_calls
 
