@@ -379,14 +379,8 @@ def check_targets(records: list[dict], seconds: float) -> list[dict]:
             continue
         met = value <= limit if comparison == "<=" else value >= limit
         miss = 0.0 if met else abs(value - limit) / limit
-        rows.append(
-            {
-                "target": f"{what} {comparison} {limit:g} {unit}",
-                "reached": value,
-                "met": met,
-                "missed_by": miss,
-            }
-        )
+        rule = f"{comparison} {limit:g} {unit}"
+        rows.append({"target": what, "rule": rule, "reached": value, "met": met, "missed_by": miss})
     return rows
 
 
@@ -397,7 +391,7 @@ def print_targets(rows: list[dict]) -> None:
     print("\ntargets (128K x1, this run):")
     for row in rows:
         status = "met" if row["met"] else f"MISSED by {100 * row['missed_by']:.1f}%"
-        print(f"  {row['target']:<48} reached {row['reached']:8.2f}  {status}")
+        print(f"  {row['target'] + ' ' + row['rule']:<48} reached {row['reached']:8.2f}  {status}")
 
 
 def plot(records: list[dict], path: Path) -> None:
