@@ -120,9 +120,9 @@ def profile_prefill(model, pipe, ids, report: dict) -> None:
     print(f"prefill peak {report['prefill_peak_gib']:.2f} GiB")
 
 
-PREFILL_MODES = {
-    "eager": {},
-    "compiled": {"prefill": "compiled"},
+PREFILL_MODES = {  # "eager" and "compiled" run whole layers (prefill_chunk's default is 16384)
+    "eager": {"prefill_chunk": None},
+    "compiled": {"prefill": "compiled", "prefill_chunk": None},
     "eager, 16K chunks": {"prefill_chunk": 16384},
     "compiled, 16K chunks": {"prefill": "compiled", "prefill_chunk": 16384},
 }
