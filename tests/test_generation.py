@@ -83,8 +83,7 @@ def test_a_padded_batch_gives_each_row_what_it_gets_alone(family):
     and the uneven rows are stored packed (no padding slots kept)."""
     model = tiny_model(family)
     rows = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
-    budgets = TINY_FASTKV
-    pipe = pipeline(model, "fastkv", **budgets, max_new_tokens=6, stop_on_eos=False)
+    pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False)
     batched = pipe(rows)
     alone = [pipe(row) for row in rows]
     assert batched.token_ids == [a.ids for a in alone]
