@@ -1,25 +1,30 @@
 """The one place that knows how Hugging Face model families differ.
 
 kvpress_like owns the layer loop (embed, decoder layers, norm, head) and calls transformers'
-own decoder layers with its own positions. Attention is routed, for the duration of a call only,
-to a function registered under ``kvpress_like`` in transformers' ``AttentionInterface``: it
-receives post-RoPE queries and un-repeated keys, so the families' q/k norms, fused projections
-and partial rotary all stay inside transformers' code. Nothing is patched globally.
+own decoder layers with its own positions. Attention goes to a function registered under
+``kvpress_like`` in transformers' ``AttentionInterface``: it receives post-RoPE queries and
+un-repeated keys, so the families' q/k norms, fused projections and partial rotary all stay inside
+transformers' code.
+
+The model itself is never touched, not even for the length of a call (another thread may be
+running ``model.generate`` on it): the adapter drives *twins* of the decoder layers, module objects
+of the same classes sharing the model's parameters and buffers, whose attention modules read a
+private copy of the config naming the routed attention, and whose MLPs run over token slices.
+Nothing is patched globally.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
-from kvpress_like.errors import UnsupportedModelError
+from kvpress_like.errors import ConfigError, UnsupportedModelError
 from kvpress_like.plugins import ModelInfo
 
 ATTENTION_NAME = "kvpress_like"
@@ -108,6 +113,34 @@ def _chunked(forward):
     return chunked_forward
 
 
+def _twin(module: nn.Module, **attributes: Any) -> nn.Module:
+    """Another module object of the same class over the same parameters, buffers and hooks, with
+    ``attributes`` (children or plain attributes) replaced in the twin only."""
+    twin = object.__new__(type(module))
+    vars(twin).update(vars(module))
+    children = {k: v for k, v in attributes.items() if isinstance(v, nn.Module)}
+    vars(twin)["_modules"] = {**module._modules, **children}  # a new dict: the model's stays as it is
+    vars(twin).update({k: v for k, v in attributes.items() if k not in children})
+    return twin
+
+
+def _routed_config(config: Any) -> Any:
+    """A private copy of an attention module's config that names the routed attention."""
+    routed = copy.deepcopy(config)
+    routed._attn_implementation = ATTENTION_NAME
+    return routed
+
+
+def _layer_twin(layer: nn.Module, configs: dict[int, Any]) -> nn.Module:
+    """A decoder layer whose attention is routed to kvpress_like and whose MLP runs in slices."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if id(attn.config) not in configs:
+        configs[id(attn.config)] = _routed_config(attn.config)
+    mlp_twin = _twin(mlp)
+    vars(mlp_twin)["forward"] = _chunked(type(mlp).forward.__get__(mlp_twin))
+    return _twin(layer, self_attn=_twin(attn, config=configs[id(attn.config)]), mlp=mlp_twin)
+
+
 def _call_layer(
     layer: nn.Module, hidden: torch.Tensor, rotary: tuple, positions: torch.Tensor, router: AttentionRouter
 ) -> torch.Tensor:
@@ -132,6 +165,13 @@ class ModelAdapter:
     """Drives one loaded causal LM layer by layer."""
 
     def __init__(self, model: PreTrainedModel) -> None:
+        if not isinstance(model, nn.Module) or not isinstance(
+            getattr(model, "config", None), PretrainedConfig
+        ):
+            raise ConfigError(
+                "model: must be a loaded transformers causal LM (a PreTrainedModel), a name or a path "
+                f"(got {type(model).__name__})"
+            )
         config = model.config
         model_type = getattr(config, "model_type", None)
         name = type(model).__name__
@@ -152,15 +192,18 @@ class ModelAdapter:
         self.model = model
         self.base = base
         self.config = config
-        self.layers = list(base.layers)[: config.num_hidden_layers]
+        # Twins of the decoder layers, built once: a compiled decode step guards on their identity.
+        routed_configs: dict[int, Any] = {}
+        self.layers = [
+            _layer_twin(layer, routed_configs) for layer in list(base.layers)[: config.num_hidden_layers]
+        ]
         if getattr(config, "layer_types", None):
             self.layer_types = tuple(config.layer_types[: len(self.layers)])
         else:
             sliding = getattr(config, "sliding_window", None) is not None
             self.layer_types = ("sliding_attention" if sliding else "full_attention",) * len(self.layers)
         self._rotary_by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
+        self.head_dim = self.layers[0].self_attn.head_dim
         self.info = ModelInfo(
             num_layers=len(self.layers),
             num_heads=config.num_attention_heads,
@@ -176,26 +219,10 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return self.base.embed_tokens.weight.dtype
 
-    @contextmanager
-    def borrowed(self) -> Iterator[None]:
-        """The model as a call needs it, restored afterwards (also after an exception): attention
-        routed to kvpress_like, and each MLP run over at most ``MLP_CHUNK`` tokens at a time."""
-        configs = {id(self.config): self.config}
-        for layer in self.layers:
-            configs.setdefault(id(layer.self_attn.config), layer.self_attn.config)
-        saved = [(cfg, cfg._attn_implementation) for cfg in configs.values()]
-        mlps = [layer.mlp for layer in self.layers]
-        try:
-            for cfg, _ in saved:
-                cfg._attn_implementation = ATTENTION_NAME
-            for mlp in mlps:
-                mlp.forward = _chunked(mlp.forward)  # an instance attribute, shadowing the class's
-            yield
-        finally:
-            for cfg, value in saved:  # parents first: their setter also resets sub-configs
-                cfg._attn_implementation = value
-            for mlp in mlps:
-                vars(mlp).pop("forward", None)
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take over all layers (a full, uncompressed entry)."""
+        info = self.info
+        return 2 * info.num_layers * info.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(input_ids)

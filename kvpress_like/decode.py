@@ -8,10 +8,20 @@ step bumps in place, shared by all layers) writes the new token's key/value at s
 split-K kernel that takes those lengths (no mask over the capacity); the token's RoPE position is
 ``first_position[b] + t``. Slot, position and valid length are thus separate quantities, and the
 step's only per-call input is the token.
+
+Buffers grow with the tokens actually generated, not with the limit asked for: a decode starts in
+the bucket that holds its prompt's entries plus one bucket of new tokens and moves to a bucket
+twice as large whenever it fills (``StaticSession``). A pipeline's decoders live in a
+``DecoderPool``; one decode at a time uses them (its lock), since a decoder's buffers and
+captured graphs serve one sequence of steps.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,9 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 
 BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
+# Static decoders (buffers + captured step) kept per pipeline for reuse; the least recently used
+# goes first, so a server seeing many prompt lengths does not hold a static cache for each.
+KEPT_DECODERS = 4
 # Inductor options of the compiled step (measured on an H200, docs/performance.md): CUDA graphs
 # remove the per-kernel launch cost; coordinate-descent tuning lowers batch-1 matrix-vector
 # products to tuned Triton reductions that stream the weights faster than cuBLAS GEMV (gpt-fast's
@@ -110,7 +123,7 @@ class StaticDecoder:
 
     def __init__(self, adapter: ModelAdapter, batch: int, capacity: int, compiled: bool) -> None:
         info, device, dtype = adapter.info, adapter.device, adapter.dtype
-        self.adapter = adapter
+        self.adapter, self.capacity = adapter, capacity
         shape = (batch, info.num_kv_heads, capacity)
         self.layers = [
             StaticLayer(
@@ -150,6 +163,15 @@ class StaticDecoder:
         self.steps_done.zero_()
         self.first_positions.copy_(cache.next_positions)
 
+    def take_over(self, smaller: StaticDecoder) -> None:
+        """Continue where ``smaller`` (same batch, lower capacity) stands: its slots and counters."""
+        for buf, old in zip(self.layers, smaller.layers, strict=True):
+            for name in ("keys", "values", "positions"):
+                getattr(buf, name)[:, :, : smaller.capacity].copy_(getattr(old, name))
+            buf.kept.copy_(old.kept)
+        self.steps_done.copy_(smaller.steps_done)
+        self.first_positions.copy_(smaller.first_positions)
+
     def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, V]`` after ``tokens`` ``[B]`` and their argmax ``[B]``; one more step done."""
         adapter = self.adapter
@@ -163,3 +185,60 @@ class StaticDecoder:
         self.steps_done.add_(1)
         logits = adapter.logits(hidden[:, -1])
         return logits, logits.argmax(dim=-1)
+
+
+class DecoderPool:
+    """A pipeline's static decoders by (batch, capacity bucket, compiled), least recently used
+    dropped first; ``session`` hands them to one decode at a time."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.lock = threading.Lock()
+        self.decoders: OrderedDict[tuple[int, int, bool], StaticDecoder] = OrderedDict()
+
+    def get(self, batch: int, capacity: int, compiled: bool) -> StaticDecoder:
+        key = (batch, capacity, compiled)
+        if key not in self.decoders:  # buffers and captured graphs are reused within a bucket
+            while len(self.decoders) >= KEPT_DECODERS:  # bounded: each holds a whole static cache
+                self.decoders.popitem(last=False)
+            self.decoders[key] = StaticDecoder(self.adapter, *key)
+        self.decoders.move_to_end(key)
+        return self.decoders[key]
+
+    @contextmanager
+    def session(self, cache: CompressedCache, max_new_tokens: int, compiled: bool) -> Iterator[StaticSession]:
+        """A decode of up to ``max_new_tokens`` steps from ``cache``, holding the pool meanwhile."""
+        with self.lock:
+            yield StaticSession(self, cache, max_new_tokens, compiled)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.decoders.clear()
+
+
+class StaticSession:
+    """One decode on static buffers: starts in the smallest bucket that holds the prompt's entries
+    and one bucket of new tokens, and moves to twice the capacity whenever the next step would not
+    fit (the symbolic-capacity step compiles once for all buckets)."""
+
+    def __init__(
+        self, pool: DecoderPool, cache: CompressedCache, max_new_tokens: int, compiled: bool
+    ) -> None:
+        self.pool, self.compiled = pool, compiled
+        self.batch = int(cache.next_positions.shape[0])
+        self.prompt_slots = max(layer.valid.shape[2] for layer in cache.layers)  # widest (row, head)
+        self.last_capacity = capacity_bucket(self.prompt_slots + max_new_tokens)
+        first = capacity_bucket(self.prompt_slots + min(max_new_tokens, BUCKET))
+        self.decoder = pool.get(self.batch, first, compiled)
+        self.decoder.load(cache)
+        self.steps = 0
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``StaticDecoder.step``; step ``t`` writes slot ``kept + t``, so it needs one more slot."""
+        if self.prompt_slots + self.steps >= self.decoder.capacity:
+            capacity = min(self.last_capacity, 2 * self.decoder.capacity)
+            bigger = self.pool.get(self.batch, capacity, self.compiled)
+            bigger.take_over(self.decoder)
+            self.decoder = bigger
+        self.steps += 1
+        return self.decoder.step(tokens)

@@ -1,16 +1,28 @@
-"""Errors raised before any model work, each naming the field, the rule and the value."""
+"""The errors kvpress_like raises on purpose, each naming the field (or plugin), the rule and the value.
+
+Every one derives from ``KvpressLikeError``, so a caller can tell a refused input or a broken
+plugin from a bug: anything else escaping a pipeline call is a defect.
+"""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
 
-class ConfigError(ValueError):
-    """A setting, a strategy name or an input breaks a rule."""
+class KvpressLikeError(Exception):
+    """Base of every error kvpress_like raises on purpose."""
+
+
+class ConfigError(KvpressLikeError, ValueError):
+    """A setting, a strategy name or an input breaks a rule (raised before any model work)."""
 
 
 class UnsupportedModelError(ConfigError):
     """The model's architecture is not one the adapter knows how to drive."""
+
+
+class PluginError(KvpressLikeError, RuntimeError):
+    """A strategy plugin broke its hook's contract, or raised: names the plugin and the hook."""
 
 
 def config_error_from(exc: ValidationError, prefix: str) -> ConfigError:

@@ -10,43 +10,31 @@ decode      one token at a time at true positions (prompt length + step), until 
 from __future__ import annotations
 
 import itertools
+import logging
 import statistics
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvpress_like import flash
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
-from kvpress_like.decode import StaticDecoder, capacity_bucket
+from kvpress_like.contracts import HookRunner
+from kvpress_like.decode import DecoderPool
 from kvpress_like.errors import ConfigError, config_error_from
 from kvpress_like.hookspecs import LayerView
 from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_config
+from kvpress_like.prompts import PromptEncoder, Prompts
 
-# cuDNN's fused attention is the fastest causal prefill kernel on Hopper (DESIGN.md), then flash.
-PREFILL_KERNELS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
-# Static decoders (buffers + captured step) kept per pipeline for reuse; the least recently used
-# goes first, so a server seeing many prompt lengths does not hold a static cache for each.
-KEPT_DECODERS = 4
-
-Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+logger = logging.getLogger("kvpress_like")
 
 
 @dataclass
@@ -71,9 +59,10 @@ class Context:
     cache: CompressedCache
     last_logits: torch.Tensor  # [B, V] float: logits for the token after the prompt
     stats: Stats
+    source: dict[str, str]  # what made it: the model's cache-shaping facts and the tokenizer
 
     def clone(self) -> Context:
-        return Context(self.cache.clone(), self.last_logits.clone(), self.stats)
+        return Context(self.cache.clone(), self.last_logits.clone(), self.stats, self.source)
 
 
 @dataclass
@@ -100,7 +89,7 @@ class _Forward:
         cache: CompressedCache,
         positions: torch.Tensor,
         valid: torch.Tensor,
-        hooks: pluggy.HookRelay | None,
+        hooks: HookRunner | None,
         contiguous: bool = True,
         chunk: int | None = None,
     ) -> None:
@@ -205,7 +194,7 @@ class _Forward:
         )
 
     def _compress(self, layer_idx, query, layer: LayerCache, scaling, sliding_window) -> LayerCache:
-        batch, kv_heads, seq, _ = layer.keys.shape
+        seq = layer.keys.shape[2]
         view = LayerView(
             layer_idx=layer_idx,
             num_layers=len(self.cache.layers),
@@ -218,14 +207,11 @@ class _Forward:
             scaling=scaling,
             sliding_window=sliding_window,
         )
-        scores = self.hooks.score(layer=view)
-        # Sliding-window layers are trimmed to their window instead (in attend).
-        keep = self.hooks.retain(layer=view, scores=scores) if sliding_window is None else None
-        propagated = self.hooks.propagate(layer=view, scores=scores)
+        # Sliding-window layers are not asked to retain: they are trimmed to their window (in attend).
+        keep, propagated, self.restart = self.hooks.ask(view, ask_retain=sliding_window is None)
         if propagated is not None:  # the last token always goes on: it makes the logits
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
-            self.restart = bool(self.hooks.restart(layer=view))
-        return layer if keep is None else layer.select(keep.expand(batch, kv_heads, seq))
+        return layer if keep is None else layer.select(keep)
 
     def take_propagated(self) -> torch.Tensor:
         """Move on to the propagated tokens; returns the gather order ``[B, T']`` (dropped tokens
@@ -242,7 +228,13 @@ class _Forward:
 
 
 class Pipeline:
-    """A model, its tokenizer, one strategy (plus stacked plugins) and generation settings."""
+    """A model, its tokenizer, one strategy (plus stacked plugins) and generation settings.
+
+    Threads: a call changes nothing another thread can see, neither the model (its layers are
+    driven through twins, ``adapter.py``) nor the pipeline (a call's state lives in the call), so
+    several threads may call one pipeline, and ``model.generate`` may run beside it. Static and
+    compiled decoding take turns on the pipeline's buffers and captured graphs (``DecoderPool``).
+    """
 
     def __init__(
         self,
@@ -255,8 +247,10 @@ class Pipeline:
         self.adapter = ModelAdapter(model)
         self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
         self.plugin_manager = make_plugin_manager(strategy, plugins)
-        # (batch, capacity bucket, compiled) -> buffers and step, the most recently used last
-        self._decoders: OrderedDict[tuple[int, int, bool], StaticDecoder] = OrderedDict()
+        window = getattr(strategy.config, "window", 1)
+        self._hooks = HookRunner(self.plugin_manager, min_kept=window if isinstance(window, int) else 1)
+        self._prompts = PromptEncoder(tokenizer, model)
+        self._decoders = DecoderPool(self.adapter)
 
     @classmethod
     def from_config(
@@ -276,9 +270,9 @@ class Pipeline:
         Text is tokenized as a prefix (no chat template); text given later with ``context=``
         continues it (no template, no special tokens).
         """
-        ids, valid = self._encode(prompts, self.generation, mode="prefix")
+        ids, valid = self._prompts.encode(prompts, "prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
-        with self.adapter.borrowed(), torch.inference_mode():
+        with torch.inference_mode():
             return self._prefill(ids, valid, self.generation)
 
     def extend(self, context: Context, prompts: Prompts, **generation: Any) -> Context:
@@ -286,13 +280,8 @@ class Pipeline:
         tokens), nothing compressed; its ``last_logits`` are the next-token logits. ``context``
         itself is left as it was. ``generation`` overrides settings (e.g. ``prefill``) for this call."""
         gen = self._generation_config(generation)
-        ids, valid = self._encode(prompts, gen, mode="continuation")
-        if ids.shape[0] != context.last_logits.shape[0]:
-            raise ConfigError(
-                f"prompts: must have one row per context row ({context.last_logits.shape[0]}) "
-                f"(got {ids.shape[0]})"
-            )
-        with self.adapter.borrowed(), torch.inference_mode():
+        ids, valid = self._continuation(context, prompts)
+        with torch.inference_mode():
             return self._extend(context.clone(), ids, valid, gen.prefill == "compiled")
 
     def generate(
@@ -303,16 +292,51 @@ class Pipeline:
         if context is None:
             if prompts is None:
                 raise ConfigError("prompts: must be given unless a context is (got None)")
-            ids, valid = self._encode(prompts, gen, mode="prompt")
-            self.strategy.check_prompt(valid.sum(dim=-1).tolist())
-            with self.adapter.borrowed(), torch.inference_mode():
+            ids, valid = self._prompts.encode(prompts, "prompt", gen.chat_template)
+            lengths = valid.sum(dim=-1)
+            self.strategy.check_prompt(lengths.tolist())
+            self._check_new_tokens(lengths, gen)
+            with torch.inference_mode():
                 return self._decode(self._prefill(ids, valid, gen), gen)
-        # Decoding grows the cache it is given: it gets a copy, never the caller's context.
-        context = context.clone() if prompts is None else self.extend(context, prompts, **generation)
-        with self.adapter.borrowed(), torch.inference_mode():
+        if prompts is None:
+            self._check_context(context)
+            self._check_new_tokens(context.cache.next_positions, gen)
+            context = context.clone()  # decoding grows the cache it is given, never the caller's
+        else:
+            ids, valid = self._continuation(context, prompts)
+            self._check_new_tokens(context.cache.next_positions + valid.sum(dim=-1), gen)
+            with torch.inference_mode():
+                context = self._extend(context.clone(), ids, valid, gen.prefill == "compiled")
+        with torch.inference_mode():
             return self._decode(context, gen)
 
-    # ---- steps -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the static decoders (buffers and captured steps) this pipeline holds."""
+        self._decoders.clear()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def source(self) -> dict[str, str]:
+        """What a context records of the pipeline that made it (another one must refuse it)."""
+        adapter, tok = self.adapter, self.tokenizer
+        name = getattr(adapter.config, "name_or_path", "") or "(unnamed)"
+        info = adapter.info
+        return {
+            "model": f"{adapter.config.model_type} {name}",
+            "cache shape": f"{info.num_layers} layers x {info.num_kv_heads} KV heads x {adapter.head_dim}",
+            "dtype": str(adapter.dtype),
+            "device": str(adapter.device),
+            "tokenizer": "none"
+            if tok is None
+            else f"{type(tok).__name__} {getattr(tok, 'name_or_path', '')} ({_vocabulary_size(tok)} tokens)",
+        }
+
+    # ---- checks, before any model work -------------------------------------------------------
 
     def _generation_config(self, overrides: dict[str, Any]) -> GenerationConfig:
         try:
@@ -320,70 +344,61 @@ class Pipeline:
         except ValidationError as exc:
             raise config_error_from(exc, "generation") from None
 
-    def _encode(
-        self, prompts: Prompts, gen: GenerationConfig, mode: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids ``[B, T]`` and valid mask ``[B, T]``; ``mode`` as in ``_tokenize``."""
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ConfigError(
-                f"prompts: must be a non-empty string, list of strings or token ids (got {prompts!r})"
-            )
-        rows = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                rows.append(self._tokenize(prompt, gen, mode))
-            else:
-                rows.append([int(t) for t in prompt])
-            if not rows[-1]:
-                raise ConfigError(f"prompts[{i}]: must contain at least one token (got {prompt!r})")
-        width = max(map(len, rows))
-        pad = self._pad_id()
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.adapter.device)
-        valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=ids.device)
+    def _continuation(self, context: Context, prompts: Prompts) -> tuple[Tensor, Tensor]:
+        """Ids and valid mask of the tokens that follow a context, one row per context row."""
+        self._check_context(context)
+        ids, valid = self._prompts.encode(prompts, "continuation")
+        rows = context.last_logits.shape[0]
+        if ids.shape[0] != rows:
+            raise ConfigError(f"prompts: must have one row per context row ({rows}) (got {ids.shape[0]})")
         return ids, valid
 
-    def _tokenize(self, text: str, gen: GenerationConfig, mode: str) -> list[int]:
-        """``prompt``: chat template when asked (or available); ``prefix``: plain text with special
-        tokens; ``continuation``: plain text without them."""
-        tok = self.tokenizer
-        if tok is None:
+    def _check_context(self, context: Any) -> None:
+        if not isinstance(context, Context):
             raise ConfigError(
-                "tokenizer: required for text prompts (got None); pass token ids or a tokenizer"
+                f"context: must be a Context from Pipeline.compress (got {type(context).__name__})"
             )
-        if not text:
-            return []
-        if mode == "continuation":
-            return tok(text, add_special_tokens=False)["input_ids"]
-        use_template = gen.chat_template if gen.chat_template is not None else bool(tok.chat_template)
-        if use_template and mode == "prompt":
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        differs = [
+            f"{key} is {context.source.get(key)!r}, here {value!r}"
+            for key, value in self.source.items()
+            if context.source.get(key) != value
+        ]
+        if differs:
+            raise ConfigError(
+                f"context: must come from this pipeline's model and tokenizer; {'; '.join(differs)}"
             )
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok(text)["input_ids"]
 
-    def _pad_id(self) -> int:
-        for source in (self.tokenizer, self.model.generation_config, self.model.config):
-            for name in ("pad_token_id", "eos_token_id"):
-                value = getattr(source, name, None)
-                if isinstance(value, list):
-                    value = value[0] if value else None
-                if value is not None:
-                    return int(value)
-        return 0
+    def _check_new_tokens(self, prompt_lengths: Tensor, gen: GenerationConfig) -> None:
+        """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
+        before any allocation; warn, as transformers does, when prompt and new tokens together
+        pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one."""
+        wanted = gen.max_new_tokens
+        limit = getattr(self.adapter.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and wanted > limit:
+            raise ConfigError(
+                f"generation.max_new_tokens: must be at most the model's max_position_embeddings "
+                f"({limit}) (got {wanted})"
+            )
+        longest = int(prompt_lengths.max())
+        if isinstance(limit, int) and longest + wanted > limit:
+            logger.warning(
+                "a prompt of %d tokens plus max_new_tokens=%d passes the model's max_position_embeddings "
+                "(%d): positions beyond it were not trained, outputs may degrade",
+                longest,
+                wanted,
+                limit,
+            )
+        rows = prompt_lengths.shape[0]
+        needed = rows * wanted * self.adapter.cache_bytes_per_token()
+        free = free_memory(self.adapter.device)
+        if free is not None and needed > free:
+            raise ConfigError(
+                f"generation.max_new_tokens: the new tokens' cache must fit the free memory of "
+                f"{self.adapter.device}: {rows} row(s) x {wanted} tokens need {needed / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB are free (got {wanted})"
+            )
 
-    def _eos_ids(self) -> torch.Tensor:
-        ids: set[int] = set()
-        for source in (self.model.generation_config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            ids.update(value if isinstance(value, list) else [] if value is None else [value])
-        return torch.tensor(sorted(ids), dtype=torch.long, device=self.adapter.device)
+    # ---- steps -------------------------------------------------------------------------------
 
     def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, gen: GenerationConfig) -> Context:
         start = time.perf_counter()
@@ -393,7 +408,7 @@ class Pipeline:
         chunk = gen.prefill_chunk
         if chunk is not None and not _chunk_kernels_available(self.adapter):
             chunk = None  # no fused kernel with log-sum-exps here: whole layers
-        fwd = _Forward(cache, positions, valid, self.plugin_manager.hook, chunk=chunk)
+        fwd = _Forward(cache, positions, valid, self._hooks, chunk=chunk)
         logits, restart_ids = self._run_layers(ids, fwd, compiled)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
@@ -403,7 +418,8 @@ class Pipeline:
             fwd.tokens_per_layer[: len(first_pass)] = [
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
             ]
-        return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
+        stats = self._stats(fwd, cache, valid, _elapsed(start, logits))
+        return Context(cache, logits, stats, self.source)
 
     def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
         start = time.perf_counter()
@@ -412,7 +428,8 @@ class Pipeline:
         fwd = _Forward(cache, positions, valid, hooks=None)
         logits, _ = self._run_layers(ids, fwd, compiled)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
-        return Context(cache, logits, self._stats(fwd, cache, valid, _elapsed(start, logits)))
+        stats = self._stats(fwd, cache, valid, _elapsed(start, logits))
+        return Context(cache, logits, stats, context.source)
 
     def _run_layers(
         self, ids: torch.Tensor, fwd: _Forward, compiled: bool = False
@@ -453,10 +470,34 @@ class Pipeline:
         return hidden
 
     def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
-        cache, logits = context.cache, context.last_logits
+        mode = gen.decode
+        if mode == "auto":
+            mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
+        if mode == "eager":
+            return self._decode_loop(context, gen, self._eager_step(context.cache))
+        with self._decoders.session(context.cache, gen.max_new_tokens, mode == "compiled") as session:
+            return self._decode_loop(context, gen, session.step)
+
+    def _eager_step(self, cache: CompressedCache) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """The layer loop on one token per row ``[B]``: logits ``[B, V]`` and their argmax ``[B]``."""
+
+        def eager(token: Tensor) -> tuple[Tensor, Tensor]:
+            positions = cache.next_positions[:, None]
+            fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
+            logits, _ = self._run_layers(token[:, None], fwd)
+            cache.next_positions = cache.next_positions + 1
+            return logits, logits.argmax(dim=-1)
+
+        return eager
+
+    def _decode_loop(
+        self, context: Context, gen: GenerationConfig, step: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> Generation:
+        """Tokens from the context's last logits on, ``step`` giving the logits ``[B, V]`` and their
+        argmax ``[B]`` after each (the argmax inside a compiled step: no separate, slower launch)."""
+        logits = context.last_logits
         greedy = logits.argmax(dim=-1)
-        step = self._decode_step(cache, gen)
-        eos = self._eos_ids()
+        eos = self._prompts.eos_ids(logits.device)
         generator = None
         if gen.do_sample and gen.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(gen.seed)
@@ -487,37 +528,6 @@ class Pipeline:
         )
         return Generation(token_ids, texts, stats)
 
-    def _decode_step(
-        self, cache: CompressedCache, gen: GenerationConfig
-    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-        """The function that takes each row's next token ``[B]`` and returns the logits ``[B, V]``
-        and their argmax ``[B]`` (inside the compiled step: no separate, slower argmax launch)."""
-        mode = gen.decode
-        if mode == "auto":
-            mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
-        if mode == "eager":
-
-            def eager(token: Tensor) -> tuple[Tensor, Tensor]:
-                positions = cache.next_positions[:, None]
-                fwd = _Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
-                logits, _ = self._run_layers(token[:, None], fwd)
-                cache.next_positions = cache.next_positions + 1
-                return logits, logits.argmax(dim=-1)
-
-            return eager
-
-        batch = cache.next_positions.shape[0]
-        needed = max(lc.valid.shape[2] for lc in cache.layers) + gen.max_new_tokens
-        key = (batch, capacity_bucket(needed), mode == "compiled")
-        if key not in self._decoders:  # buffers and captured graphs are reused within a bucket
-            while len(self._decoders) >= KEPT_DECODERS:  # bounded: each holds a whole static cache
-                self._decoders.popitem(last=False)
-            self._decoders[key] = StaticDecoder(self.adapter, *key)
-        self._decoders.move_to_end(key)
-        decoder = self._decoders[key]
-        decoder.load(cache)
-        return decoder.step
-
     def _stats(self, fwd: _Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
         info, head_dim = self.adapter.info, self.adapter.head_dim
         entry_bytes = 2 * head_dim * torch.finfo(self.adapter.dtype).bits // 8
@@ -544,14 +554,19 @@ def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Genera
 
 def _causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> Tensor:
     """Causal attention ``[B, Hq, T, D]`` over as many keys as queries: flash-attn when installed
-    for this GPU (and faster there than cuDNN), else SDPA with cuDNN first."""
+    for this GPU (and faster there than cuDNN), else cuDNN's fused kernel where it serves these
+    inputs, else SDPA's own choice. cuDNN is called directly rather than by reordering SDPA's
+    backends, which is process-wide state another thread's attention would see."""
     out = flash.causal_attention(query, keys, values, scaling)
     if out is not None:
         return out
-    with sdpa_kernel(PREFILL_KERNELS, set_priority=True):
-        return F.scaled_dot_product_attention(
-            query, keys, values, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
-        )
+    if query.is_cuda and _cudnn_serves(query):
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, keys, values, None, False, 0.0, query.shape[2] > 1, False, scale=scaling
+        )[0]
+    return F.scaled_dot_product_attention(
+        query, keys, values, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
+    )
 
 
 def _chunk_attention(query: Tensor, keys: Tensor, values: Tensor, start: int, scaling: float) -> Tensor:
@@ -591,20 +606,48 @@ def _attention_with_lse(
     return out, lse.reshape(query.shape[:3])
 
 
-def _chunk_kernels_available(adapter: ModelAdapter) -> bool:
-    """Whether ``_attention_with_lse`` has its fused kernel here: always on CPU; on CUDA cuDNN's,
-    which takes fp16/bf16 and head sizes up to 128 in multiples of 8 (checked once per prefill,
-    never per chunk; without it the layers run whole)."""
-    if adapter.device.type == "cpu":
-        return True
+def _cudnn_serves(tensor: Tensor) -> bool:
+    """Whether cuDNN's fused attention takes these CUDA inputs: fp16/bf16, head sizes up to 128 in
+    multiples of 8, compute capability 8 or above, and cuDNN attention not switched off."""
+    head_dim = tensor.shape[-1]
     return (
-        adapter.device.type == "cuda"
-        and adapter.dtype in (torch.float16, torch.bfloat16)
-        and adapter.head_dim <= 128
-        and adapter.head_dim % 8 == 0
-        and torch.cuda.get_device_capability(adapter.device)[0] >= 8
+        tensor.dtype in (torch.float16, torch.bfloat16)
+        and head_dim <= 128
+        and head_dim % 8 == 0
+        and torch.cuda.get_device_capability(tensor.device)[0] >= 8
         and torch.backends.cuda.cudnn_sdp_enabled()
     )
+
+
+def _chunk_kernels_available(adapter: ModelAdapter) -> bool:
+    """Whether ``_attention_with_lse`` has its fused kernel here: always on CPU; on CUDA cuDNN's
+    (checked once per prefill, never per chunk; without it the layers run whole)."""
+    if adapter.device.type != "cuda":
+        return adapter.device.type == "cpu"
+    return _cudnn_serves(torch.empty(0, adapter.head_dim, dtype=adapter.dtype, device=adapter.device))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: free plus cached by torch; CPU: the
+    kernel's MemAvailable), or None where that cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _vocabulary_size(tokenizer: Any) -> int | str:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return "?"
 
 
 def _elapsed(start: float, result: torch.Tensor) -> float:
@@ -694,7 +737,10 @@ def pipeline(
     if isinstance(model, str | Path):
         from kvpress_like.models import load_model
 
-        model, loaded_tokenizer = load_model(str(model))
+        try:
+            model, loaded_tokenizer = load_model(str(model))
+        except (OSError, ValueError) as exc:  # no such path or hub name, or no model in it
+            raise ConfigError(f"model: must name a loadable model (got {str(model)!r}): {exc}") from exc
         tokenizer = tokenizer or loaded_tokenizer
     built = strategy_cls(strategy_settings, ModelAdapter(model).info)
     return Pipeline(model, tokenizer, built, generation, plugins)

@@ -135,7 +135,7 @@ def test_symbolic_capacity_reuses_the_compiled_step_in_a_new_bucket(monkeypatch,
     eager = pipe.generate(context=context, decode="eager").token_ids
     assert pipe.generate(context=context, decode="compiled").token_ids == eager
     assert counters["stats"]["unique_graphs"] == graphs
-    assert len(pipe._decoders) == 2  # two buckets
+    assert len(pipe._decoders.decoders) == 2  # two buckets
 
 
 def test_compiled_decode_stops_at_eos_without_a_sync_per_step():

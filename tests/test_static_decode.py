@@ -35,7 +35,7 @@ def test_a_bucket_is_reused_across_prompts_and_continuations():
     assert again == first
     continued = pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="static").token_ids
     assert continued == pipe.generate([[5, 6], [7], [8, 9, 10]], context=context, decode="eager").token_ids
-    assert list(pipe._decoders) == [(3, BUCKET, False)]  # one set of buffers served all three calls
+    assert list(pipe._decoders.decoders) == [(3, BUCKET, False)]  # one set of buffers served all three calls
 
 
 def test_only_the_most_recently_used_decoders_are_kept():
@@ -44,18 +44,18 @@ def test_only_the_most_recently_used_decoders_are_kept():
     import gc
     import weakref
 
-    from kvpress_like.pipeline import KEPT_DECODERS
+    from kvpress_like.decode import KEPT_DECODERS
 
     pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="static")
     first = None
     for batch in range(1, KEPT_DECODERS + 3):
         pipe([[5, 6, 7, 8]] * batch)
         if first is None:
-            first = weakref.ref(pipe._decoders[(1, BUCKET, False)])
+            first = weakref.ref(pipe._decoders.decoders[(1, BUCKET, False)])
     pipe([[5, 6, 7, 8]] * 3)  # reused, and now the most recent
-    assert len(pipe._decoders) == KEPT_DECODERS
-    assert list(pipe._decoders)[-1] == (3, BUCKET, False)
-    assert (1, BUCKET, False) not in pipe._decoders
+    assert len(pipe._decoders.decoders) == KEPT_DECODERS
+    assert list(pipe._decoders.decoders)[-1] == (3, BUCKET, False)
+    assert (1, BUCKET, False) not in pipe._decoders.decoders
     gc.collect()
     assert first() is None  # its buffers are free
 
@@ -74,5 +74,5 @@ def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch, fresh
     for length in (20, BUCKET + 20, 2 * BUCKET + 20):
         prompt = tokens[:length]
         assert pipe([prompt]).token_ids == pipe([prompt], decode="eager").token_ids
-    assert [key[1] for key in pipe._decoders] == [BUCKET, 2 * BUCKET, 3 * BUCKET]
+    assert [key[1] for key in pipe._decoders.decoders] == [BUCKET, 2 * BUCKET, 3 * BUCKET]
     assert counters["stats"]["unique_graphs"] == 1

@@ -31,8 +31,8 @@ class StreamingLLMConfig(BudgetConfig):
         constant = info.data.get("budget_mode") == "constant" and None not in (tokens, window)
         if constant and value + window > tokens:
             raise ValueError(
-                f"must be below the retain budget less the window: sink_tokens + window ({window}) "
-                f"must be <= retain_tokens ({tokens})"
+                f"must leave room for the window in the retain budget: sink_tokens + window = {value} + "
+                f"{window} = {value + window} must be <= retain_tokens ({tokens})"
             )
         return value
 
@@ -72,5 +72,6 @@ class StreamingLLM(BudgetStrategy):
                 raise ConfigError(
                     f"{self.name}.sink_tokens: must be below the retain budget less the window; "
                     f"retain_rate={c.retain_rate} of a {n}-token prompt keeps {kept} tokens, fewer than "
-                    f"sink_tokens + window ({c.window}) (got {c.sink_tokens})"
+                    f"sink_tokens + window = {c.sink_tokens} + {c.window} = {c.sink_tokens + c.window} "
+                    f"(got sink_tokens={c.sink_tokens})"
                 )

@@ -1,0 +1,182 @@
+"""Hook answers checked where they are received: what each hook must return, and which plugin broke it.
+
+The hooks are ``firstresult`` (``hookspecs.py``): plugins are asked newest (or ``tryfirst``)
+first and the first answer that is not ``None`` wins. ``HookRunner`` asks them in that same order
+itself, so that it knows which plugin answered (or raised) and can name it, with its distribution,
+in a ``PluginError``. The checks cost one host sync per layer in prefill (the answers' reductions
+are read together) and nothing in decoding, where no hook is asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from importlib.metadata import packages_distributions, version
+from typing import Any
+
+import pluggy
+import torch
+
+from kvpress_like.errors import ConfigError, PluginError
+from kvpress_like.hookspecs import LayerView
+
+HOOKS = ("score", "retain", "propagate", "restart")
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return packages_distributions()
+
+
+def describe_plugin(plugin: object) -> str:
+    """``'KeyNorm' (kvpress_like_keynorm, from kvpress-like-keynorm 0.1.0)``: class, module and
+    the installed distribution that ships it, when there is one."""
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    module = cls.__module__
+    dists = _distributions().get(module.split(".")[0], [])
+    source = f", from {dists[0]} {version(dists[0])}" if dists else ""
+    return f"{cls.__name__!r} ({module}{source})"
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {list(value.shape)}"
+    return f"{type(value).__name__} {value!r:.60}"
+
+
+class HookRunner:
+    """Asks a plugin manager's hooks for one layer and checks every answer against its contract.
+
+    ``min_kept`` is the least number of entries (per row and KV head) a ``retain`` mask must keep
+    and of tokens (per row) a ``propagate`` mask must choose: the strategy's ``window`` (its most
+    recent tokens are always kept), capped by the row's valid tokens.
+    """
+
+    def __init__(self, manager: pluggy.PluginManager, min_kept: int) -> None:
+        self.min_kept = min_kept
+        self.impls: dict[str, list[pluggy.HookImpl]] = {}
+        for name in HOOKS:
+            impls = getattr(manager.hook, name).get_hookimpls()
+            wrappers = [impl for impl in impls if impl.hookwrapper or impl.wrapper]
+            if wrappers:
+                raise ConfigError(
+                    f"plugins: hook wrappers are not supported, hooks must answer or defer "
+                    f"(got a {name} wrapper from {describe_plugin(wrappers[0].plugin)})"
+                )
+            self.impls[name] = impls[::-1]  # pluggy's calling order
+
+    def _first(self, name: str, layer: LayerView, **kwargs: Any) -> tuple[Any, object | None]:
+        """The first answer that is not None, and the plugin that gave it."""
+        kwargs["layer"] = layer
+        for impl in self.impls[name]:
+            try:
+                answer = impl.function(*(kwargs[arg] for arg in impl.argnames))
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {describe_plugin(impl.plugin)} raised in hook {name} at layer "
+                    f"{layer.layer_idx}: {type(exc).__name__}: {exc}"
+                ).with_traceback(sys.exc_info()[2]) from exc
+            if answer is not None:
+                return answer, impl.plugin
+        return None, None
+
+    def ask(
+        self, layer: LayerView, ask_retain: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """``retain`` mask ``[B, Hkv, S]`` (None: keep all; not asked when ``ask_retain`` is False),
+        ``propagate`` mask ``[B, S]`` (None: every token) and ``restart``, all checked."""
+        batch, kv_heads, seq, _ = layer.keys.shape
+        at = layer.layer_idx
+        checks: list[tuple[torch.Tensor, Callable[[], str]]] = []  # (all True when met, the complaint)
+        least = layer.valid.sum(dim=-1).clamp(max=self.min_kept)  # [B]
+        enough = f"at least min(window={self.min_kept}, valid tokens)"
+
+        scores, plugin = self._first("score", layer)
+        if scores is not None:
+            _expect_tensor(scores, plugin, "score", at, "float [B, Hkv, S]", (batch, kv_heads, seq))
+            finite = torch.isfinite(scores) | ~layer.valid[:, None]
+            checks.append(
+                _check(
+                    finite,
+                    plugin,
+                    "score",
+                    at,
+                    "finite scores at valid entries",
+                    lambda: f"{int((~finite).sum())} NaN or infinite",
+                )
+            )
+
+        keep = None
+        if ask_retain:
+            keep, plugin = self._first("retain", layer, scores=scores)
+            if keep is not None:
+                _expect_tensor(keep, plugin, "retain", at, "bool [B, Hkv, S]", (batch, kv_heads, seq))
+                kept = (keep & layer.valid[:, None]).sum(dim=-1)  # [B, Hkv]
+                checks.append(
+                    _check(
+                        kept >= least[:, None],
+                        plugin,
+                        "retain",
+                        at,
+                        f"{enough} entries kept per row and KV head",
+                        lambda: f"as few as {int(kept.min())}",
+                    )
+                )
+
+        propagated, plugin = self._first("propagate", layer, scores=scores)
+        restart = False
+        if propagated is not None:
+            _expect_tensor(propagated, plugin, "propagate", at, "bool [B, S]", (batch, seq))
+            chosen = (propagated & layer.valid).sum(dim=-1)  # [B]
+            checks.append(
+                _check(
+                    chosen >= least,
+                    plugin,
+                    "propagate",
+                    at,
+                    f"{enough} tokens per row",
+                    lambda: f"as few as {int(chosen.min())}",
+                )
+            )
+            answer, plugin = self._first("restart", layer)
+            if answer is not None and not isinstance(answer, bool):
+                raise _broken(plugin, "restart", at, "a bool or None", _shape(answer))
+            restart = bool(answer)
+
+        if checks:  # one host sync for all of this layer's checks
+            met = torch.stack([ok.all() for ok, _ in checks]).tolist()
+            for fine, (_, complaint) in zip(met, checks, strict=True):
+                if not fine:
+                    raise PluginError(complaint())
+        return keep, propagated, restart
+
+
+def _broken(plugin: object, hook: str, layer_idx: int, expected: str, got: str) -> PluginError:
+    return PluginError(
+        f"plugin {describe_plugin(plugin)} broke hook {hook} at layer {layer_idx}: expected {expected} "
+        f"(got {got})"
+    )
+
+
+def _check(
+    ok: torch.Tensor, plugin: object, hook: str, layer_idx: int, expected: str, got: Callable[[], str]
+) -> tuple[torch.Tensor, Callable[[], str]]:
+    """A condition read later (with the layer's other checks) and its complaint, built only if needed."""
+    return ok, lambda: str(_broken(plugin, hook, layer_idx, expected, got()))
+
+
+def _expect_tensor(
+    value: Any, plugin: object, hook: str, layer_idx: int, expected: str, shape: tuple[int, ...]
+) -> None:
+    floating = hook == "score"
+    dtype_ok = isinstance(value, torch.Tensor) and (
+        value.is_floating_point() if floating else value.dtype == torch.bool
+    )
+    if not dtype_ok or tuple(value.shape) != shape:
+        hint = " (indices are not accepted: return a mask)" if not floating and _is_int(value) else ""
+        raise _broken(plugin, hook, layer_idx, f"{expected} = {list(shape)}", _shape(value) + hint)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool

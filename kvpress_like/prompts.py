@@ -1,0 +1,134 @@
+"""Prompts in: text or token ids, checked and turned into left-padded ids with a valid mask.
+
+Every rule is checked here, before any model work: a bad prompt is a ``ConfigError`` naming the
+prompt (``prompts[i]``), the rule and the value, never an index error deep inside an embedding.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from kvpress_like.errors import ConfigError
+
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+# prompt: chat template when asked (or available); prefix: plain text with special tokens;
+# continuation: plain text without them (it follows a compressed context).
+Mode = Literal["prompt", "prefix", "continuation"]
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _rows_of_tensor(prompts: torch.Tensor) -> list[list[int]]:
+    if prompts.dtype == torch.bool or prompts.is_floating_point() or prompts.is_complex():
+        raise ConfigError(f"prompts: a tensor of token ids must have an integer dtype (got {prompts.dtype})")
+    if prompts.dim() not in (1, 2):
+        raise ConfigError(
+            f"prompts: a tensor of token ids must be 1-D [T] or 2-D [B, T] (got {prompts.dim()}-D, "
+            f"shape {list(prompts.shape)})"
+        )
+    return (prompts[None] if prompts.dim() == 1 else prompts).tolist()
+
+
+class PromptEncoder:
+    """Turns prompts into ids for one model and its tokenizer (may be None), on the model's device."""
+
+    def __init__(self, tokenizer: Any, model: Any) -> None:
+        self.tokenizer, self.model = tokenizer, model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def encode(
+        self, prompts: Prompts, mode: Mode, chat_template: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids ``[B, T]`` and valid mask ``[B, T]``."""
+        rows = [self._row(i, prompt, mode, chat_template) for i, prompt in enumerate(self._split(prompts))]
+        width = max(map(len, rows))
+        pad, device = self.pad_id(), self.model.get_input_embeddings().weight.device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+        return ids, valid
+
+    @staticmethod
+    def _split(prompts: Any) -> list[Any]:
+        """The prompts as a list of rows (each a string or a sequence of ids)."""
+        if isinstance(prompts, torch.Tensor):
+            return _rows_of_tensor(prompts)
+        if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray) or len(prompts) == 0:
+            raise ConfigError(
+                "prompts: must be a non-empty string, list of strings, list of token ids, list of such "
+                f"lists or an integer tensor (got {prompts!r:.80})"
+            )
+        if isinstance(prompts, str) or isinstance(prompts[0], numbers.Number):
+            return [prompts]  # one prompt: text, or a row of ids (checked as such)
+        return list(prompts)
+
+    def _row(self, index: int, prompt: Any, mode: Mode, chat_template: bool | None) -> list[int]:
+        where = f"prompts[{index}]"
+        if isinstance(prompt, str):
+            ids = self._tokenize(prompt, mode, chat_template)
+        elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            ids = _rows_of_tensor(prompt)[0]
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
+            ids = list(prompt)
+            wrong = next((t for t in ids if not _is_token_id(t)), None)
+            if wrong is not None:
+                raise ConfigError(
+                    f"{where}: token ids must be integers (got {type(wrong).__name__} {wrong!r:.40})"
+                )
+            ids = [int(t) for t in ids]
+        else:
+            raise ConfigError(
+                f"{where}: must be a string or a sequence of token ids (got {type(prompt).__name__})"
+            )
+        if not ids:
+            raise ConfigError(f"{where}: must contain at least one token (got {prompt!r:.40})")
+        out_of_range = [t for t in ids if not 0 <= t < self.vocab_size]
+        if out_of_range:
+            raise ConfigError(
+                f"{where}: token ids must be in [0, {self.vocab_size}), the model's vocabulary "
+                f"(got {out_of_range[0]}, one of {len(out_of_range)} out of range)"
+            )
+        return ids
+
+    def _tokenize(self, text: str, mode: Mode, chat_template: bool | None) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise ConfigError(
+                "tokenizer: required for text prompts (got None); pass token ids or a tokenizer"
+            )
+        if not text:
+            return []
+        if mode == "continuation":
+            return tok(text, add_special_tokens=False)["input_ids"]
+        use_template = chat_template if chat_template is not None else bool(tok.chat_template)
+        if use_template and mode == "prompt":
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(text)["input_ids"]
+
+    def pad_id(self) -> int:
+        for source in (self.tokenizer, self.model.generation_config, self.model.config):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None)
+                if isinstance(value, list):
+                    value = value[0] if value else None
+                if value is not None:
+                    return int(value)
+        return 0
+
+    def eos_ids(self, device: torch.device) -> torch.Tensor:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return torch.tensor(sorted(ids), dtype=torch.long, device=device)
