@@ -3,8 +3,9 @@
 The hooks are ``firstresult`` (``hookspecs.py``): plugins are asked newest (or ``tryfirst``)
 first and the first answer that is not ``None`` wins. ``HookRunner`` asks them in that same order
 itself, so that it knows which plugin answered (or raised) and can name it, with its distribution,
-in a ``PluginError``. The checks cost one host sync per layer in prefill (the answers' reductions
-are read together) and nothing in decoding, where no hook is asked.
+in a ``PluginError``. Shapes and dtypes are checked at once; checks of values (finite scores,
+enough entries kept) are reductions on the device, read together once the prefill pass is done
+(``verify``), so they add no host sync to prefill and nothing to decoding, where no hook is asked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kvpress_like.errors import ConfigError, PluginError
 from kvpress_like.hookspecs import LayerView
 
 HOOKS = ("score", "retain", "propagate", "restart")
+Check = tuple[torch.Tensor, Callable[[], str]]  # (all True when the contract is met, the complaint)
 
 
 @functools.cache
@@ -57,38 +59,77 @@ class HookRunner:
         self.min_kept = min_kept
         self.impls: dict[str, list[pluggy.HookImpl]] = {}
         for name in HOOKS:
-            impls = getattr(manager.hook, name).get_hookimpls()
-            wrappers = [impl for impl in impls if impl.hookwrapper or impl.wrapper]
-            if wrappers:
+            impls = getattr(manager.hook, name).get_hookimpls()[::-1]  # pluggy's calling order
+            legacy = [impl for impl in impls if impl.hookwrapper]
+            if legacy:
                 raise ConfigError(
-                    f"plugins: hook wrappers are not supported, hooks must answer or defer "
-                    f"(got a {name} wrapper from {describe_plugin(wrappers[0].plugin)})"
+                    f"plugins: old-style hookwrapper=True implementations are not supported, use "
+                    f"wrapper=True (got a {name} hookwrapper from {describe_plugin(legacy[0].plugin)})"
                 )
-            self.impls[name] = impls[::-1]  # pluggy's calling order
+            self.impls[name] = impls
+
+    def _call(self, impl: pluggy.HookImpl, name: str, layer_idx: int, kwargs: dict[str, Any]) -> Any:
+        try:
+            return impl.function(*(kwargs[arg] for arg in impl.argnames))
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {describe_plugin(impl.plugin)} raised in hook {name} at layer "
+                f"{layer_idx}: {type(exc).__name__}: {exc}"
+            ).with_traceback(sys.exc_info()[2]) from exc
 
     def _first(self, name: str, layer: LayerView, **kwargs: Any) -> tuple[Any, object | None]:
-        """The first answer that is not None, and the plugin that gave it."""
+        """The first answer that is not None, and the plugin that gave it, as pluggy's firstresult
+        call would give it: ``wrapper=True`` implementations (observers, say) see the answer
+        and may replace it, in which case the answer is theirs."""
         kwargs["layer"] = layer
+        at = layer.layer_idx
+        wrappers = [(impl, self._call(impl, name, at, kwargs)) for impl in self.impls[name] if impl.wrapper]
+        for impl, generator in wrappers:
+            self._advance(impl, generator, name, at, None, first=True)
+        answer, plugin = None, None
         for impl in self.impls[name]:
-            try:
-                answer = impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {describe_plugin(impl.plugin)} raised in hook {name} at layer "
-                    f"{layer.layer_idx}: {type(exc).__name__}: {exc}"
-                ).with_traceback(sys.exc_info()[2]) from exc
-            if answer is not None:
-                return answer, impl.plugin
-        return None, None
+            if not impl.wrapper:
+                answer = self._call(impl, name, at, kwargs)
+                if answer is not None:
+                    plugin = impl.plugin
+                    break
+        for impl, generator in reversed(wrappers):
+            wrapped = self._advance(impl, generator, name, at, answer)
+            if wrapped is not answer:
+                answer, plugin = wrapped, impl.plugin
+        return answer, plugin
+
+    @staticmethod
+    def _advance(
+        impl: pluggy.HookImpl, generator: Any, name: str, at: int, answer: Any, first: bool = False
+    ) -> Any:
+        """Run a wrapper up to its ``yield`` (``first``), or on from it with ``answer``: its result."""
+        try:
+            if first:
+                next(generator)
+                return None
+            generator.send(answer)
+        except StopIteration as done:
+            if not first:
+                return done.value
+            raise PluginError(
+                f"plugin {describe_plugin(impl.plugin)}'s {name} wrapper did not yield"
+            ) from None
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {describe_plugin(impl.plugin)} raised in hook {name} wrapper at layer {at}: "
+                f"{type(exc).__name__}: {exc}"
+            ).with_traceback(sys.exc_info()[2]) from exc
+        raise PluginError(f"plugin {describe_plugin(impl.plugin)}'s {name} wrapper yielded twice")
 
     def ask(
-        self, layer: LayerView, ask_retain: bool
+        self, layer: LayerView, ask_retain: bool, checks: list[Check]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """``retain`` mask ``[B, Hkv, S]`` (None: keep all; not asked when ``ask_retain`` is False),
-        ``propagate`` mask ``[B, S]`` (None: every token) and ``restart``, all checked."""
+        ``propagate`` mask ``[B, S]`` (None: every token) and ``restart``. Shapes and types are
+        checked now; the checks of values are appended to ``checks`` for ``verify``."""
         batch, kv_heads, seq, _ = layer.keys.shape
         at = layer.layer_idx
-        checks: list[tuple[torch.Tensor, Callable[[], str]]] = []  # (all True when met, the complaint)
         least = layer.valid.sum(dim=-1).clamp(max=self.min_kept)  # [B]
         enough = f"at least min(window={self.min_kept}, valid tokens)"
 
@@ -144,12 +185,17 @@ class HookRunner:
                 raise _broken(plugin, "restart", at, "a bool or None", _shape(answer))
             restart = bool(answer)
 
-        if checks:  # one host sync for all of this layer's checks
-            met = torch.stack([ok.all() for ok, _ in checks]).tolist()
-            for fine, (_, complaint) in zip(met, checks, strict=True):
-                if not fine:
-                    raise PluginError(complaint())
         return keep, propagated, restart
+
+    @staticmethod
+    def verify(checks: list[Check]) -> None:
+        """Raise the first complaint among ``checks`` not met: one host sync for all of them."""
+        if not checks:
+            return
+        met = torch.stack([ok.all() for ok, _ in checks]).tolist()
+        for fine, (_, complaint) in zip(met, checks, strict=True):
+            if not fine:
+                raise PluginError(complaint())
 
 
 def _broken(plugin: object, hook: str, layer_idx: int, expected: str, got: str) -> PluginError:
@@ -161,7 +207,7 @@ def _broken(plugin: object, hook: str, layer_idx: int, expected: str, got: str) 
 
 def _check(
     ok: torch.Tensor, plugin: object, hook: str, layer_idx: int, expected: str, got: Callable[[], str]
-) -> tuple[torch.Tensor, Callable[[], str]]:
+) -> Check:
     """A condition read later (with the layer's other checks) and its complaint, built only if needed."""
     return ok, lambda: str(_broken(plugin, hook, layer_idx, expected, got()))
 

@@ -27,7 +27,7 @@ from kvpress_like import flash
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.config import GenerationConfig, load_config
-from kvpress_like.contracts import HookRunner
+from kvpress_like.contracts import Check, HookRunner
 from kvpress_like.decode import DecoderPool
 from kvpress_like.errors import ConfigError, config_error_from
 from kvpress_like.hookspecs import LayerView
@@ -100,6 +100,7 @@ class _Forward:
         self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
         self.restart = False  # set by the restart hook: prefill again on the propagated tokens
         self.tokens_per_layer: list[torch.Tensor] = []
+        self.checks: list[Check] = []  # the hook answers' value checks, verified after the pass
         self.chunk = chunk  # tokens per chunk of a chunked prefill layer (None: whole layers)
         self.in_flight: slice | None = None  # the chunk of tokens now in the layer
         self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
@@ -208,7 +209,7 @@ class _Forward:
             sliding_window=sliding_window,
         )
         # Sliding-window layers are not asked to retain: they are trimmed to their window (in attend).
-        keep, propagated, self.restart = self.hooks.ask(view, ask_retain=sliding_window is None)
+        keep, propagated, self.restart = self.hooks.ask(view, sliding_window is None, self.checks)
         if propagated is not None:  # the last token always goes on: it makes the logits
             self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
         return layer if keep is None else layer.select(keep)
@@ -409,7 +410,12 @@ class Pipeline:
         if chunk is not None and not _chunk_kernels_available(self.adapter):
             chunk = None  # no fused kernel with log-sum-exps here: whole layers
         fwd = _Forward(cache, positions, valid, self._hooks, chunk=chunk)
-        logits, restart_ids = self._run_layers(ids, fwd, compiled)
+        try:
+            logits, restart_ids = self._run_layers(ids, fwd, compiled)
+        except Exception:
+            HookRunner.verify(fwd.checks)  # a broken hook answer, if any, is the cause to report
+            raise
+        HookRunner.verify(fwd.checks)
         if restart_ids is not None:  # the strategy chose tokens to prefill again on (GemFilter)
             first_pass = fwd.tokens_per_layer
             cache = CompressedCache([None] * self.adapter.info.num_layers, cache.next_positions)

@@ -139,14 +139,38 @@ def test_a_plugin_from_an_installed_distribution_is_named_with_it():
     assert "from kvpress-like-keynorm" in describe_plugin(Broken)
 
 
-def test_hook_wrappers_are_refused_when_the_pipeline_is_built():
-    class Wrapper:
-        @hookimpl(wrapper=True)
-        def score(self, layer):
-            return (yield)
+def test_wrappers_observe_and_may_replace_an_answer_which_is_then_checked_as_theirs():
+    seen = []
 
-    with pytest.raises(ConfigError, match="hook wrappers are not supported"):
-        pipeline(tiny_model("llama"), "fastkv", plugins=[Wrapper()], **TINY_FASTKV)
+    class Observer:
+        @hookimpl(wrapper=True)
+        def retain(self, layer, scores):
+            answer = yield
+            seen.append(answer.sum().item())
+            return answer
+
+    class Spoiler:
+        @hookimpl(wrapper=True)
+        def retain(self, layer, scores):
+            yield
+            return torch.zeros_like(layer.keys[..., 0], dtype=torch.bool)  # keeps nothing
+
+    model = tiny_model("llama")
+    plain = pipeline(model, "fastkv", max_new_tokens=2, **TINY_FASTKV)([PROMPT])
+    observed = pipeline(model, "fastkv", plugins=[Observer()], max_new_tokens=2, **TINY_FASTKV)([PROMPT])
+    assert observed.token_ids == plain.token_ids and len(seen) == 4
+    with pytest.raises(PluginError, match=r"'Spoiler' .* broke hook retain at layer 0"):
+        pipeline(model, "fastkv", plugins=[Spoiler()], **TINY_FASTKV)([PROMPT])
+
+
+def test_old_style_hookwrappers_are_refused_when_the_pipeline_is_built():
+    class Legacy:
+        @hookimpl(hookwrapper=True)
+        def score(self, layer):
+            yield
+
+    with pytest.raises(ConfigError, match="old-style hookwrapper=True"):
+        pipeline(tiny_model("llama"), "fastkv", plugins=[Legacy()], **TINY_FASTKV)
 
 
 @pytest.mark.parametrize(

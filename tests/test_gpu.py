@@ -200,3 +200,40 @@ def test_installed_flash_attn_serves_prefill(tmp_path, monkeypatch):
     assert len(calls) == model.config.num_hidden_layers  # every layer's fresh causal attention
     # bf16 roundings differ between the two; a wrong layout, head grouping or mask would not be close.
     torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
+def test_compiled_decode_grows_its_buffers_and_matches_eager(monkeypatch, fresh_dynamo):
+    """Buckets of 64 slots: a 100-token prompt asking for 150 tokens starts at 192 slots and moves
+    to 256 midway; the compiled step (symbolic capacity) gives the eager loop's tokens."""
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "BUCKET", 64)
+    model = _gpu_model("llama", torch.float32)
+    pipe = pipeline(model, "full", max_new_tokens=150, stop_on_eos=False)
+    rows = random_rows([100], seed=6)
+    assert pipe(rows, decode="compiled").token_ids == pipe(rows, decode="eager").token_ids
+    assert [key[1] for key in pipe._decoders.decoders] == [192, 256]
+
+
+def test_threads_share_one_compiled_pipeline_beside_model_generate():
+    """Threads take turns on the compiled decoder (its lock) and get their own answers, while
+    transformers' own generate runs on the same model in another thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _gpu_model("llama", torch.float32)
+    pipe = pipeline(model, "fastkv", max_new_tokens=8, stop_on_eos=False, decode="compiled", **TINY_FASTKV)
+    prompts = [random_rows([n], seed=n) for n in (120, 140, 160)]
+    expected = [pipe(p).token_ids for p in prompts]
+    plain_ids = torch.tensor(random_rows([50], seed=3), device="cuda")
+    plain_expected = model.generate(plain_ids, max_new_tokens=6, do_sample=False).tolist()
+
+    def plain():
+        return model.generate(plain_ids, max_new_tokens=6, do_sample=False).tolist()
+
+    with ThreadPoolExecutor(4) as workers:
+        futures = [workers.submit(lambda p=p: [pipe(p).token_ids for _ in range(3)]) for p in prompts]
+        plain_future = workers.submit(lambda: [plain() for _ in range(3)])
+        results = [f.result() for f in futures]
+    for want, got in zip(expected, results, strict=True):
+        assert got == [want] * 3
+    assert plain_future.result() == [plain_expected] * 3

@@ -70,7 +70,9 @@ def test_max_new_tokens_beyond_the_models_positions_is_refused_at_once(counted):
     pipe = pipeline(model, "fastkv", **TINY_FASTKV)
     for wanted in (1025, 10**7, 10**9):
         start = time.perf_counter()
-        with pytest.raises(ConfigError, match=rf"max_new_tokens: must be at most .* \(1024\) \(got {wanted}\)"):
+        with pytest.raises(
+            ConfigError, match=rf"max_new_tokens: must be at most .* \(1024\) \(got {wanted}\)"
+        ):
             pipe([PROMPT], max_new_tokens=wanted)
         assert time.perf_counter() - start < 1.0
     assert calls == []
