@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from kvpress_like.evaluate import main
+from kvpress_like.eval_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

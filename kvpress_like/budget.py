@@ -103,7 +103,8 @@ class BudgetStrategy(Strategy):
                 if rate_budget(rate, n) < min(c.window, n):
                     raise ConfigError(
                         f"{self.name}.window: must not exceed the {kind} budget; {kind}_rate={rate} of a "
-                        f"{n}-token prompt keeps {rate_budget(rate, n)} tokens (got window={c.window})"
+                        f"{n}-token prompt keeps {rate_budget(rate, n)} tokens (got window={c.window}); "
+                        f"use a longer prompt, a higher {kind}_rate or a smaller window"
                     )
 
 

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from kvpress_like.errors import ConfigError
+# Nothing heavy at module level: ``kvpress-like --help`` must not import torch or transformers
+# (seconds); every command imports what it needs when it runs.
+
+EXIT_USER_ERROR = 2  # as argparse uses for usage errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the CLI (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would say "invalid _positive_int value"
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (got {text!r})") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
     return value
@@ -60,7 +79,127 @@ def _side_by_side(columns: dict[str, list[tuple[str, str]]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table)
 
 
+# ---- user inputs: every way they can be wrong is a ConfigError naming the option ---------------
+
+
+def read_prompt_file(path: str, option: str = "--prompt-file") -> str:
+    """The file's text; missing, a directory, unreadable, not UTF-8 or empty is a ConfigError."""
+    from kvpress_like.errors import ConfigError
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{option}: must exist (got {path!r})")
+    if file.is_dir():
+        raise ConfigError(f"{option}: must be a file, not a directory (got {path!r})")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{option}: must be UTF-8 text, byte {exc.start} is not (got {path!r})") from None
+    except OSError as exc:  # permissions, a broken symlink, an I/O error
+        raise ConfigError(f"{option}: must be readable, {exc.strerror or exc} (got {path!r})") from None
+    if not text.strip():
+        raise ConfigError(f"{option}: must not be empty (got {path!r})")
+    return text
+
+
+def _looks_like_path(value: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else path-like is meant as a local folder."""
+    return (
+        value.startswith((".", "~", os.sep))
+        or value.endswith(os.sep)
+        or value.count("/") > 1
+        or (os.altsep is not None and os.altsep in value)
+    )
+
+
+def _local_model_dir(value: str, option: str) -> Path | None:
+    """The local folder ``value`` names (checked to hold a model), or None for a Hub id."""
+    from kvpress_like.errors import ConfigError
+
+    path = Path(value).expanduser()
+    if not path.exists():
+        if _looks_like_path(value):
+            raise ConfigError(f"{option}: must be an existing model directory (got {value!r})")
+        return None
+    if not path.is_dir():
+        raise ConfigError(f"{option}: must be a model directory or a Hub id, not a file (got {value!r})")
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{option}: must be a directory holding a model, it has no config.json (got {value!r})"
+        )
+    return path
+
+
+# What transformers raises for a folder or Hub id it cannot load: missing or corrupt files, an
+# unknown model_type, a missing tokenizer backend, mismatched weights.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError)
+
+
+def _load_error(exc: Exception, value: str, option: str) -> Exception:
+    from kvpress_like.errors import ConfigError
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return ConfigError(f"{option}: must name a model transformers can load, {reason} (got {value!r})")
+
+
+def check_model_arg(value: str, option: str = "--model") -> None:
+    """Refuse a ``--model`` path that cannot hold a model, without importing torch (quick)."""
+    if value != "smollm2":  # models.DEFAULT_MODEL; importing models would import torch
+        _local_model_dir(value, option)
+
+
+def load_model_arg(value: str, option: str = "--model") -> tuple[Any, Any]:
+    """``models.load_model`` for a command-line value: a bad path or model is a ConfigError."""
+    from kvpress_like import models
+    from kvpress_like.errors import KvpressLikeError
+
+    local = _local_model_dir(value, option) if value != models.DEFAULT_MODEL else None
+    try:
+        return models.load_model(str(local) if local is not None else value)
+    except KvpressLikeError:
+        raise
+    except _LOAD_ERRORS as exc:
+        raise _load_error(exc, value, option) from exc
+
+
+def local_tokenizer(value: str, option: str = "--model") -> Any | None:
+    """The tokenizer of a model that is on disk already (a folder, or the converted SmolLM2), loaded
+    without the model, so inputs can be checked against it first; None where only a full load
+    (a Hub download, the first SmolLM2 conversion) would give it."""
+    from kvpress_like import models
+
+    if value == models.DEFAULT_MODEL:
+        path = models.cache_dir() / "smollm2-135m-instruct"  # where models.load_smollm2 keeps it
+        if not (path / "config.json").is_file():
+            return None
+    else:
+        path = _local_model_dir(value, option)
+        if path is None:
+            return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except _LOAD_ERRORS as exc:
+        raise _load_error(exc, value, option) from exc
+
+
+def _check_strategy(strategy: str, settings: dict[str, Any]) -> None:
+    """Validate a strategy name and its settings as ``pipeline`` will, before a model is loaded."""
+    from kvpress_like.config import GenerationConfig
+    from kvpress_like.plugins import strategy_config
+
+    generation_fields = set(GenerationConfig.model_fields)
+    strategy_config(strategy, {k: v for k, v in settings.items() if k not in generation_fields})
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
 def demo(args: argparse.Namespace) -> None:
+    _check_strategy(args.strategy, {})  # before the model loads (the first run converts it)
+
     from kvpress_like.models import load_smollm2
     from kvpress_like.passkey import found_key, passkey_prompt
     from kvpress_like.pipeline import pipeline
@@ -87,20 +226,27 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from kvpress_like.pipeline import Pipeline, pipeline
+    from kvpress_like.config import load_config
 
+    # Every input is checked before the model loads, which is the slow part.
     overrides = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     if args.config:
-        pipe = Pipeline.from_config(args.config, args.model, **overrides)
+        cfg = load_config(args.config)
+        strategy, settings = cfg.strategy, {**cfg.settings, **cfg.generation.model_dump(exclude_unset=True)}
     else:
-        pipe = pipeline(args.model, args.strategy, **overrides)
-    text = Path(args.prompt_file).read_text()
+        strategy, settings = args.strategy, {}
+    text = read_prompt_file(args.prompt_file)
+    check_model_arg(args.model)
+    _check_strategy(strategy, settings)  # imports torch: after the quick checks
+    model, tokenizer = load_model_arg(args.model)
+
+    from kvpress_like.pipeline import pipeline
+
+    pipe = pipeline(model, strategy, tokenizer=tokenizer, **{**settings, **overrides})
     out = pipe(text)
     print(out.text)
     print()
-    print(
-        _side_by_side({args.strategy if not args.config else Path(args.config).name: stats_rows(out.stats)})
-    )
+    print(_side_by_side({Path(args.config).name if args.config else strategy: stats_rows(out.stats)}))
 
 
 def strategies(_: argparse.Namespace) -> None:
@@ -119,7 +265,10 @@ def config_reference(_: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpress-like", description=__doc__)
+    parser = ArgumentParser(prog="kvpress-like", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the full traceback instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -146,19 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-reference", help="print the settings of every strategy (docs/config.md)")
     p.set_defaults(func=config_reference)
 
-    from kvpress_like.evaluate import add_eval_parser
+    # kvpress_like.eval_cli imports neither torch nor transformers at module level.
+    from kvpress_like.eval_cli import add_eval_parser
 
     add_eval_parser(sub)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; an error the user can fix is one ``error: ...`` line and exit status 2."""
     args = build_parser().parse_args(argv)
+    from kvpress_like.errors import KvpressLikeError
+
     try:
         args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # OSError: files the user named (an --out folder that cannot be made, a full disk, ...).
+    except (KvpressLikeError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -12,6 +12,7 @@ A config file (YAML or TOML) looks like::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -73,16 +74,79 @@ class PipelineConfig(StrictModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a validated PipelineConfig."""
-    path = Path(path)
-    if not path.is_file():
+def _read_config_text(path: Path) -> str:
+    """The file's text, or a ConfigError saying why it cannot be read (no OSError escapes)."""
+    if not path.exists():
         raise ConfigError(f"config file: must exist (got {str(path)!r})")
-    text = path.read_text()
+    if path.is_dir():
+        raise ConfigError(f"config file: must be a file, not a directory (got {str(path)!r})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file: must be UTF-8 text, byte {exc.start} is not (got {str(path)!r})"
+        ) from None
+    except OSError as exc:  # permissions, a broken symlink, an I/O error
+        raise ConfigError(
+            f"config file: must be readable, {exc.strerror or exc} (got {str(path)!r})"
+        ) from None
+
+
+def _yaml_error(exc: yaml.YAMLError, path: Path) -> ConfigError:
+    """``path:LINE:COL``-style position (1-based) and pyyaml's own reason, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        reason = " ".join(str(exc).split())  # e.g. ReaderError: an unprintable character
+        return ConfigError(f"config file: must be valid YAML, {reason} (got {str(path)!r})")
+    reason = exc.problem or "syntax error"
+    if exc.context:  # e.g. "while parsing a flow sequence": where that began helps more
+        where = exc.context_mark
+        began = f" from line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        reason = f"{reason} ({exc.context}{began})"
+    return ConfigError(
+        f"config file: must be valid YAML, {reason} at line {mark.line + 1}, column {mark.column + 1} "
+        f"(got {str(path)!r})"
+    )
+
+
+_TOML_POSITION = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)$")
+
+
+def _toml_error(exc: tomllib.TOMLDecodeError, text: str, path: Path) -> ConfigError:
+    """TOMLDecodeError has ``lineno``/``colno`` from Python 3.14; before, only its message says where."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    match = _TOML_POSITION.search(message)
+    if match:
+        message = message[: match.start()]
+        if line is None and match.group(1):
+            line, col = int(match.group(1)), int(match.group(2))
+    message = getattr(exc, "msg", None) or message
+    if line is None:  # "at end of document"
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+    return ConfigError(
+        f"config file: must be valid TOML, {message} at line {line}, column {col} (got {str(path)!r})"
+    )
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a validated PipelineConfig.
+
+    Every problem with the file (missing, unreadable, malformed, invalid) is a ConfigError.
+    """
+    path = Path(path)
+    text = _read_config_text(path)
     if path.suffix == ".toml":
-        raw = tomllib.loads(text)
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _toml_error(exc, text, path) from None
     elif path.suffix in (".yaml", ".yml"):
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, path) from None
     else:
         raise ConfigError(f"config file: suffix must be .yaml, .yml or .toml (got {path.suffix!r})")
     if not isinstance(raw, dict):

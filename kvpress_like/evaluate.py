@@ -21,7 +21,6 @@ divergence KL(full || compressed) of the next-token distributions in ``kl``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -34,7 +33,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvpress_like.errors import ConfigError
-from kvpress_like.tasks import MAX_NEW_TOKENS, NEEDLE_TASKS, TASKS, Sample, make_samples, score
+from kvpress_like.tasks import (
+    MAX_NEW_TOKENS,
+    NEEDLE_TASKS,
+    TASKS,
+    Sample,
+    make_samples,
+    score,
+)
 
 DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 ALIASES = {"tsp": "tsp_rate"}
@@ -392,83 +398,3 @@ def plot_needle_heatmaps(records: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(part) for part in text.split(",") if part.strip()]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``kvpress-like eval`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "eval",
-        help="accuracy harness: strategies x budgets x tasks x lengths, resumable JSONL + summary + plots",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="smollm2", help="HF name or path, or 'smollm2' (default)")
-    p.add_argument(
-        "--strategies",
-        type=str,
-        default="full,fastkv,snapkv",
-        help="comma-separated specs NAME[:K=V[:K=V]], e.g. full,fastkv:tsp=0.2,snapkv:window=4",
-    )
-    p.add_argument("--budgets", type=_csv(float), default=[0.1, 0.2], help="retain rates, e.g. 0.1,0.2")
-    p.add_argument("--lengths", type=_csv(int), default=[1024], help="prompt lengths in tokens")
-    p.add_argument("--tasks", type=_csv(str), default=list(DEFAULT_TASKS), help=f"among {','.join(TASKS)}")
-    p.add_argument("--samples", type=int, default=4, help="samples per task and length")
-    p.add_argument("--out", default="eval_results", help="output folder (records.jsonl is resumed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fidelity-steps", type=int, default=MAX_NEW_TOKENS["fidelity"])
-    p.add_argument("--max-new-tokens", type=int, help="override the per-task default")
-    p.add_argument("--no-plots", action="store_true")
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def run_eval(args: argparse.Namespace) -> EvalResult:
-    from kvpress_like.models import load_model
-
-    model, tokenizer = load_model(args.model)
-    result = evaluate(
-        model,
-        tokenizer,
-        strategies=[s for s in args.strategies.split(",") if s.strip()],
-        budgets=args.budgets,
-        tasks=args.tasks,
-        lengths=args.lengths,
-        samples=args.samples,
-        seed=args.seed,
-        out=args.out,
-        model_name=args.model,
-        fidelity_steps=args.fidelity_steps,
-        max_new_tokens=args.max_new_tokens,
-        plots=not args.no_plots,
-    )
-    print(result.summary, end="")
-    print(f"{result.computed} record(s) computed, {result.reused} reused; files:")
-    for f in result.files:
-        print(f"  {f}")
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvpress_like.evaluate`` / ``benchmarks/accuracy.py``: the same as ``kvpress-like eval``."""
-    import sys
-
-    from kvpress_like.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_like import evaluate as ev
+from kvpress_like import eval_cli
 from kvpress_like.errors import ConfigError
-from kvpress_like.evaluate import StrategySpec, add_eval_parser, evaluate
+from kvpress_like.eval_cli import add_eval_parser
+from kvpress_like.evaluate import StrategySpec, evaluate
 from kvpress_like.pipeline import Pipeline
 
 from conftest import CharTokenizer, tiny_model
@@ -117,13 +118,13 @@ def test_cli_parser_and_run_eval(tmp_path, monkeypatch, capsys):
          "--lengths", "700", "--tasks", "passkey,fidelity", "--samples", "1", "--out", str(tmp_path),
          "--fidelity-steps", "3", "--max-new-tokens", "6", "--no-plots"]
     )  # fmt: skip
-    assert args.func is ev.run_eval and args.budgets == [0.25] and args.lengths == [700]
+    assert args.func is eval_cli.run_eval and args.budgets == [0.25] and args.lengths == [700]
     import kvpress_like.models
 
     monkeypatch.setattr(
         kvpress_like.models, "load_model", lambda name: (tiny_model("llama"), CharTokenizer())
     )
-    result = ev.run_eval(args)
+    result = eval_cli.run_eval(args)
     assert result.computed == 2 * 2
     assert "| fastkv:tsp=0.3 | 0.25 | 700 |" in capsys.readouterr().out
     records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]

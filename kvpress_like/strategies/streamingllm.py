@@ -73,5 +73,6 @@ class StreamingLLM(BudgetStrategy):
                     f"{self.name}.sink_tokens: must be below the retain budget less the window; "
                     f"retain_rate={c.retain_rate} of a {n}-token prompt keeps {kept} tokens, fewer than "
                     f"sink_tokens + window = {c.sink_tokens} + {c.window} = {c.sink_tokens + c.window} "
-                    f"(got sink_tokens={c.sink_tokens})"
+                    f"(got sink_tokens={c.sink_tokens}); use a longer prompt, a higher retain_rate, fewer "
+                    "sink_tokens or a smaller window"
                 )
