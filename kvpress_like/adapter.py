@@ -224,6 +224,22 @@ class ModelAdapter:
         info = self.info
         return 2 * info.num_layers * info.num_kv_heads * self.head_dim * self.dtype.itemsize
 
+    def free_memory(self) -> int | None:
+        """Bytes that can still be allocated on the model's device (CUDA: free plus cached by
+        torch; CPU: the kernel's MemAvailable), or None where that cannot be read."""
+        device = self.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(input_ids)
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kvpress_like import pipeline
 from kvpress_like.errors import ConfigError
-from kvpress_like.pipeline import _chunk_attention
+from kvpress_like.prefill_attention import chunk_attention
 
 from conftest import TINY_FASTKV, random_rows, tiny_model
 
@@ -29,10 +29,10 @@ def chunk_calls(monkeypatch) -> list[int]:
 
     def counted(query, *args):
         calls.append(query.shape[2])
-        return _chunk_attention(query, *args)
+        return chunk_attention(query, *args)
 
     # The package's ``pipeline`` attribute is the function; the module is imported by its name.
-    monkeypatch.setattr(importlib.import_module("kvpress_like.pipeline"), "_chunk_attention", counted)
+    monkeypatch.setattr(importlib.import_module("kvpress_like.forward"), "chunk_attention", counted)
     return calls
 
 
@@ -58,7 +58,7 @@ def test_chunk_attention_equals_causal_attention(end, chunk, groups, seed):
         attn_mask=allowed,
         scale=0.3,
     )
-    torch.testing.assert_close(_chunk_attention(query, keys, values, start, 0.3), expected)
+    torch.testing.assert_close(chunk_attention(query, keys, values, start, 0.3), expected)
 
 
 # Chunked layers per prefill of 70 tokens in chunks of 16 (5 chunks each): all 4 layers of llama

@@ -1,0 +1,166 @@
+"""One forward pass over the decoder layers: the state transformers' attention calls are routed to.
+
+``Forward.attend`` receives each layer's post-RoPE queries, keys and values (``adapter.py``),
+attends (``prefill_attention.py``), asks the strategy's hooks what the layer keeps and which
+tokens go on (``contracts.HookRunner``, prefill only) and stores the layer's cache. The pipeline
+walks the layers and, when ``propagate`` answered, moves on to the propagated tokens
+(``take_propagated``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvpress_like.cache import CompressedCache, LayerCache
+from kvpress_like.contracts import Check, HookRunner
+from kvpress_like.hookspecs import LayerView
+from kvpress_like.prefill_attention import causal_attention, chunk_attention
+
+
+class Forward:
+    """State of one forward pass over the layers; transformers' attention calls ``attend``."""
+
+    def __init__(
+        self,
+        cache: CompressedCache,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        hooks: HookRunner | None,
+        contiguous: bool = True,
+        chunk: int | None = None,
+    ) -> None:
+        self.cache, self.hooks = cache, hooks
+        self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
+        self.all_valid = bool(valid.all())
+        self.contiguous = contiguous  # no token dropped: an index distance is a position distance
+        self.propagated: torch.Tensor | None = None  # [B, T] bool, set by the propagate hook
+        self.restart = False  # set by the restart hook: prefill again on the propagated tokens
+        self.tokens_per_layer: list[torch.Tensor] = []
+        self.checks: list[Check] = []  # the hook answers' value checks, verified after the pass
+        self.chunk = chunk  # tokens per chunk of a chunked prefill layer (None: whole layers)
+        self.in_flight: slice | None = None  # the chunk of tokens now in the layer
+        self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
+
+    def runs_in_chunks(self, layer_idx: int, layer_type: str, seq: int) -> bool:
+        """Whether this layer runs in chunks: a fresh full-attention layer longer than a chunk, in
+        an unpadded batch (causal by index then equals causal by position)."""
+        return (
+            self.chunk is not None
+            and seq > self.chunk
+            and layer_type == "full_attention"
+            and self.all_valid
+            and self.cache.layers[layer_idx] is None
+        )
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        if self.in_flight is not None:  # runs_in_chunks: a full-attention layer, no window
+            return self._attend_chunk(layer_idx, query, key, value, scaling)
+        past = self.cache.layers[layer_idx]
+        if past is None:  # prefill: these are all the keys; one position row serves every head
+            layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
+        else:
+            layer = past.extended(key, value, self.positions, self.valid)
+        out = self._attention(query, layer.dense(), scaling, sliding_window, fresh=past is None)
+        self._store(layer_idx, query, layer, scaling, sliding_window, fresh=past is None)
+        return out
+
+    def _attend_chunk(self, layer_idx, query, key, value, scaling) -> torch.Tensor:
+        """Attention of the chunk in flight over the layer's keys so far; the last chunk completes
+        the layer (the strategy sees all its queries and keys, as without chunks)."""
+        part, seq = self.in_flight, self.positions.shape[1]
+        if part.start == 0:
+            batch, heads, _, dim = query.shape
+            queries = query.new_empty(batch, heads, seq, dim) if self.hooks is not None else None
+            self.gathered = (
+                key.new_empty(*key.shape[:2], seq, dim),
+                value.new_empty(*key.shape[:2], seq, dim),
+                queries,
+            )
+        keys, values, queries = self.gathered
+        keys[:, :, part], values[:, :, part] = key, value
+        if queries is not None:
+            queries[:, :, part] = query
+        end = part.start + query.shape[2]
+        out = chunk_attention(query, keys[:, :, :end], values[:, :, :end], part.start, scaling)
+        if end == seq:
+            self.gathered = None
+            layer = LayerCache(keys, values, self.positions[:, None], self.valid[:, None])
+            self._store(layer_idx, queries, layer, scaling, sliding_window=None, fresh=True)
+        return out
+
+    def _store(self, layer_idx, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> None:
+        """Compress the layer's entries (prefill only, when a strategy runs) and keep them."""
+        self.tokens_per_layer.append(self.valid.sum(dim=-1))
+        if fresh:
+            layer = layer.broadcast_heads()
+        if self.hooks is not None:
+            layer = self._compress(layer_idx, query, layer, scaling, sliding_window)
+        if fresh and sliding_window is not None:  # lossless: decoding never reaches further
+            reachable = self.positions > self.cache.next_positions[:, None] - sliding_window
+            layer = layer.select((self.valid & reachable)[:, None].expand_as(layer.valid))
+        self.cache.layers[layer_idx] = layer
+
+    def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
+        seq = query.shape[2]
+        within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
+        if fresh and within_window:
+            # Positions sorted along the row: plain causal attention, on the fast kernels.
+            if self.all_valid:
+                return causal_attention(query, layer.keys, layer.values, scaling)
+            # Left-padded rows (prefill keeps each row's valid tokens last): one causal call per
+            # row on its valid tokens, rather than a mask that would push SDPA off its fast kernels.
+            out = query.new_zeros(query.shape)
+            for row, n in enumerate(self.valid.sum(dim=-1).tolist()):
+                if n:
+                    part = (slice(row, row + 1), slice(None), slice(seq - n, seq))
+                    out[part] = causal_attention(query[part], layer.keys[part], layer.values[part], scaling)
+            return out
+        mask = layer.attention_mask(self.positions, self.valid, sliding_window)
+        if mask.shape[1] > 1:
+            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
+        return F.scaled_dot_product_attention(
+            query, layer.keys, layer.values, attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+
+    def _compress(self, layer_idx, query, layer: LayerCache, scaling, sliding_window) -> LayerCache:
+        seq = layer.keys.shape[2]
+        view = LayerView(
+            layer_idx=layer_idx,
+            num_layers=len(self.cache.layers),
+            queries=query,
+            keys=layer.keys,
+            values=layer.values,
+            positions=self.positions,
+            valid=self.valid,
+            prompt_lengths=self.cache.next_positions,
+            scaling=scaling,
+            sliding_window=sliding_window,
+        )
+        # Sliding-window layers are not asked to retain: they are trimmed to their window (in attend).
+        keep, propagated, self.restart = self.hooks.ask(view, sliding_window is None, self.checks)
+        if propagated is not None:  # the last token always goes on: it makes the logits
+            self.propagated = propagated | (torch.arange(seq, device=propagated.device) == seq - 1)
+        return layer if keep is None else layer.select(keep)
+
+    def take_propagated(self) -> torch.Tensor:
+        """Move on to the propagated tokens; returns the gather order ``[B, T']`` (dropped tokens
+        and padding first, the rest right-aligned in position order)."""
+        keep, self.propagated = self.propagated, None
+        seq = keep.shape[1]
+        size = int(keep.sum(dim=-1).max())  # one sync, at the TSP layer only
+        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, seq - size :]
+        self.positions = self.positions.gather(1, order)
+        self.valid = keep.gather(1, order) & self.valid.gather(1, order)
+        self.all_valid = bool(self.valid.all())
+        self.contiguous = False
+        return order
