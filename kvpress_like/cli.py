@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from kvpress_like.arguments import bounded, check_model_arg, load_model_arg, read_prompt_file
 
 # Nothing heavy at module level: ``kvpress-like --help`` must not import torch or transformers
 # (seconds); every command imports what it needs when it runs.
@@ -21,26 +22,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:  # argparse would say "invalid _positive_int value"
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (got {text!r})") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
-    return value
 
 
 def _runs(values: Sequence[float]) -> str:
@@ -77,112 +58,6 @@ def _side_by_side(columns: dict[str, list[tuple[str, str]]]) -> str:
     ]
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table)
-
-
-# ---- user inputs: every way they can be wrong is a ConfigError naming the option ---------------
-
-
-def read_prompt_file(path: str, option: str = "--prompt-file") -> str:
-    """The file's text; missing, a directory, unreadable, not UTF-8 or empty is a ConfigError."""
-    from kvpress_like.errors import ConfigError
-
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"{option}: must exist (got {path!r})")
-    if file.is_dir():
-        raise ConfigError(f"{option}: must be a file, not a directory (got {path!r})")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{option}: must be UTF-8 text, byte {exc.start} is not (got {path!r})") from None
-    except OSError as exc:  # permissions, a broken symlink, an I/O error
-        raise ConfigError(f"{option}: must be readable, {exc.strerror or exc} (got {path!r})") from None
-    if not text.strip():
-        raise ConfigError(f"{option}: must not be empty (got {path!r})")
-    return text
-
-
-def _looks_like_path(value: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else path-like is meant as a local folder."""
-    return (
-        value.startswith((".", "~", os.sep))
-        or value.endswith(os.sep)
-        or value.count("/") > 1
-        or (os.altsep is not None and os.altsep in value)
-    )
-
-
-def _local_model_dir(value: str, option: str) -> Path | None:
-    """The local folder ``value`` names (checked to hold a model), or None for a Hub id."""
-    from kvpress_like.errors import ConfigError
-
-    path = Path(value).expanduser()
-    if not path.exists():
-        if _looks_like_path(value):
-            raise ConfigError(f"{option}: must be an existing model directory (got {value!r})")
-        return None
-    if not path.is_dir():
-        raise ConfigError(f"{option}: must be a model directory or a Hub id, not a file (got {value!r})")
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"{option}: must be a directory holding a model, it has no config.json (got {value!r})"
-        )
-    return path
-
-
-# What transformers raises for a folder or Hub id it cannot load: missing or corrupt files, an
-# unknown model_type, a missing tokenizer backend, mismatched weights.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError)
-
-
-def _load_error(exc: Exception, value: str, option: str) -> Exception:
-    from kvpress_like.errors import ConfigError
-
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
-    return ConfigError(f"{option}: must name a model transformers can load, {reason} (got {value!r})")
-
-
-def check_model_arg(value: str, option: str = "--model") -> None:
-    """Refuse a ``--model`` path that cannot hold a model, without importing torch (quick)."""
-    if value != "smollm2":  # models.DEFAULT_MODEL; importing models would import torch
-        _local_model_dir(value, option)
-
-
-def load_model_arg(value: str, option: str = "--model") -> tuple[Any, Any]:
-    """``models.load_model`` for a command-line value: a bad path or model is a ConfigError."""
-    from kvpress_like import models
-    from kvpress_like.errors import KvpressLikeError
-
-    local = _local_model_dir(value, option) if value != models.DEFAULT_MODEL else None
-    try:
-        return models.load_model(str(local) if local is not None else value)
-    except KvpressLikeError:
-        raise
-    except _LOAD_ERRORS as exc:
-        raise _load_error(exc, value, option) from exc
-
-
-def local_tokenizer(value: str, option: str = "--model") -> Any | None:
-    """The tokenizer of a model that is on disk already (a folder, or the converted SmolLM2), loaded
-    without the model, so inputs can be checked against it first; None where only a full load
-    (a Hub download, the first SmolLM2 conversion) would give it."""
-    from kvpress_like import models
-
-    if value == models.DEFAULT_MODEL:
-        path = models.cache_dir() / "smollm2-135m-instruct"  # where models.load_smollm2 keeps it
-        if not (path / "config.json").is_file():
-            return None
-    else:
-        path = _local_model_dir(value, option)
-        if path is None:
-            return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except _LOAD_ERRORS as exc:
-        raise _load_error(exc, value, option) from exc
 
 
 def _check_strategy(strategy: str, settings: dict[str, Any]) -> None:
@@ -275,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="passkey retrieval on SmolLM2-135M-Instruct: a strategy next to the full cache"
     )
     p.add_argument("--strategy", default="fastkv")
-    p.add_argument("--tokens", type=_positive_int, default=1000, help="prompt length in tokens")
-    p.add_argument("--depth", type=_fraction, default=0.5, help="needle depth, 0 (start) to 1 (end)")
+    p.add_argument("--tokens", type=bounded(int, 1), default=1000, help="prompt length in tokens")
+    p.add_argument(
+        "--depth", type=bounded(float, 0, 1), default=0.5, help="needle depth, 0 (start) to 1 (end)"
+    )
     p.add_argument("--seed", type=int, default=0, help="chooses the passkey")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=12)
     p.set_defaults(func=demo)
 
     p = sub.add_parser("run", help="run any model on a prompt file")
@@ -286,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or TOML pipeline config")
     p.add_argument("--strategy", default="fastkv", help="used when no --config is given")
     p.add_argument("--prompt-file", required=True)
-    p.add_argument("--max-new-tokens", type=_positive_int)
+    p.add_argument("--max-new-tokens", type=bounded(int, 1))
     p.set_defaults(func=run)
 
     p = sub.add_parser("strategies", help="list installed strategies")

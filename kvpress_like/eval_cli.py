@@ -8,68 +8,15 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kvpress_like import evaluate as harness
+from kvpress_like.arguments import bounded, check_model_arg, choice, csv, load_model_arg, local_tokenizer
 from kvpress_like.errors import ConfigError
 from kvpress_like.evaluate import DEFAULT_TASKS, EvalResult, StrategySpec, evaluate
 from kvpress_like.passkey import passkey_prompt
 from kvpress_like.tasks import GENERATORS, MAX_NEW_TOKENS, TASKS, sample_seed
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    """``a,b,c`` -> ``[kind(a), kind(b), kind(c)]``; at least one value."""
-
-    def parse(text: str) -> list:
-        try:
-            values = [kind(part.strip()) for part in text.split(",") if part.strip()]
-        except ValueError as exc:  # a plain int/float: argparse would only say "invalid parse value"
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"must list at least one value (got {text!r})")
-        return values
-
-    return parse
-
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budgets must be numbers in (0, 1] (got {text!r})") from None
-    if not 0.0 < value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"budgets must be in (0, 1], a share of the prompt (got {text})")
-    return value
-
-
-def _length(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"lengths must be whole token counts (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"lengths must be positive token counts (got {value})")
-    return value
-
-
-def _task(text: str) -> str:
-    if text not in TASKS:
-        raise argparse.ArgumentTypeError(f"tasks must be among {', '.join(TASKS)} (got {text!r})")
-    return text
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -92,15 +39,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated specs NAME[:K=V[:K=V]], e.g. full,fastkv:tsp=0.2,snapkv:window=4",
     )
     p.add_argument(
-        "--budgets", type=_csv(_budget), default=[0.1, 0.2], help="retain rates in (0, 1], e.g. 0.1,0.2"
+        "--budgets",
+        type=csv(bounded(float, 0, 1, low_open=True)),
+        default=[0.1, 0.2],
+        help="retain rates in (0, 1], e.g. 0.1,0.2",
     )
-    p.add_argument("--lengths", type=_csv(_length), default=[1024], help="prompt lengths in tokens")
-    p.add_argument("--tasks", type=_csv(_task), default=list(DEFAULT_TASKS), help=f"among {','.join(TASKS)}")
-    p.add_argument("--samples", type=_at_least_one, default=4, help="samples per task and length")
+    p.add_argument("--lengths", type=csv(bounded(int, 1)), default=[1024], help="prompt lengths in tokens")
+    p.add_argument(
+        "--tasks", type=csv(choice(TASKS)), default=list(DEFAULT_TASKS), help=f"among {','.join(TASKS)}"
+    )
+    p.add_argument("--samples", type=bounded(int, 1), default=4, help="samples per task and length")
     p.add_argument("--out", default="eval_results", help="output folder (records.jsonl is resumed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fidelity-steps", type=_at_least_one, default=MAX_NEW_TOKENS["fidelity"])
-    p.add_argument("--max-new-tokens", type=_at_least_one, help="override the per-task default")
+    p.add_argument("--fidelity-steps", type=bounded(int, 1), default=MAX_NEW_TOKENS["fidelity"])
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="override the per-task default")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run_eval)
     return p
@@ -180,7 +132,6 @@ def _check_out(out: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> EvalResult:
-    from kvpress_like.cli import check_model_arg, load_model_arg, local_tokenizer
 
     # Everything that can be checked without the model is, first: loading it is the slow part.
     check_model_arg(args.model)

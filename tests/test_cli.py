@@ -196,15 +196,13 @@ def test_usage_errors_are_one_line(cli):
     code, err = cli("run", "--model", "m", "--prompt-file", "p", "--max-new-tokens", "0")
     assert code == 2
     assert one_error_line(err) == (
-        "error: kvpress-like run: argument --max-new-tokens: must be a positive integer (got 0) "
+        "error: kvpress-like run: argument --max-new-tokens: must be an integer >= 1 (got 0) "
         "(see kvpress-like run --help)"
     )
     code, err = cli("nonsense")
     assert code == 2 and "invalid choice: 'nonsense'" in one_error_line(err)
     code, err = cli("demo", "--depth", "half")
-    assert code == 2 and "argument --depth: must be a number between 0 and 1 (got 'half')" in one_error_line(
-        err
-    )
+    assert code == 2 and "argument --depth: must be a number in [0, 1] (got 'half')" in one_error_line(err)
 
 
 def test_debug_shows_the_traceback(cli, no_model, files):
@@ -267,17 +265,17 @@ def test_run_still_runs(cli, model_dir, files, capsys):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--budgets", "0"], "argument --budgets: budgets must be in (0, 1], a share of the prompt (got 0)"),
-        (["--budgets", "0.1,1.5"], "argument --budgets: budgets must be in (0, 1]"),
+        (["--budgets", "0"], "argument --budgets: must be a number in (0, 1] (got 0)"),
+        (["--budgets", "0.1,1.5"], "argument --budgets: must be a number in (0, 1] (got 1.5)"),
         (["--budgets", "-0.2"], "(got -0.2)"),
         (["--budgets", ","], "argument --budgets: must list at least one value"),
-        (["--samples", "0"], "argument --samples: must be at least 1 (got 0)"),
-        (["--fidelity-steps", "0"], "argument --fidelity-steps: must be at least 1 (got 0)"),
-        (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be at least 1 (got -3)"),
-        (["--lengths", "0"], "argument --lengths: lengths must be positive token counts (got 0)"),
-        (["--lengths", "1k"], "argument --lengths: lengths must be whole token counts (got '1k')"),
-        (["--budgets", "ten"], "argument --budgets: budgets must be numbers in (0, 1] (got 'ten')"),
-        (["--tasks", "passkey,nope"], "argument --tasks: tasks must be among passkey, niah_single"),
+        (["--samples", "0"], "argument --samples: must be an integer >= 1 (got 0)"),
+        (["--fidelity-steps", "0"], "argument --fidelity-steps: must be an integer >= 1 (got 0)"),
+        (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be an integer >= 1 (got -3)"),
+        (["--lengths", "0"], "argument --lengths: must be an integer >= 1 (got 0)"),
+        (["--lengths", "1k"], "argument --lengths: must be an integer >= 1 (got '1k')"),
+        (["--budgets", "ten"], "argument --budgets: must be a number in (0, 1] (got 'ten')"),
+        (["--tasks", "passkey,nope"], "argument --tasks: must be among passkey, niah_single"),
         (
             ["--strategies", "full,nope"],
             "--strategies: 'nope' is not an installed strategy, these are: adakv,",
