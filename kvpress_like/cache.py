@@ -44,7 +44,8 @@ class LayerCache:
     def select(self, keep: torch.Tensor) -> LayerCache | PackedLayerCache:
         """Only the entries where ``keep`` ``[B, Hkv, S]`` is True, in position order. When rows or
         heads keep different numbers of entries, the result is packed (no padding stored)."""
-        counts = (keep & self.valid).sum(dim=-1)
+        keep = keep & self.valid  # a mask may mark padding: it must not push real entries out
+        counts = keep.sum(dim=-1)
         size, total = int(counts.max()), int(counts.sum())  # syncs once per layer, in prefill only
         order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :size]
         slot = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])

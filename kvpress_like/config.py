@@ -38,9 +38,16 @@ class GenerationConfig(StrictModel):
 
     max_new_tokens: int = Field(32, ge=1, description="upper bound on generated tokens per sequence")
     do_sample: bool = Field(False, description="sample instead of greedy argmax")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature when sampling")
+    temperature: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="softmax temperature when sampling"
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when sampling")
-    seed: int | None = Field(None, description="seed of the sampling generator (None: nondeterministic)")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        lt=2**64,  # what torch.Generator.manual_seed takes
+        description="seed of the sampling generator (None: nondeterministic)",
+    )
     stop_on_eos: bool = Field(True, description="stop a sequence at the model's end-of-sequence token")
     decode: Literal["auto", "eager", "static", "compiled"] = Field(
         "auto",

@@ -63,7 +63,10 @@ def decode_loop(
 
 def sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from float logits ``[B, V]`` by temperature / top-p sampling."""
-    probs = torch.softmax(logits / gen.temperature, dim=-1)
+    # Shifted so that the top logit is 0, and the temperature kept above the dtype's smallest
+    # normal number (1e-300 is 0 in float32): a tiny temperature gives the argmax, not 0 / 0.
+    temperature = max(gen.temperature, torch.finfo(logits.dtype).tiny)
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if gen.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > gen.top_p  # the top token always stays

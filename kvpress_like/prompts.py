@@ -32,6 +32,10 @@ def _rows_of_tensor(prompts: torch.Tensor) -> list[list[int]]:
             f"prompts: a tensor of token ids must be 1-D [T] or 2-D [B, T] (got {prompts.dim()}-D, "
             f"shape {list(prompts.shape)})"
         )
+    if prompts.numel() == 0:
+        raise ConfigError(
+            f"prompts: a tensor of token ids must not be empty (got shape {list(prompts.shape)})"
+        )
     return (prompts[None] if prompts.dim() == 1 else prompts).tolist()
 
 
@@ -78,10 +82,10 @@ class PromptEncoder:
             ids = _rows_of_tensor(prompt)[0]
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
             ids = list(prompt)
-            wrong = next((t for t in ids if not _is_token_id(t)), None)
-            if wrong is not None:
+            wrong = [t for t in ids if not _is_token_id(t)]
+            if wrong:
                 raise ConfigError(
-                    f"{where}: token ids must be integers (got {type(wrong).__name__} {wrong!r:.40})"
+                    f"{where}: token ids must be integers (got {type(wrong[0]).__name__} {wrong[0]!r:.40})"
                 )
             ids = [int(t) for t in ids]
         else:
@@ -108,7 +112,10 @@ class PromptEncoder:
             return []
         if mode == "continuation":
             return tok(text, add_special_tokens=False)["input_ids"]
-        use_template = chat_template if chat_template is not None else bool(tok.chat_template)
+        has_template = bool(getattr(tok, "chat_template", None)) and hasattr(tok, "apply_chat_template")
+        if chat_template and mode == "prompt" and not has_template:
+            raise ConfigError("chat_template: the tokenizer has no chat template (got True); pass False")
+        use_template = chat_template if chat_template is not None else has_template
         if use_template and mode == "prompt":
             text = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
