@@ -205,7 +205,11 @@ def test_smollm2_short_passkey_run(smollm2):
         ({"sink_tokens": -1}, ["streamingllm.sink_tokens", "greater than or equal to 0", "(got -1)"]),
         (
             {"budget_mode": "constant", "retain_tokens": 10, "sink_tokens": 4},
-            ["streamingllm.sink_tokens", "sink_tokens + window (8) must be <= retain_tokens (10)", "(got 4)"],
+            [
+                "streamingllm.sink_tokens",
+                "sink_tokens + window = 4 + 8 = 12 must be <= retain_tokens (10)",
+                "(got 4)",
+            ],
         ),
         ({"budget_mode": "constant"}, ["retain_tokens is required"]),
         ({"retain_rate": 0.0}, ["streamingllm.retain_rate", "greater than 0", "(got 0.0)"]),
@@ -225,7 +229,10 @@ def test_budget_without_room_for_sinks_and_window_fails_before_prefill():
         pipe(ROWS["batch1"])
     message = str(err.value)
     assert "streamingllm.sink_tokens" in message and "keeps 10 tokens" in message
-    assert "sink_tokens + window (8)" in message and message.endswith("(got 4)")
+    assert (
+        "sink_tokens + window = 4 + 8 = 12" in message
+        and "(got sink_tokens=4); use a longer prompt" in message
+    )
     assert calls == []
     pipeline(model, NAME, retain_rate=0.3, window=8, sink_tokens=4, max_new_tokens=1)(
         ROWS["batch1"]
