@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
 from kvpress_like import pipeline
 
-PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12  # measured H200 ceilings (DESIGN.md)
+PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12  # H200 ceilings: benchmarks/ceilings.py, docs/performance.md
 FASTKV = dict(tsp_layer=15, tsp_rate=0.2, retain_rate=0.1)
 SYSTEMS = {
     "transformers": None,  # full cache, StaticCache + torch.compile (generate's own compiled path)

@@ -8,12 +8,15 @@ print(pipe("a long prompt ...").text)
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvpress_like.config import GenerationConfig, PipelineConfig, StrategyConfig, load_config
+    from kvpress_like.config import EngineConfig, PipelineConfig, StrategyConfig, load_config
     from kvpress_like.errors import ConfigError, UnsupportedModelError
     from kvpress_like.hookspecs import LayerView, hookimpl
     from kvpress_like.pipeline import Context, Generation, Pipeline, Stats, pipeline
@@ -25,7 +28,7 @@ _SOURCES = {
     "ConfigError": "kvpress_like.errors",
     "Context": "kvpress_like.pipeline",
     "Generation": "kvpress_like.pipeline",
-    "GenerationConfig": "kvpress_like.config",
+    "EngineConfig": "kvpress_like.config",
     "LayerView": "kvpress_like.hookspecs",
     "ModelInfo": "kvpress_like.plugins",
     "Pipeline": "kvpress_like.pipeline",
@@ -43,8 +46,8 @@ _SOURCES = {
 __all__ = [
     "ConfigError",
     "Context",
+    "EngineConfig",
     "Generation",
-    "GenerationConfig",
     "LayerView",
     "ModelInfo",
     "Pipeline",
@@ -87,3 +90,61 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+# ---- the transformers pipeline task "kvpress-like" (kvpress_like/transformers_task.py) ----------
+# Registering it imports transformers.pipelines, which takes about 10 s: too slow for ``import
+# kvpress_like`` (and ``kvpress-like --help``). So it is registered when transformers.pipelines is
+# imported: at once if it already is, else by a one-shot finder that wraps that module's loader and
+# registers right after the module runs. ``transformers.pipeline("kvpress-like", ...)`` then works
+# whichever of kvpress_like and transformers was imported first.
+
+_PIPELINES = "transformers.pipelines"
+
+
+def _register_task() -> None:
+    try:
+        importlib.import_module("kvpress_like.transformers_task")  # registers on import
+    except Exception as exc:  # never break the user's import of transformers for an optional task
+        warnings.warn(
+            f"kvpress_like: the transformers task 'kvpress-like' is not registered: {exc!r}", stacklevel=2
+        )
+
+
+class _RegisterTaskAfterImport(importlib.abc.MetaPathFinder):
+    """On sys.meta_path until transformers.pipelines is imported; finds it with the other finders
+    and wraps its loader."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != _PIPELINES:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # one shot; and the lookup below must not come back here
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    """The module's own loader, then the registration; the module keeps its own loader after."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader
+        _register_task()
+
+
+if _PIPELINES in sys.modules:
+    _register_task()
+else:
+    sys.meta_path.insert(0, _RegisterTaskAfterImport())

@@ -60,23 +60,28 @@ def _side_by_side(columns: dict[str, list[tuple[str, str]]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table)
 
 
-def _check_strategy(strategy: str, settings: dict[str, Any]) -> None:
-    """Validate a strategy name and its settings as ``pipeline`` will, before a model is loaded."""
-    from kvpress_like.config import GenerationConfig
-    from kvpress_like.plugins import strategy_config
+def _check_settings(strategy: str, settings: dict[str, Any], generation: dict[str, Any]) -> None:
+    """Validate a strategy, its settings and the generation settings as a pipeline will, before a
+    model is loaded (which is the slow part)."""
+    from transformers import GenerationConfig
 
-    generation_fields = set(GenerationConfig.model_fields)
-    strategy_config(strategy, {k: v for k, v in settings.items() if k not in generation_fields})
+    from kvpress_like.config import EngineConfig
+    from kvpress_like.plugins import strategy_config
+    from kvpress_like.settings import ENGINE_FIELDS, engine_config, generation_config
+
+    strategy_config(strategy, settings)
+    engine_config(EngineConfig(), {k: v for k, v in generation.items() if k in ENGINE_FIELDS})
+    generation_config(GenerationConfig(), {k: v for k, v in generation.items() if k not in ENGINE_FIELDS})
 
 
 # ---- commands -----------------------------------------------------------------------------------
 
 
 def demo(args: argparse.Namespace) -> None:
-    _check_strategy(args.strategy, {})  # before the model loads (the first run converts it)
+    _check_settings(args.strategy, {}, {})  # before the model loads (the first run converts it)
 
+    from kvpress_like.eval.passkey import found_key, passkey_prompt
     from kvpress_like.models import load_smollm2
-    from kvpress_like.passkey import found_key, passkey_prompt
     from kvpress_like.pipeline import pipeline
 
     model, tokenizer = load_smollm2()
@@ -107,19 +112,26 @@ def run(args: argparse.Namespace) -> None:
     overrides = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     if args.config:
         cfg = load_config(args.config)
-        strategy, settings = cfg.strategy, {**cfg.settings, **cfg.generation.model_dump(exclude_unset=True)}
+        strategy, settings, generation = cfg.strategy, cfg.settings, {**cfg.generation, **overrides}
     else:
-        strategy, settings = args.strategy, {}
+        strategy, settings, generation = args.strategy, {}, overrides
     text = read_prompt_file(args.prompt_file)
     check_model_arg(args.model)
-    _check_strategy(strategy, settings)  # imports torch: after the quick checks
+    _check_settings(strategy, settings, generation)  # imports torch: after the quick checks
     model, tokenizer = load_model_arg(args.model)
 
-    from kvpress_like.pipeline import pipeline
+    from transformers import TextStreamer
 
-    pipe = pipeline(model, strategy, tokenizer=tokenizer, **{**settings, **overrides})
-    out = pipe(text)
-    print(out.text)
+    from kvpress_like.pipeline import Pipeline, pipeline
+
+    if args.config:
+        pipe = Pipeline.from_config(args.config, model, tokenizer=tokenizer, **overrides)
+    else:
+        pipe = pipeline(model, strategy, tokenizer=tokenizer, **overrides)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if tokenizer else None
+    out = pipe(text, streamer=streamer)  # the answer is printed as it is generated
+    if streamer is None:
+        print(out.token_ids[0])
     print()
     print(_side_by_side({Path(args.config).name if args.config else strategy: stats_rows(out.stats)}))
 
@@ -172,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-reference", help="print the settings of every strategy (docs/config.md)")
     p.set_defaults(func=config_reference)
 
-    # kvpress_like.eval_cli imports neither torch nor transformers at module level.
-    from kvpress_like.eval_cli import add_eval_parser
+    # kvpress_like.eval.cli imports neither torch nor transformers (nor matplotlib) at module level.
+    from kvpress_like.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
     return parser

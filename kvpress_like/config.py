@@ -6,8 +6,9 @@ A config file (YAML or TOML) looks like::
     settings:            # fields of the strategy's own Config model
       tsp_rate: 0.2
       retain_rate: 0.1
-    generation:          # fields of GenerationConfig
+    generation:          # fields of EngineConfig and of transformers' GenerationConfig
       max_new_tokens: 64
+      decode: compiled
 """
 
 from __future__ import annotations
@@ -33,15 +34,11 @@ class StrategyConfig(StrictModel):
     """Base class of every strategy's settings (each strategy subclasses it)."""
 
 
-class GenerationConfig(StrictModel):
-    """How a request runs: prefill mode, then how tokens are produced."""
+class EngineConfig(StrictModel):
+    """How kvpress_like runs a request: prefill and decode modes, the sampling seed, the chat
+    template. What to generate (max_new_tokens, sampling, stop strings, ...) is transformers'
+    ``GenerationConfig``."""
 
-    max_new_tokens: int = Field(32, ge=1, description="upper bound on generated tokens per sequence")
-    do_sample: bool = Field(False, description="sample instead of greedy argmax")
-    temperature: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="softmax temperature when sampling"
-    )
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when sampling")
     seed: int | None = Field(
         None,
         ge=-(2**63),
@@ -78,7 +75,8 @@ class PipelineConfig(StrictModel):
 
     strategy: str = "fastkv"
     settings: dict[str, Any] = Field(default_factory=dict)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    # EngineConfig fields and transformers GenerationConfig fields (the two share no name)
+    generation: dict[str, Any] = Field(default_factory=dict)
 
 
 def _read_config_text(path: Path) -> str:

@@ -1,77 +1,226 @@
-"""Producing tokens: sampling, the decode loop around a step function, and its clocks.
+"""Producing tokens: the decode loop around a step function, with transformers' own logits
+processors, stopping criteria and streamers, and its clocks.
 
-The loop never waits for the step it queued: step times are CUDA events, and the "all rows
-finished" flag is read one step late (``FinishedFlag``).
+The step (eager, static or compiled: ``decode.py``) gives the logits; everything a
+``GenerationConfig`` asks of them (repetition penalty, min_new_tokens, temperature, top-k, top-p,
+stop strings) runs here, between steps, through transformers' ``LogitsProcessor`` and
+``StoppingCriteria`` classes, so every decode path honours the same settings. The loop never waits
+for the step it queued: step times are CUDA events, the "all rows finished" flag is read one step
+late (``FinishedFlag``), and tokens reach a streamer one step late (``TokenSink``).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
-from kvpress_like.config import GenerationConfig
+from kvpress_like.errors import ConfigError
 from kvpress_like.results import Context, Generation
 
 Step = Callable[[Tensor], tuple[Tensor, Tensor]]  # next tokens [B] -> logits [B, V], their argmax [B]
+TokenCallback = Callable[[list[int | None]], None]  # one id per row, None for a finished row
 
 
-def decode_loop(
-    context: Context, gen: GenerationConfig, step: Step, eos: Tensor, tokenizer: Any
-) -> Generation:
+@dataclass
+class Request:
+    """What one decode is asked for, beyond the step that makes the logits."""
+
+    generation: GenerationConfig  # checked (settings.generation_config): max_new_tokens is set
+    eos: Tensor  # [E] long: end-of-sequence ids
+    seed: int | None = None
+    stop_on_eos: bool = True
+    logits_processor: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    stopping_criteria: StoppingCriteriaList = field(default_factory=StoppingCriteriaList)
+    streamer: Any = None  # transformers' streamer protocol: put(ids), end()
+    on_token: TokenCallback | None = None
+    output_scores: bool = False
+    tokenizer: Any = None
+
+
+class StableTemperature(LogitsProcessor):
+    """transformers' temperature scaling, shifted first so that the top score is 0 and kept above
+    the dtype's smallest normal number: a tiny temperature (1e-300 is 0 in float32) gives the argmax
+    instead of inf / inf. Sampling is unchanged: softmax, top-k and top-p ignore a shift."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        shifted = scores - scores.amax(dim=-1, keepdim=True)
+        return shifted / max(self.temperature, torch.finfo(scores.dtype).tiny)
+
+
+def logits_processors(request: Request, prompt_width: int, pad_lengths: Tensor) -> LogitsProcessorList:
+    """transformers' processors for ``request.generation``, in the order ``model.generate`` builds
+    them: penalties and constraints, the caller's own, then (sampling only) the warpers."""
+    gen, processors = request.generation, LogitsProcessorList()
+    if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
+        kwargs = {}
+        if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters:
+            kwargs["prompt_ignore_length"] = pad_lengths  # left padding is no part of the prompt
+        processors.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty, **kwargs))
+    if gen.min_new_tokens and len(request.eos):
+        processors.append(
+            MinNewTokensLengthLogitsProcessor(
+                prompt_width, gen.min_new_tokens, request.eos, request.eos.device
+            )
+        )
+    processors.extend(request.logits_processor)
+    if gen.do_sample:
+        if gen.temperature is not None and gen.temperature != 1.0:
+            processors.append(StableTemperature(gen.temperature))
+        if gen.top_k:
+            processors.append(TopKLogitsWarper(top_k=gen.top_k))
+        if gen.top_p is not None and gen.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=gen.top_p))
+    return processors
+
+
+def stopping_criteria(request: Request) -> StoppingCriteriaList:
+    criteria = StoppingCriteriaList()
+    if request.generation.stop_strings:
+        if request.tokenizer is None:
+            raise ConfigError("generation.stop_strings: need a tokenizer (got None)")
+        criteria.append(StopStringCriteria(request.tokenizer, request.generation.stop_strings))
+    criteria.extend(request.stopping_criteria)
+    return criteria
+
+
+def decode_loop(context: Context, request: Request, step: Step) -> Generation:
     """Tokens from the context's last logits on, ``step`` giving the logits ``[B, V]`` and their
-    argmax ``[B]`` after each (the argmax inside a compiled step: no separate, slower launch).
-    ``eos`` ``[E]``: the end-of-sequence ids."""
+    argmax ``[B]`` after each (the argmax inside a compiled step: no separate, slower launch)."""
+    gen, eos = request.generation, request.eos
     logits = context.last_logits
     greedy = logits.argmax(dim=-1)
+    device, rows = logits.device, logits.shape[0]
+    pad_lengths = (context.valid.cumsum(dim=-1) == 0).sum(dim=-1)  # each row's left padding
+    processors = logits_processors(request, context.ids.shape[1], pad_lengths)
+    criteria = stopping_criteria(request)
+    history = context.ids if processors or criteria else None  # [B, T]: what processors read
     generator = None
-    if gen.do_sample and gen.seed is not None:
-        generator = torch.Generator(device=logits.device).manual_seed(gen.seed)
-    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    all_finished = FinishedFlag(logits.device)
-    clock = StepClock(logits.device)
-    steps: list[torch.Tensor] = []
+    if gen.do_sample and request.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+    stops = eos if request.stop_on_eos else eos[:0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), gen.max_new_tokens, dtype=torch.long, device=device)
+    all_finished = FinishedFlag(device)
+    clock = StepClock(device)
+    sink = TokenSink(device, request.streamer, request.on_token)
+    if request.streamer is not None:
+        request.streamer.put(context.ids.cpu())  # the prompt first, as generate does
+    steps: list[Tensor] = []
+    scores_out: list[Tensor] = []
     for index in range(gen.max_new_tokens):
-        token = sample(logits, gen, generator) if gen.do_sample else greedy
+        if processors or gen.do_sample:
+            scores = processors(history, logits) if processors else logits
+            token = sample(scores, generator) if gen.do_sample else scores.argmax(dim=-1)
+        else:
+            scores, token = logits, greedy
+        if request.output_scores:
+            scores_out.append(scores)
+        live = ~finished
         token = torch.where(finished, eos[0] if len(eos) else token, token)
         steps.append(token)
-        finished |= torch.isin(token, eos)
-        if index == gen.max_new_tokens - 1 or (gen.stop_on_eos and all_finished.check(finished)):
+        if history is not None:
+            history = torch.cat([history, token[:, None]], dim=1)
+        done = torch.isin(token, stops)
+        if criteria:
+            done |= criteria(history, scores)
+        lengths = torch.where(live & done, index + 1, lengths)
+        finished |= done
+        sink.push(token, live)
+        if index == gen.max_new_tokens - 1 or all_finished.check(finished):
             break
         logits, greedy = step(token)
         clock.tick()
+    sink.close()
     step_seconds = clock.seconds()
+    lengths_host = lengths.clamp(max=len(steps)).tolist()
     tokens = torch.stack(steps, dim=1).tolist()
-    token_ids = [until_eos(row, set(eos.tolist())) if gen.stop_on_eos else row for row in tokens]
+    token_ids = [row[:n] for row, n in zip(tokens, lengths_host, strict=True)]
     texts = None
-    if tokenizer is not None:
-        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
+    if request.tokenizer is not None:
+        texts = [request.tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
     stats = replace(
         context.stats,
         decode_seconds_per_token=statistics.median(step_seconds) if step_seconds else 0.0,
         decode_step_seconds=tuple(step_seconds),
         new_tokens=tuple(len(row) for row in token_ids),
     )
-    return Generation(token_ids, texts, stats)
+    scores = tuple(scores_out[: max(lengths_host)]) if request.output_scores else None
+    return Generation(token_ids, texts, stats, scores)
 
 
-def sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from float logits ``[B, V]`` by temperature / top-p sampling."""
-    # Shifted so that the top logit is 0, and the temperature kept above the dtype's smallest
-    # normal number (1e-300 is 0 in float32): a tiny temperature gives the argmax, not 0 / 0.
-    temperature = max(gen.temperature, torch.finfo(logits.dtype).tiny)
-    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-    if gen.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > gen.top_p  # the top token always stays
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+def sample(scores: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row ``[B]`` drawn from processed scores ``[B, V]``, as ``model.generate`` draws."""
+    probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TokenSink:
+    """Hands each step's tokens to a transformers streamer (``put`` one row's ids, then ``end``)
+    and/or a per-token callback. On CUDA the tokens are copied to pinned memory without waiting
+    and handed over one step later, when the copy has long landed: no host sync per token beyond
+    the streamer's own work. A streamer takes one row, as transformers' streamers do."""
+
+    def __init__(self, device: torch.device, streamer: Any, on_token: TokenCallback | None) -> None:
+        self.streamer, self.on_token = streamer, on_token
+        self.lagged = device.type == "cuda"
+        self.pending: tuple[Tensor, Any] | None = None
+        self.active = streamer is not None or on_token is not None
+
+    def push(self, tokens: Tensor, live: Tensor) -> None:
+        """``tokens`` ``[B]`` of this step; ``live`` ``[B]``: rows not finished before it."""
+        if not self.active:
+            return
+        packed = torch.stack([tokens, live.long()])
+        if not self.lagged:
+            self._deliver(packed)
+            return
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._flush()
+        self.pending = (host, event)
+
+    def close(self) -> None:
+        if self.active:
+            self._flush()
+        if self.streamer is not None:
+            self.streamer.end()
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            host, event = self.pending
+            event.synchronize()
+            self._deliver(host)
+            self.pending = None
+
+    def _deliver(self, packed: Tensor) -> None:
+        tokens, live = packed.tolist()
+        if self.streamer is not None and live[0]:
+            self.streamer.put(torch.tensor([tokens[0]]))
+        if self.on_token is not None and any(live):
+            self.on_token([t if alive else None for t, alive in zip(tokens, live, strict=True)])
 
 
 class StepClock:
@@ -118,13 +267,6 @@ class FinishedFlag:
             return False
         self.copied[-2].synchronize()
         return bool(self.host[1 - slot])
-
-
-def until_eos(row: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(row):
-        if token in eos:
-            return row[: i + 1]
-    return row
 
 
 def elapsed(start: float, result: torch.Tensor) -> float:

@@ -18,21 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
-from kvpress_like.config import GenerationConfig, load_config
+from kvpress_like.config import EngineConfig, StrategyConfig, load_config
 from kvpress_like.contracts import HookRunner
 from kvpress_like.decode import DecoderPool
-from kvpress_like.errors import ConfigError, config_error_from
+from kvpress_like.errors import ConfigError
 from kvpress_like.forward import Forward
-from kvpress_like.generation import Step, decode_loop, elapsed
-from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_config
+from kvpress_like.generation import Request, Step, decode_loop, elapsed
+from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, strategy_config
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
 from kvpress_like.results import Context, Generation, Stats
+from kvpress_like.settings import (
+    ENGINE_FIELDS,
+    CallSettings,
+    call_settings,
+    default_generation,
+    engine_config,
+    generation_config,
+    split_keywords,
+)
 
 logger = logging.getLogger("kvpress_like")
 
@@ -50,14 +59,21 @@ class Pipeline:
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
         strategy: Strategy,
-        generation: GenerationConfig,
+        engine: EngineConfig | None = None,
+        generation: GenerationConfig | None = None,
         plugins: Iterable[object] = (),
+        generation_settings: dict[str, Any] | None = None,
     ) -> None:
         self.adapter = ModelAdapter(model)
-        self.model, self.tokenizer, self.strategy, self.generation = model, tokenizer, strategy, generation
+        self.model, self.tokenizer, self.strategy = model, tokenizer, strategy
+        self.engine = engine or EngineConfig()
+        # None: the model's own generation_config, read at every call as model.generate reads it
+        self._generation_base = generation
+        self._generation_settings = dict(generation_settings or {})
+        _ = self.generation  # checked now, before any call
         self.plugin_manager = make_plugin_manager(strategy, plugins)
         window = getattr(strategy.config, "window", 1)
         self._hooks = HookRunner(self.plugin_manager, min_kept=window if isinstance(window, int) else 1)
@@ -66,12 +82,39 @@ class Pipeline:
 
     @classmethod
     def from_config(
-        cls, path: str | Path, model, *, tokenizer=None, plugins: Iterable[object] = (), **overrides: Any
+        cls,
+        path: str | Path,
+        model: PreTrainedModel | str,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        plugins: Iterable[object] = (),
+        **overrides: Any,
     ) -> Pipeline:
-        """Build from a YAML/TOML file (see ``kvpress_like.config``); keyword arguments override it."""
+        """Build from a YAML/TOML file (see ``kvpress_like.config``); keyword arguments override it.
+        The file's sections are never merged: ``settings`` are the strategy's, ``generation`` the
+        engine's and transformers' GenerationConfig's."""
         cfg = load_config(path)
-        settings = {**cfg.settings, **cfg.generation.model_dump(exclude_unset=True), **overrides}
-        return pipeline(model, cfg.strategy, tokenizer=tokenizer, plugins=plugins, **settings)
+        name = cfg.strategy
+        strategy_kw, engine_kw, generation_kw = split_keywords(
+            overrides, name, set(strategy_class(name).Config.model_fields)
+        )
+        engine_file = {k: v for k, v in cfg.generation.items() if k in ENGINE_FIELDS}
+        generation_file = {k: v for k, v in cfg.generation.items() if k not in ENGINE_FIELDS}
+        try:  # the file's own sections first, so that an error names the file
+            engine_config(EngineConfig(), engine_file)
+            generation_config(GenerationConfig(), generation_file)
+        except ConfigError as exc:
+            raise ConfigError(f"{Path(path).name}.{exc}") from None
+        return _build(
+            model,
+            name,
+            {**cfg.settings, **strategy_kw},
+            engine_config(EngineConfig(), {**engine_file, **engine_kw}),
+            None,
+            {**generation_file, **generation_kw},
+            tokenizer,
+            plugins,
+        )
 
     def __call__(self, prompts: Prompts, **generation: Any) -> Generation:
         return self.generate(prompts, **generation)
@@ -85,42 +128,55 @@ class Pipeline:
         ids, valid = self._prompts.encode(prompts, "prefix")
         self.strategy.check_prompt(valid.sum(dim=-1).tolist())
         with torch.inference_mode():
-            return self._prefill(ids, valid, self.generation)
+            return self._prefill(ids, valid, self.engine)
 
-    def extend(self, context: Context, prompts: Prompts, **generation: Any) -> Context:
+    def extend(self, context: Context, prompts: Prompts, **engine: Any) -> Context:
         """The context followed by more tokens (plain text continues it: no template, no special
         tokens), nothing compressed; its ``last_logits`` are the next-token logits. ``context``
-        itself is left as it was. ``generation`` overrides settings (e.g. ``prefill``) for this call."""
-        gen = self._generation_config(generation)
+        itself is left as it was. ``engine`` overrides engine settings (e.g. ``prefill``)."""
+        settings = engine_config(self.engine, engine)
         ids, valid = self._continuation(context, prompts)
         with torch.inference_mode():
-            return self._extend(context.clone(), ids, valid, gen.prefill == "compiled")
+            return self._extend(context.clone(), ids, valid, settings.prefill == "compiled")
 
     def generate(
-        self, prompts: Prompts | None = None, *, context: Context | None = None, **generation: Any
+        self, prompts: Prompts | None = None, *, context: Context | None = None, **settings: Any
     ) -> Generation:
-        """Generate from prompts, or from a context (optionally followed by more prompt tokens)."""
-        gen = self._generation_config(generation)
+        """Generate from prompts, or from a context (optionally followed by more prompt tokens).
+
+        ``settings``: engine and generation settings for this call (``max_new_tokens=8``,
+        ``generation_config=GenerationConfig(...)``, ``decode="eager"``, ...), and
+        ``logits_processor`` / ``stopping_criteria`` lists, a ``streamer`` (transformers' streamer
+        protocol) or an ``on_token`` callback, on every decode path."""
+        strategy_fields = set(type(self.strategy.config).model_fields)
+        call = call_settings(self.engine, self.generation, settings, strategy_fields)
         if context is None:
             if prompts is None:
                 raise ConfigError("prompts: must be given unless a context is (got None)")
-            ids, valid = self._prompts.encode(prompts, "prompt", gen.chat_template)
+            ids, valid = self._prompts.encode(prompts, "prompt", call.engine.chat_template)
             lengths = valid.sum(dim=-1)
             self.strategy.check_prompt(lengths.tolist())
-            self._check_new_tokens(lengths, gen)
+            self._check_call(lengths, call)
             with torch.inference_mode():
-                return self._decode(self._prefill(ids, valid, gen), gen)
+                return self._decode(self._prefill(ids, valid, call.engine), call)
         if prompts is None:
             self._check_context(context)
-            self._check_new_tokens(context.cache.next_positions, gen)
+            self._check_call(context.cache.next_positions, call)
             context = context.clone()  # decoding grows the cache it is given, never the caller's
         else:
             ids, valid = self._continuation(context, prompts)
-            self._check_new_tokens(context.cache.next_positions + valid.sum(dim=-1), gen)
+            self._check_call(context.cache.next_positions + valid.sum(dim=-1), call)
             with torch.inference_mode():
-                context = self._extend(context.clone(), ids, valid, gen.prefill == "compiled")
+                context = self._extend(context.clone(), ids, valid, call.engine.prefill == "compiled")
         with torch.inference_mode():
-            return self._decode(context, gen)
+            return self._decode(context, call)
+
+    @property
+    def generation(self) -> GenerationConfig:
+        """The generation settings a call starts from: the given GenerationConfig, else the model's
+        own ``generation_config`` as it is now, with the pipeline's keyword settings applied."""
+        base = self._generation_base or default_generation(self.model)
+        return generation_config(base, self._generation_settings)
 
     def close(self) -> None:
         """Free the static decoders (buffers and captured steps) this pipeline holds."""
@@ -150,12 +206,6 @@ class Pipeline:
 
     # ---- checks, before any model work -------------------------------------------------------
 
-    def _generation_config(self, overrides: dict[str, Any]) -> GenerationConfig:
-        try:
-            return GenerationConfig.model_validate({**self.generation.model_dump(), **overrides})
-        except ValidationError as exc:
-            raise config_error_from(exc, "generation") from None
-
     def _continuation(self, context: Context, prompts: Prompts) -> tuple[Tensor, Tensor]:
         """Ids and valid mask of the tokens that follow a context, one row per context row."""
         self._check_context(context)
@@ -180,11 +230,14 @@ class Pipeline:
                 f"context: must come from this pipeline's model and tokenizer; {'; '.join(differs)}"
             )
 
-    def _check_new_tokens(self, prompt_lengths: Tensor, gen: GenerationConfig) -> None:
+    def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
         """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
         before any allocation; warn, as transformers does, when prompt and new tokens together
         pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one."""
-        wanted = gen.max_new_tokens
+        rows = prompt_lengths.shape[0]
+        if "streamer" in call.options and rows > 1:
+            raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
+        wanted = call.generation.max_new_tokens
         limit = getattr(self.adapter.config, "max_position_embeddings", None)
         if isinstance(limit, int) and wanted > limit:
             raise ConfigError(
@@ -200,7 +253,6 @@ class Pipeline:
                 wanted,
                 limit,
             )
-        rows = prompt_lengths.shape[0]
         needed = rows * wanted * self.adapter.cache_bytes_per_token()
         free = self.adapter.free_memory()
         if free is not None and needed > free:
@@ -212,14 +264,21 @@ class Pipeline:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, gen: GenerationConfig) -> Context:
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, engine: EngineConfig) -> Context:
         start = time.perf_counter()
-        compiled = gen.prefill == "compiled"
+        compiled = engine.prefill == "compiled"
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)
         cache = CompressedCache([None] * self.adapter.info.num_layers, valid.sum(dim=-1))
-        chunk = gen.prefill_chunk
+        chunk = engine.prefill_chunk
         if chunk is not None and not chunk_kernels_available(self.adapter):
             chunk = None  # no fused kernel with log-sum-exps here: whole layers
+            logger.info(
+                "prefill_chunk=%d not used: no fused attention kernel with log-sum-exps for "
+                "%s on %s, prefilling whole layers",
+                engine.prefill_chunk,
+                self.adapter.dtype,
+                self.adapter.device,
+            )
         fwd = Forward(cache, positions, valid, self._hooks, chunk=chunk)
         try:
             logits, restart_ids = self._run_layers(ids, fwd, compiled)
@@ -236,7 +295,7 @@ class Pipeline:
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
             ]
         stats = self._stats(fwd, cache, valid, elapsed(start, logits))
-        return Context(cache, logits, stats, self.source)
+        return Context(cache, logits, stats, self.source, ids, valid)
 
     def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
         start = time.perf_counter()
@@ -246,7 +305,8 @@ class Pipeline:
         logits, _ = self._run_layers(ids, fwd, compiled)
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
         stats = self._stats(fwd, cache, valid, elapsed(start, logits))
-        return Context(cache, logits, stats, context.source)
+        ids, valid = torch.cat([context.ids, ids], dim=1), torch.cat([context.valid, valid], dim=1)
+        return Context(cache, logits, stats, context.source, ids, valid)
 
     def _run_layers(
         self, ids: torch.Tensor, fwd: Forward, compiled: bool = False
@@ -286,17 +346,24 @@ class Pipeline:
         fwd.in_flight = None
         return hidden
 
-    def _decode(self, context: Context, gen: GenerationConfig) -> Generation:
-        mode = gen.decode
+    def _decode(self, context: Context, call: CallSettings) -> Generation:
+        mode = call.engine.decode
         if mode == "auto":
             mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
+        request = Request(
+            generation=call.generation,
+            eos=self._prompts.eos_ids(call.generation, self.adapter.device),
+            seed=call.engine.seed,
+            stop_on_eos=call.engine.stop_on_eos,
+            output_scores=bool(call.generation.output_scores),
+            tokenizer=self.tokenizer,
+            **call.options,
+        )
         if mode == "eager":
-            return decode_loop(context, gen, self._eager_step(context.cache), self._eos(), self.tokenizer)
-        with self._decoders.session(context.cache, gen.max_new_tokens, mode == "compiled") as session:
-            return decode_loop(context, gen, session.step, self._eos(), self.tokenizer)
-
-    def _eos(self) -> Tensor:
-        return self._prompts.eos_ids(self.adapter.device)
+            return decode_loop(context, request, self._eager_step(context.cache))
+        max_new = call.generation.max_new_tokens
+        with self._decoders.session(context.cache, max_new, mode == "compiled") as session:
+            return decode_loop(context, request, session.step)
 
     def _eager_step(self, cache: CompressedCache) -> Step:
         """The layer loop on one token per row ``[B]``: logits ``[B, V]`` and their argmax ``[B]``."""
@@ -332,29 +399,59 @@ def _vocabulary_size(tokenizer: Any) -> int | str:
 
 
 def pipeline(
-    model,
-    strategy: str | type[Strategy] = "fastkv",
+    model: PreTrainedModel | str | Path,
+    strategy: str | type[Strategy] | Strategy | StrategyConfig = "fastkv",
     *,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     plugins: Iterable[object] = (),
+    generation: GenerationConfig | None = None,
+    engine: EngineConfig | None = None,
     **settings: Any,
 ) -> Pipeline:
     """Wrap a loaded causal LM (or a name/path, or ``"smollm2"`` for the embedded default).
 
-    ``strategy`` is an installed strategy's name (``kvpress-like strategies``) or a Strategy class.
+    ``strategy``: an installed strategy's name (``kvpress-like strategies``), a Strategy class, a
+    strategy's settings (``FastKV.Config(tsp_rate=0.2)``) or a built Strategy. ``generation``:
+    transformers' ``GenerationConfig`` (default: the model's own ``generation_config``, as
+    ``model.generate`` uses). ``engine``: kvpress_like's ``EngineConfig`` (decode and prefill modes).
 
-    ``settings`` mixes the strategy's own settings (e.g. ``tsp_rate``) with generation settings
-    (``GenerationConfig`` fields, e.g. ``max_new_tokens``); all are validated before any model work.
+    ``settings`` are keywords for any of the three, sorted by the names each knows
+    (``tsp_rate=0.2, max_new_tokens=64, decode="eager"``); a name two of them know is refused,
+    naming both. Everything is validated before the model is loaded or run.
     """
-    generation_fields = set(GenerationConfig.model_fields)
-    gen_settings = {k: v for k, v in settings.items() if k in generation_fields}
-    strategy_settings = {k: v for k, v in settings.items() if k not in generation_fields}
-    try:
-        generation = GenerationConfig.model_validate(gen_settings)
-    except ValidationError as exc:
-        raise config_error_from(exc, "generation") from None
-    # Settings are checked before a model is loaded; checks against its depth come after.
-    strategy_cls, strategy_settings = strategy_config(strategy, strategy_settings)
+    cls = strategy_class(strategy)
+    name = getattr(cls, "name", cls.__name__)
+    strategy_kw, engine_kw, generation_kw = split_keywords(settings, name, set(cls.Config.model_fields))
+    if strategy_kw and isinstance(strategy, Strategy | StrategyConfig):
+        raise ConfigError(
+            f"{next(iter(strategy_kw))}: the strategy's settings come with the {type(strategy).__name__} "
+            f"given; set them there (got {strategy_kw})"
+        )
+    return _build(
+        model, strategy, strategy_kw, engine_config(engine or EngineConfig(), engine_kw), generation,
+        generation_kw, tokenizer, plugins,
+    )  # fmt: skip
+
+
+def _build(
+    model: PreTrainedModel | str | Path,
+    strategy: str | type[Strategy] | Strategy | StrategyConfig,
+    strategy_kw: dict[str, Any],
+    engine: EngineConfig,
+    generation: GenerationConfig | None,
+    generation_kw: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None,
+    plugins: Iterable[object],
+) -> Pipeline:
+    """A pipeline from sorted settings: all are checked before a model is loaded, those against
+    the model (its depth, its generation_config) right after."""
+    generation_config(generation or GenerationConfig(), generation_kw)
+    if isinstance(strategy, Strategy):
+        built, cls, config = strategy, type(strategy), strategy.config
+    elif isinstance(strategy, StrategyConfig):
+        cls, config = strategy_class(strategy), strategy
+    else:
+        cls, config = strategy_config(strategy, strategy_kw)
     if isinstance(model, str | Path):
         from kvpress_like.models import load_model
 
@@ -363,5 +460,7 @@ def pipeline(
         except (OSError, ValueError) as exc:  # no such path or hub name, or no model in it
             raise ConfigError(f"model: must name a loadable model (got {str(model)!r}): {exc}") from exc
         tokenizer = tokenizer or loaded_tokenizer
-    built = strategy_cls(strategy_settings, ModelAdapter(model).info)
-    return Pipeline(model, tokenizer, built, generation, plugins)
+    info = ModelAdapter(model).info
+    if not isinstance(strategy, Strategy):
+        built = cls(config, info)
+    return Pipeline(model, tokenizer, built, engine, generation, plugins, generation_kw)

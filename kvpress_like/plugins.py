@@ -9,7 +9,7 @@ Built-in strategies are registered through the same entry-point group as third-p
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -23,6 +23,7 @@ from kvpress_like.config import StrategyConfig
 from kvpress_like.errors import ConfigError, config_error_from
 
 ENTRY_POINT_GROUP = "kvpress_like.strategies"
+logger = logging.getLogger("kvpress_like")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,28 @@ def load_strategy_class(name: str) -> type[Strategy]:
         raise ConfigError(f"strategy: {name!r} ({_source(eps[name])}) is broken: {exc}") from exc
 
 
+def strategy_class(strategy: object) -> type[Strategy]:
+    """The Strategy class named by a strategy name, class, instance, or settings instance (the
+    installed strategy whose ``Config`` it is)."""
+    if isinstance(strategy, str):
+        return load_strategy_class(strategy)
+    if isinstance(strategy, Strategy):
+        return type(strategy)
+    if isinstance(strategy, StrategyConfig):
+        for name in sorted(_entry_points()):
+            cls = load_strategy_class(name)
+            if cls.Config is type(strategy):
+                return cls
+        raise ConfigError(
+            f"strategy: a {type(strategy).__name__} must be the settings of an installed strategy; "
+            "pass the Strategy class with keyword settings instead (got an unregistered one)"
+        )
+    try:
+        return _check_class(strategy, "strategy")
+    except Exception as exc:
+        raise ConfigError(f"strategy: {exc}") from exc
+
+
 def strategy_config(
     strategy: str | type[Strategy], settings: Mapping[str, Any]
 ) -> tuple[type[Strategy], StrategyConfig]:
@@ -116,11 +139,10 @@ def describe_strategies() -> list[StrategyInfo]:
         try:
             cls = _load(ep)
         except Exception as exc:
-            warnings.warn(
-                f"kvpress_like: strategy plugin {name!r} ({ep.value}, from {_source(ep)}) is broken "
-                f"and was skipped: {type(exc).__name__}: {exc}",
-                stacklevel=2,
-            )
+            logger.warning(
+                "strategy plugin %r (%s, from %s) is broken and was skipped: %s: %s",
+                name, ep.value, _source(ep), type(exc).__name__, exc,
+            )  # fmt: skip
             continue
         doc = " ".join((cls.__doc__ or "").split())
         found.append(StrategyInfo(name, doc.split(". ")[0].rstrip("."), _source(ep)))

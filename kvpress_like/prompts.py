@@ -133,9 +133,11 @@ class PromptEncoder:
                     return int(value)
         return 0
 
-    def eos_ids(self, device: torch.device) -> torch.Tensor:
-        ids: set[int] = set()
-        for source in (self.model.generation_config, self.tokenizer):
+    def eos_ids(self, generation: Any, device: torch.device) -> torch.Tensor:
+        """``[E]``: the generation settings' end-of-sequence ids, else the tokenizer's."""
+        for source in (generation, self.tokenizer):
             value = getattr(source, "eos_token_id", None)
-            ids.update(value if isinstance(value, list) else [] if value is None else [value])
-        return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+            if value is not None and value != []:
+                ids = value if isinstance(value, list | tuple) else [value]
+                return torch.tensor(sorted(set(map(int, ids))), dtype=torch.long, device=device)
+        return torch.zeros(0, dtype=torch.long, device=device)

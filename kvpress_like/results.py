@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvpress_like.cache import CompressedCache
+from kvpress_like.errors import ConfigError
 
 
 @dataclass
@@ -32,20 +33,25 @@ class Context:
     last_logits: torch.Tensor  # [B, V] float: logits for the token after the prompt
     stats: Stats
     source: dict[str, str]  # what made it: the model's cache-shaping facts and the tokenizer
+    ids: torch.Tensor  # [B, T] long: the prompt's ids, left-padded (what logits processors read)
+    valid: torch.Tensor  # [B, T] bool: False for padding
 
     def clone(self) -> Context:
-        return Context(self.cache.clone(), self.last_logits.clone(), self.stats, self.source)
+        return replace(self, cache=self.cache.clone(), last_logits=self.last_logits.clone())
 
 
 @dataclass
 class Generation:
-    token_ids: list[list[int]]  # generated ids per row, up to and including EOS
+    token_ids: list[list[int]]  # generated ids per row, up to and including EOS or a stop string
     texts: list[str] | None  # decoded text per row (None without a tokenizer)
     stats: Stats
+    # output_scores=True: the processed scores [B, V] of every step, as transformers returns them
+    scores: tuple[torch.Tensor, ...] | None = None
 
     @property
     def text(self) -> str:
-        assert self.texts is not None, "no tokenizer: use token_ids"
+        if self.texts is None:
+            raise ConfigError("text: needs a tokenizer (got None); pass tokenizer= or read token_ids")
         return self.texts[0]
 
     @property

@@ -103,3 +103,18 @@ def smollm2():
     from kvpress_like.models import load_smollm2
 
     return load_smollm2()
+
+
+def char_tokenizer_fast():
+    """A real transformers tokenizer (``PreTrainedTokenizerFast``), one token per character with id
+    ``ord(c)`` (3-255), <pad> 0, <s> 1, </s> 2: what streamers and stop strings need."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(i): i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )

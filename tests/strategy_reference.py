@@ -32,8 +32,8 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from kvpress_like import ConfigError, pipeline
+from kvpress_like.eval.passkey import passkey_prompt
 from kvpress_like.hookspecs import LayerView
-from kvpress_like.passkey import passkey_prompt
 from kvpress_like.plugins import ModelInfo
 
 from conftest import tiny_model

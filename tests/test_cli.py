@@ -14,8 +14,8 @@ import pytest
 import kvpress_like
 from kvpress_like import models
 from kvpress_like.cli import main
-from kvpress_like.eval_cli import check_lengths, min_prompt_tokens
-from kvpress_like.tasks import TASKS, make_samples
+from kvpress_like.eval.cli import check_lengths, min_prompt_tokens
+from kvpress_like.eval.tasks import TASKS, make_samples
 
 from conftest import CharTokenizer, tiny_model
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_like import eval_cli
 from kvpress_like.errors import ConfigError
-from kvpress_like.eval_cli import add_eval_parser
-from kvpress_like.evaluate import StrategySpec, evaluate
+from kvpress_like.eval import cli as eval_cli
+from kvpress_like.eval.cli import add_eval_parser
+from kvpress_like.eval.harness import StrategySpec, evaluate
 from kvpress_like.pipeline import Pipeline
 
 from conftest import CharTokenizer, tiny_model

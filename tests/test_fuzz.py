@@ -34,6 +34,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,7 +43,7 @@ from hypothesis import HealthCheck, currently_in_test_context, given, note, sett
 from hypothesis import strategies as st
 
 from kvpress_like import hookimpl, pipeline
-from kvpress_like.config import GenerationConfig
+from kvpress_like.config import EngineConfig
 from kvpress_like.errors import KvpressLikeError, PluginError
 from kvpress_like.plugins import list_strategies, load_strategy_class
 
@@ -385,7 +386,9 @@ def _check_stats(stats: Any, rows: list[list[int]]) -> None:
 
 INSTALLED = sorted(list_strategies())
 STRATEGY_FIELDS = sorted({f for name in INSTALLED for f in load_strategy_class(name).Config.model_fields})
-GENERATION_FIELDS = sorted(GenerationConfig.model_fields)
+# transformers' GenerationConfig fields drawn here, next to the engine's own
+SAMPLING_FIELDS = ["max_new_tokens", "do_sample", "temperature", "top_p"]
+GENERATION_FIELDS = sorted([*EngineConfig.model_fields, *SAMPLING_FIELDS])
 JUNK_NAMES = ["", "FASTKV", "fastkv ", " full", "nope", "full\x00", "__init__", "fast-kv", "kv" * 40]
 # Not "model", "strategy", "tokenizer", "plugins": pipeline's own parameters (a Python TypeError).
 JUNK_KEYS = [
@@ -484,12 +487,28 @@ def configs(draw):
     return name, values, rows
 
 
-def _lax_generation(values: dict) -> GenerationConfig | None:
-    """The generation settings as the config model reads them (None: it refuses them)."""
+def _lax_generation(values: dict) -> SimpleNamespace | None:
+    """The generation settings as the engine's config model and transformers' rules read them
+    (None: refused). None for a transformers field means "not given"."""
     try:
-        return GenerationConfig.model_validate({k: v for k, v in values.items() if k in GENERATION_FIELDS})
+        engine = EngineConfig.model_validate(
+            {k: v for k, v in values.items() if k in EngineConfig.model_fields}
+        )
     except Exception:
         return None
+    new, sample = values.get("max_new_tokens"), values.get("do_sample")
+    new = 32 if new is None else new  # the library's default when unset
+    if type(new) is not int or new < 1 or sample not in (None, True, False):
+        return None
+    for name, high in (("temperature", math.inf), ("top_p", 1.0)):
+        value = values.get(name)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= high
+        ):
+            return None
+        if name == "temperature" and value is not None and not math.isfinite(value):
+            return None
+    return SimpleNamespace(max_new_tokens=new, do_sample=bool(sample), stop_on_eos=engine.stop_on_eos)
 
 
 def _huge_new_tokens(value: Any) -> bool:
@@ -721,17 +740,18 @@ class FieldValues:
 
 GEN_FIELDS: dict[str, FieldValues] = {
     "max_new_tokens": FieldValues(
-        st.integers(1, 5), st.sampled_from([0, -1, -(10**9), 2.5, None, *HUGE_NEW_TOKENS, *HUGE_NEW_TOKENS])
+        st.integers(1, 5) | st.none(),  # None: the pipeline's own setting
+        st.sampled_from([0, -1, -(10**9), 2.5, *HUGE_NEW_TOKENS, *HUGE_NEW_TOKENS]),
     ),
-    "do_sample": FieldValues(st.booleans(), st.sampled_from([None, 2, 0.5])),
+    "do_sample": FieldValues(st.booleans() | st.none(), st.sampled_from([2, 0.5])),
     "temperature": FieldValues(
         st.floats(0.05, 5.0),
-        st.sampled_from([0.0, -0.0, -1.0, -math.inf, math.nan, None]),
+        st.sampled_from([0.0, -0.0, -1.0, -math.inf, math.nan]),
         st.sampled_from([1e-300, 5e-324, 1e-30, 1e-8, 1e300, math.inf]),
     ),
     "top_p": FieldValues(
         st.sampled_from([1.0, 0.95, 0.5]) | st.floats(0.01, 1.0),
-        st.sampled_from([0.0, -0.5, 1.0000001, 2.0, math.inf, math.nan, None]),
+        st.sampled_from([0.0, -0.5, 1.0000001, 2.0, math.inf, math.nan]),
         st.sampled_from([1e-300, 5e-324]),
     ),
     "seed": FieldValues(
@@ -750,7 +770,7 @@ GEN_FIELDS: dict[str, FieldValues] = {
     ),
     "chat_template": FieldValues(st.none() | st.just(False) | st.just(True), st.sampled_from([2, 0.5])),
 }
-UNKNOWN_KEYS = ["max_tokens", "temperatures", "foo", "", "window", "tsp_rate", "strategy", "eos_token_id"]
+UNKNOWN_KEYS = ["max_tokens", "temperatures", "foo", "", "window", "tsp_rate", "strategy"]
 
 
 @st.composite
@@ -808,7 +828,8 @@ def check_generation(tiny: TinyModel, case: Any) -> None:
         _must_succeed(out, f"valid generation settings {kwargs!r}")
     if not out.ok:
         return
-    eff = {**PIPE_DEFAULTS, **kwargs}
+    # None for a transformers field means "not given": the pipeline's own setting stays.
+    eff = {**PIPE_DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None or k not in SAMPLING_FIELDS}}
     rows = [TOK(prompt)["input_ids"]] if isinstance(prompt, str) else [prompt]
     _check_tokens(out.value.token_ids, 1, eff["max_new_tokens"], eff["stop_on_eos"])
     _check_stats(out.value.stats, rows)

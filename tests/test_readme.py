@@ -26,6 +26,21 @@ def test_python_example_runs(capsys, smollm2):
     assert all("60494" in line for line in printed)  # seed 0's passkey, found every time
 
 
+@pytest.mark.slow
+def test_streaming_and_pipeline_task_examples_run(capsys, smollm2):
+    """After the first example (model, tokenizer, prompt), the streaming and task examples run: the
+    streamer prints exactly the generated text, the task answers both questions."""
+    scope: dict = {}
+    exec(compile(_block("python", "from kvpress_like import pipeline"), "README.md", "exec"), scope)
+    capsys.readouterr()
+    exec(compile(_block("python", "from transformers import GenerationConfig"), "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    assert printed.strip() == scope["streamed"].text.strip() and scope["streamed"].text
+    exec(compile(_block("python", "import kvpress_like"), "README.md", "exec"), scope)
+    answers = eval(capsys.readouterr().out.strip())
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
 def test_config_example_is_valid(tmp_path):
     from conftest import tiny_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpress_like import pipeline
-from kvpress_like.passkey import found_key, passkey_prompt
+from kvpress_like.eval.passkey import found_key, passkey_prompt
 
 pytestmark = pytest.mark.slow
 

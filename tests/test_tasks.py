@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpress_like import tasks
+from kvpress_like.eval import tasks
+from kvpress_like.eval.tasks import Sample, length_tolerance, make_samples, recall, score
 from kvpress_like.models import cache_dir
-from kvpress_like.tasks import Sample, length_tolerance, make_samples, recall, score
 
 from conftest import CharTokenizer
 

@@ -1,7 +1,7 @@
 """``kvpress-like eval``: its arguments, checked before any model loads, and the run.
 
-Kept apart from ``evaluate.py`` (the harness itself) so that building the CLI's parser imports
-neither torch nor transformers.
+Kept apart from ``harness.py`` (the harness itself) so that building the CLI's parser imports
+neither torch nor transformers (nor matplotlib, which only the plots need).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpress_like import evaluate as harness
 from kvpress_like.arguments import bounded, check_model_arg, choice, csv, load_model_arg, local_tokenizer
 from kvpress_like.errors import ConfigError
-from kvpress_like.evaluate import DEFAULT_TASKS, EvalResult, StrategySpec, evaluate
-from kvpress_like.passkey import passkey_prompt
-from kvpress_like.tasks import GENERATORS, MAX_NEW_TOKENS, TASKS, sample_seed
+from kvpress_like.eval import harness
+from kvpress_like.eval.harness import DEFAULT_TASKS, EvalResult, StrategySpec, check_plotting, evaluate
+from kvpress_like.eval.passkey import passkey_prompt
+from kvpress_like.eval.tasks import GENERATORS, MAX_NEW_TOKENS, TASKS, sample_seed
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fidelity-steps", type=bounded(int, 1), default=MAX_NEW_TOKENS["fidelity"])
     p.add_argument("--max-new-tokens", type=bounded(int, 1), help="override the per-task default")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (the only use of matplotlib)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -132,8 +132,9 @@ def _check_out(out: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> EvalResult:
-
     # Everything that can be checked without the model is, first: loading it is the slow part.
+    if not args.no_plots:  # a core install without the eval extra: say so now, not after the run
+        check_plotting(skip="pass --no-plots")
     check_model_arg(args.model)
     strategies = check_strategies(args.strategies)
     checked = local_tokenizer(args.model)
@@ -166,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvpress_like.eval_cli`` / ``benchmarks/accuracy.py``: the same as ``kvpress-like eval``."""
+    """``python -m kvpress_like.eval`` / ``benchmarks/accuracy.py``: the same as ``kvpress-like eval``."""
     import sys
 
     from kvpress_like.cli import main as cli_main

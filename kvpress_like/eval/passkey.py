@@ -1,4 +1,7 @@
-"""Passkey prompts built from the text shipped in ``kvpress_like/data/passkey.yaml``."""
+"""Passkey prompts built from the text shipped in ``kvpress_like/eval/data/passkey.yaml``.
+
+``kvpress-like demo`` uses them too, so this module needs only the core install.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class PasskeyPrompt:
 
 @cache
 def _template() -> dict[str, str]:
-    return yaml.safe_load(files("kvpress_like").joinpath("data/passkey.yaml").read_text())
+    return yaml.safe_load(files("kvpress_like.eval").joinpath("data/passkey.yaml").read_text())
 
 
 def passkey_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> PasskeyPrompt:

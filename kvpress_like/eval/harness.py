@@ -4,7 +4,9 @@ Each (task, length, sample, strategy, budget) gives one JSON record, appended to
 ``OUT/records.jsonl`` as soon as it is done; a rerun skips every record whose ``key`` is already
 there (the key names the model, seed, task, length, sample, strategy spec and budget), so an
 interrupted run resumes where it stopped. Then ``OUT/summary.md`` (also printed),
-``OUT/accuracy_vs_budget.png`` and ``OUT/heatmap_<strategy>.png``.
+``OUT/accuracy_vs_budget.png`` and ``OUT/heatmap_<strategy>.png``. The plots need matplotlib
+(``pip install "kvpress-like[eval]"``); without it a run asking for them is refused before any
+model work, and ``--no-plots`` (``plots=False``) runs without it.
 
 Strategy specs: ``NAME[:SETTING=VALUE[:SETTING=VALUE...]]``, e.g. ``fastkv:tsp=0.2:window=4``.
 ``tsp`` is short for ``tsp_rate``; any other setting goes to the strategy as is. Budgets: for
@@ -14,7 +16,7 @@ every strategy but ``full`` the budget is ``retain_rate``; fastkv also gets
 refuses (``ConfigError``, e.g. a budget below its window) is recorded with ``status: "skipped"``
 and its reason.
 
-Scores: accuracy in [0, 1] (``kvpress_like.tasks.score``); for ``fidelity`` the share of
+Scores: accuracy in [0, 1] (``kvpress_like.eval.tasks.score``); for ``fidelity`` the share of
 teacher-forced greedy steps whose top-1 token matches the full cache's, with the mean KL
 divergence KL(full || compressed) of the next-token distributions in ``kl``.
 """
@@ -33,7 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvpress_like.errors import ConfigError
-from kvpress_like.tasks import (
+from kvpress_like.eval.tasks import (
     MAX_NEW_TOKENS,
     NEEDLE_TASKS,
     TASKS,
@@ -45,6 +47,17 @@ from kvpress_like.tasks import (
 DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 ALIASES = {"tsp": "tsp_rate"}
 FULL = "full"
+INSTALL_EVAL = 'pip install "kvpress-like[eval]"'
+
+
+def check_plotting(skip: str = "pass plots=False") -> None:
+    """Refuse plots that could not be drawn (matplotlib, from the ``eval`` extra, is missing) now,
+    before any model work, rather than after the whole run; ``skip`` says how to do without them."""
+    try:
+        import matplotlib  # noqa: F401  (the plot functions import it when they draw)
+    except ImportError:
+        message = f"plots: need matplotlib, which is not installed: {INSTALL_EVAL}, or {skip}"
+        raise ConfigError(message) from None
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,8 @@ def evaluate(
     for task in tasks:
         if task not in TASKS:
             raise ConfigError(f"tasks: must be among {', '.join(TASKS)} (got {task!r})")
+    if plots:
+        check_plotting()
     specs = [StrategySpec.parse(s) for s in strategies]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

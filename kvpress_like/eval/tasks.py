@@ -5,11 +5,11 @@ the prompt text, the expected answer(s) and metadata (depth, token length, needl
 tokenizer is anything called like a Hugging Face one (``tok(text)["input_ids"]``); the whole
 prompt (instruction, context, question) is built to ``target_tokens`` with it, within
 ``length_tolerance(target_tokens)`` tokens (passkey: within one filler sentence, as
-``kvpress_like.passkey`` builds it).
+``kvpress_like.eval.passkey`` builds it).
 
 Tasks (RULER style, Hsieh et al. 2024, where they have a RULER counterpart):
 
-``passkey``          the classic passkey in repetitive filler (``kvpress_like.passkey``)
+``passkey``          the classic passkey in repetitive filler (``kvpress_like.eval.passkey``)
 ``niah_single``      one needle ("One of the special magic numbers for KEY is: VALUE.") in essays
 ``niah_multikey``    several needles with different keys; one key is asked
 ``niah_multivalue``  one key with several values; all values are asked
@@ -32,7 +32,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from kvpress_like.passkey import _template, found_key, passkey_prompt
+from kvpress_like.eval.passkey import _template, found_key, passkey_prompt
 
 NIAH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 NEEDLE_TASKS = ("passkey", *NIAH_TASKS)  # tasks with a depth worth a heatmap
@@ -124,8 +124,8 @@ def length_tolerance(target_tokens: int) -> int:
 
 @cache
 def essays() -> tuple[str, ...]:
-    """The shipped essays (``kvpress_like/data/haystack``), whitespace collapsed, in name order."""
-    folder = files("kvpress_like").joinpath("data/haystack")
+    """The shipped essays (``kvpress_like/eval/data/haystack``), whitespace collapsed, in name order."""
+    folder = files("kvpress_like.eval").joinpath("data/haystack")
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".txt"))
     return tuple(
         re.sub(r"\s+", " ", folder.joinpath(n).read_text(encoding="utf-8", errors="replace")).strip()

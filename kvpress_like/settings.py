@@ -1,0 +1,200 @@
+"""Settings, each sent where it belongs: the strategy's own, the engine's (``EngineConfig``) and
+what to generate (transformers' ``GenerationConfig``).
+
+``pipeline(model, "fastkv", tsp_rate=0.2, max_new_tokens=64)`` sorts keywords by the field names
+each side knows; a name that two sides know is an error naming both, and the explicit forms
+(a strategy's config or instance, ``generation=GenerationConfig(...)``, ``engine=EngineConfig(...)``)
+need no sorting. Generation settings start from the model's own ``generation_config``, as
+``model.generate`` does, and are checked here, before any model work.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from transformers import GenerationConfig
+
+from kvpress_like.config import EngineConfig
+from kvpress_like.errors import ConfigError, config_error_from
+
+# transformers' GenerationConfig leaves max_new_tokens unset and then stops at max_length=20
+# tokens in all, prompt included; a long-context engine needs a limit of new tokens instead.
+DEFAULT_MAX_NEW_TOKENS = 32
+GENERATION_FIELDS = frozenset(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
+ENGINE_FIELDS = frozenset(EngineConfig.model_fields)
+# transformers 5 leaves sampling fields unset (None) and generate() fills in these defaults.
+SAMPLING_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+}
+# generate()'s defaults of every field, where this transformers has them (a value equal to one is
+# no request for an unsupported feature).
+GLOBAL_DEFAULTS: dict[str, Any] = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+# Generation settings the decode loop honours (through transformers' own logits processors and
+# stopping criteria); any other one set away from its default is refused rather than ignored.
+HONOURED = frozenset(
+    {
+        "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+        "repetition_penalty", "stop_strings", "eos_token_id", "pad_token_id", "bos_token_id",
+        "output_scores", "max_length", "transformers_version", "use_cache",
+        "return_dict_in_generate", "num_return_sequences", "num_beams", "cache_implementation",
+    }
+)  # fmt: skip
+
+
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class _GenerationChecks(BaseModel):
+    """The rules of the generation settings the decode loop honours (transformers checks less)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_new_tokens: int = Field(ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    stop_strings: str | list[str] | None = None
+    eos_token_id: NonNegative | list[NonNegative] | None = None
+    pad_token_id: NonNegative | None = None
+    num_beams: int | None = Field(None, ge=1, le=1)
+    num_return_sequences: int | None = Field(None, ge=1, le=1)
+
+
+def split_keywords(
+    settings: Mapping[str, Any], strategy_name: str, strategy_fields: set[str]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``settings`` sorted into (strategy, engine, generation) keywords by the names each knows."""
+    sides = {
+        f"a setting of strategy {strategy_name!r}": strategy_fields,
+        "an engine setting (EngineConfig)": ENGINE_FIELDS,
+        "a generation setting (transformers' GenerationConfig)": GENERATION_FIELDS,
+    }
+    parts: list[dict[str, Any]] = [{}, {}, {}]
+    for name, value in settings.items():
+        owners = [i for i, fields in enumerate(sides.values()) if name in fields]
+        if len(owners) > 1:
+            both = " and ".join(list(sides)[i] for i in owners)
+            raise ConfigError(
+                f"{name}: must name one setting, but it is {both}; pass it explicitly: the strategy's "
+                f"config (pipeline(model, MyStrategy.Config({name}=...))), generation=GenerationConfig("
+                f"{name}=...) or engine=EngineConfig({name}=...) (got {value!r})"
+            )
+        # A name no side knows goes to the strategy, whose config refuses it naming the field.
+        parts[owners[0] if owners else 0][name] = value
+    return parts[0], parts[1], parts[2]
+
+
+def engine_config(base: EngineConfig, overrides: Mapping[str, Any]) -> EngineConfig:
+    try:
+        return EngineConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise config_error_from(exc, "engine") from None
+
+
+def generation_config(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
+    """A checked copy of ``base`` updated with ``overrides``; ``max_new_tokens`` always set."""
+    if isinstance(overrides.get("generation_config"), GenerationConfig):
+        overrides = dict(overrides)
+        base = overrides.pop("generation_config")
+    config = copy.deepcopy(base)
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise ConfigError(f"{name}: must be a GenerationConfig field (got {value!r})")
+    given = {k: v for k, v in overrides.items() if v is not None}  # None: the setting stays
+    try:
+        _GenerationChecks.model_validate({**config.to_dict(), "max_new_tokens": 1, **given})
+        config.update(**given)  # transformers validates too
+    except ValidationError as exc:
+        raise config_error_from(exc, "generation") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"generation: {exc} (got {given})") from None
+    if config.max_new_tokens is None:
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    for name, value in SAMPLING_DEFAULTS.items():  # what generate() fills in for unset fields
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
+    check_generation(config)
+    return config
+
+
+def check_generation(config: GenerationConfig) -> None:
+    """Refuse what the decode loop cannot honour, and values that break a rule, naming the field."""
+    values = config.to_dict()
+    try:
+        checked = _GenerationChecks.model_validate(values)
+    except ValidationError as exc:
+        raise config_error_from(exc, "generation") from None
+    for name in checked.model_fields_set:  # the checked types ("0.5" -> 0.5), not what came
+        setattr(config, name, getattr(checked, name))
+    defaults = GenerationConfig().to_dict()
+    for name, value in values.items():
+        if name.startswith("_") or name in HONOURED or name not in defaults:
+            continue
+        if value not in (None, False, defaults[name], GLOBAL_DEFAULTS.get(name)):  # a feature asked for
+            raise ConfigError(
+                f"generation.{name}: is not supported by kvpress_like's decoding (its default, "
+                f"{defaults[name]!r}, is) (got {value!r})"
+            )
+
+
+def default_generation(model: Any) -> GenerationConfig:
+    """The model's own generation settings, as ``model.generate`` starts from them."""
+    own = getattr(model, "generation_config", None)
+    return copy.deepcopy(own) if isinstance(own, GenerationConfig) else GenerationConfig()
+
+
+# Keywords of one call that are neither engine nor generation settings.
+CALL_OPTIONS = ("logits_processor", "stopping_criteria", "streamer", "on_token")
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """Everything one call runs with, checked."""
+
+    engine: EngineConfig
+    generation: GenerationConfig
+    options: dict[str, Any]  # CALL_OPTIONS given
+
+
+def call_settings(
+    engine: EngineConfig,
+    generation: GenerationConfig,
+    overrides: Mapping[str, Any],
+    strategy_fields: set[str],
+) -> CallSettings:
+    """The pipeline's settings with one call's keywords applied; a strategy setting is refused (it
+    is fixed when the pipeline is built)."""
+    options = {k: overrides[k] for k in CALL_OPTIONS if overrides.get(k) is not None}
+    rest = {k: v for k, v in overrides.items() if k not in CALL_OPTIONS}
+    engine_part = {k: v for k, v in rest.items() if k in ENGINE_FIELDS}
+    generation_part = {k: v for k, v in rest.items() if k not in ENGINE_FIELDS}
+    for name in generation_part:
+        if name in strategy_fields and name not in GENERATION_FIELDS:
+            raise ConfigError(
+                f"{name}: a strategy setting is fixed when the pipeline is built, not per call "
+                f"(got {generation_part[name]!r})"
+            )
+    for name in ("logits_processor", "stopping_criteria"):
+        if name in options and not (isinstance(options[name], list) and all(map(callable, options[name]))):
+            raise ConfigError(f"{name}: must be a list of callables (got {options[name]!r:.60})")
+    streamer = options.get("streamer")
+    if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        raise ConfigError(
+            f"streamer: must have put() and end(), as transformers' streamers (got {streamer!r:.60})"
+        )
+    if "on_token" in options and not callable(options["on_token"]):
+        raise ConfigError(f"on_token: must be callable (got {options['on_token']!r:.60})")
+    return CallSettings(
+        engine_config(engine, engine_part), generation_config(generation, generation_part), options
+    )
