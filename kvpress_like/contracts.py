@@ -56,17 +56,21 @@ class HookRunner:
     """
 
     def __init__(self, manager: pluggy.PluginManager, min_kept: int) -> None:
-        self.min_kept = min_kept
-        self.impls: dict[str, list[pluggy.HookImpl]] = {}
+        self.manager, self.min_kept = manager, min_kept
         for name in HOOKS:
-            impls = getattr(manager.hook, name).get_hookimpls()[::-1]  # pluggy's calling order
-            legacy = [impl for impl in impls if impl.hookwrapper]
-            if legacy:
-                raise ConfigError(
-                    f"plugins: old-style hookwrapper=True implementations are not supported, use "
-                    f"wrapper=True (got a {name} hookwrapper from {describe_plugin(legacy[0].plugin)})"
-                )
-            self.impls[name] = impls
+            self._impls(name)  # old-style wrappers are refused when the pipeline is built
+
+    def _impls(self, name: str) -> list[pluggy.HookImpl]:
+        """The hook's implementations in pluggy's calling order, read at every call: a plugin
+        registered on the pipeline's manager later takes part too."""
+        impls = getattr(self.manager.hook, name).get_hookimpls()[::-1]
+        legacy = [impl for impl in impls if impl.hookwrapper]
+        if legacy:
+            raise ConfigError(
+                f"plugins: old-style hookwrapper=True implementations are not supported, use "
+                f"wrapper=True (got a {name} hookwrapper from {describe_plugin(legacy[0].plugin)})"
+            )
+        return impls
 
     def _call(self, impl: pluggy.HookImpl, name: str, layer_idx: int, kwargs: dict[str, Any]) -> Any:
         try:
@@ -80,14 +84,16 @@ class HookRunner:
     def _first(self, name: str, layer: LayerView, **kwargs: Any) -> tuple[Any, object | None]:
         """The first answer that is not None, and the plugin that gave it, as pluggy's firstresult
         call would give it: ``wrapper=True`` implementations (observers, say) see the answer
-        and may replace it, in which case the answer is theirs."""
+        and may replace it, in which case the answer is theirs. Unlike pluggy, an exception of an
+        inner implementation is not thrown into the wrappers: it ends the call as a PluginError."""
         kwargs["layer"] = layer
         at = layer.layer_idx
-        wrappers = [(impl, self._call(impl, name, at, kwargs)) for impl in self.impls[name] if impl.wrapper]
+        impls = self._impls(name)
+        wrappers = [(impl, self._call(impl, name, at, kwargs)) for impl in impls if impl.wrapper]
         for impl, generator in wrappers:
             self._advance(impl, generator, name, at, None, first=True)
         answer, plugin = None, None
-        for impl in self.impls[name]:
+        for impl in impls:
             if not impl.wrapper:
                 answer = self._call(impl, name, at, kwargs)
                 if answer is not None:
@@ -135,7 +141,9 @@ class HookRunner:
 
         scores, plugin = self._first("score", layer)
         if scores is not None:
-            _expect_tensor(scores, plugin, "score", at, "float [B, Hkv, S]", (batch, kv_heads, seq))
+            _expect_tensor(
+                scores, plugin, "score", at, "float [B, Hkv, S]", (batch, kv_heads, seq), layer.keys.device
+            )
             finite = torch.isfinite(scores) | ~layer.valid[:, None]
             checks.append(
                 _check(
@@ -152,7 +160,9 @@ class HookRunner:
         if ask_retain:
             keep, plugin = self._first("retain", layer, scores=scores)
             if keep is not None:
-                _expect_tensor(keep, plugin, "retain", at, "bool [B, Hkv, S]", (batch, kv_heads, seq))
+                _expect_tensor(
+                    keep, plugin, "retain", at, "bool [B, Hkv, S]", (batch, kv_heads, seq), layer.keys.device
+                )
                 kept = (keep & layer.valid[:, None]).sum(dim=-1)  # [B, Hkv]
                 checks.append(
                     _check(
@@ -168,7 +178,9 @@ class HookRunner:
         propagated, plugin = self._first("propagate", layer, scores=scores)
         restart = False
         if propagated is not None:
-            _expect_tensor(propagated, plugin, "propagate", at, "bool [B, S]", (batch, seq))
+            _expect_tensor(
+                propagated, plugin, "propagate", at, "bool [B, S]", (batch, seq), layer.keys.device
+            )
             chosen = (propagated & layer.valid).sum(dim=-1)  # [B]
             checks.append(
                 _check(
@@ -213,12 +225,20 @@ def _check(
 
 
 def _expect_tensor(
-    value: Any, plugin: object, hook: str, layer_idx: int, expected: str, shape: tuple[int, ...]
+    value: Any,
+    plugin: object,
+    hook: str,
+    layer_idx: int,
+    expected: str,
+    shape: tuple[int, ...],
+    device: torch.device,
 ) -> None:
     floating = hook == "score"
     dtype_ok = isinstance(value, torch.Tensor) and (
         value.is_floating_point() if floating else value.dtype == torch.bool
     )
+    if dtype_ok and value.device != device:
+        raise _broken(plugin, hook, layer_idx, f"a tensor on the layer's device, {device}", str(value.device))
     if not dtype_ok or tuple(value.shape) != shape:
         hint = " (indices are not accepted: return a mask)" if not floating and _is_int(value) else ""
         raise _broken(plugin, hook, layer_idx, f"{expected} = {list(shape)}", _shape(value) + hint)

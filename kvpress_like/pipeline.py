@@ -32,7 +32,7 @@ from kvpress_like.generation import Request, Step, decode_loop, elapsed
 from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, strategy_config
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
-from kvpress_like.results import Context, Generation, Stats
+from kvpress_like.results import Context, Generation, Stats, check_context, context_source
 from kvpress_like.settings import (
     ENGINE_FIELDS,
     CallSettings,
@@ -191,18 +191,7 @@ class Pipeline:
     @property
     def source(self) -> dict[str, str]:
         """What a context records of the pipeline that made it (another one must refuse it)."""
-        adapter, tok = self.adapter, self.tokenizer
-        name = getattr(adapter.config, "name_or_path", "") or "(unnamed)"
-        info = adapter.info
-        return {
-            "model": f"{adapter.config.model_type} {name}",
-            "cache shape": f"{info.num_layers} layers x {info.num_kv_heads} KV heads x {adapter.head_dim}",
-            "dtype": str(adapter.dtype),
-            "device": str(adapter.device),
-            "tokenizer": "none"
-            if tok is None
-            else f"{type(tok).__name__} {getattr(tok, 'name_or_path', '')} ({_vocabulary_size(tok)} tokens)",
-        }
+        return context_source(self.adapter, self.tokenizer)
 
     # ---- checks, before any model work -------------------------------------------------------
 
@@ -216,19 +205,7 @@ class Pipeline:
         return ids, valid
 
     def _check_context(self, context: Any) -> None:
-        if not isinstance(context, Context):
-            raise ConfigError(
-                f"context: must be a Context from Pipeline.compress (got {type(context).__name__})"
-            )
-        differs = [
-            f"{key} is {context.source.get(key)!r}, here {value!r}"
-            for key, value in self.source.items()
-            if context.source.get(key) != value
-        ]
-        if differs:
-            raise ConfigError(
-                f"context: must come from this pipeline's model and tokenizer; {'; '.join(differs)}"
-            )
+        check_context(context, self.source)
 
     def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
         """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
@@ -237,6 +214,14 @@ class Pipeline:
         rows = prompt_lengths.shape[0]
         if "streamer" in call.options and rows > 1:
             raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
+        if call.generation.stop_strings and self.tokenizer is None:
+            raise ConfigError(
+                f"generation.stop_strings: need a tokenizer (got {call.generation.stop_strings!r})"
+            )
+        vocab = self._prompts.vocab_size
+        eos = self._prompts.eos_ids(call.generation, torch.device("cpu")).tolist()
+        if any(not 0 <= token < vocab for token in eos):  # finished rows are fed EOS: it must embed
+            raise ConfigError(f"generation.eos_token_id: must be in [0, {vocab}), the vocabulary (got {eos})")
         wanted = call.generation.max_new_tokens
         limit = getattr(self.adapter.config, "max_position_embeddings", None)
         if isinstance(limit, int) and wanted > limit:
@@ -389,13 +374,6 @@ class Pipeline:
             cache_bytes_kept=cache.nbytes(),
             prefill_seconds=seconds,
         )
-
-
-def _vocabulary_size(tokenizer: Any) -> int | str:
-    try:
-        return len(tokenizer)
-    except TypeError:
-        return "?"
 
 
 def pipeline(

@@ -39,6 +39,15 @@ def _rows_of_tensor(prompts: torch.Tensor) -> list[list[int]]:
     return (prompts[None] if prompts.dim() == 1 else prompts).tolist()
 
 
+def use_chat_template(tokenizer: Any, asked: bool | None) -> bool:
+    """Whether to wrap text in the tokenizer's chat template: as ``asked`` (None: when it has one);
+    asking for one the tokenizer lacks is refused."""
+    has = bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
+    if asked and not has:
+        raise ConfigError("chat_template: the tokenizer has no chat template (got True); pass False")
+    return has if asked is None else asked
+
+
 class PromptEncoder:
     """Turns prompts into ids for one model and its tokenizer (may be None), on the model's device."""
 
@@ -112,11 +121,7 @@ class PromptEncoder:
             return []
         if mode == "continuation":
             return tok(text, add_special_tokens=False)["input_ids"]
-        has_template = bool(getattr(tok, "chat_template", None)) and hasattr(tok, "apply_chat_template")
-        if chat_template and mode == "prompt" and not has_template:
-            raise ConfigError("chat_template: the tokenizer has no chat template (got True); pass False")
-        use_template = chat_template if chat_template is not None else has_template
-        if use_template and mode == "prompt":
+        if mode == "prompt" and use_chat_template(tok, chat_template):
             text = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )

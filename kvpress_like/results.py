@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
+from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
 
@@ -57,3 +59,37 @@ class Generation:
     @property
     def ids(self) -> list[int]:
         return self.token_ids[0]
+
+
+def context_source(adapter: ModelAdapter, tokenizer: Any) -> dict[str, str]:
+    """What a context records of the pipeline that made it: the facts that shape its cache (model
+    family and name, layers, KV heads, head size, dtype, device) and the tokenizer."""
+    name = getattr(adapter.config, "name_or_path", "") or "(unnamed)"
+    info = adapter.info
+    if tokenizer is None:
+        tokens = "none"
+    else:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else "?"
+        tokens = f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')} ({size} tokens)"
+    return {
+        "model": f"{adapter.config.model_type} {name}",
+        "cache shape": f"{info.num_layers} layers x {info.num_kv_heads} KV heads x {adapter.head_dim}",
+        "dtype": str(adapter.dtype),
+        "device": str(adapter.device),
+        "tokenizer": tokens,
+    }
+
+
+def check_context(context: Any, source: dict[str, str]) -> None:
+    """Refuse a context that is no Context, or that another model or tokenizer made."""
+    if not isinstance(context, Context):
+        raise ConfigError(f"context: must be a Context from Pipeline.compress (got {type(context).__name__})")
+    differs = [
+        f"{key} is {context.source.get(key)!r}, here {value!r}"
+        for key, value in source.items()
+        if context.source.get(key) != value
+    ]
+    if differs:
+        raise ConfigError(
+            f"context: must come from this pipeline's model and tokenizer; {'; '.join(differs)}"
+        )

@@ -39,6 +39,9 @@ SAMPLING_DEFAULTS = {
 GLOBAL_DEFAULTS: dict[str, Any] = getattr(GenerationConfig, "_get_default_generation_params", dict)()
 # Generation settings the decode loop honours (through transformers' own logits processors and
 # stopping criteria); any other one set away from its default is refused rather than ignored.
+# max_length (a model's generation_config often carries one), use_cache, cache_implementation and
+# return_dict_in_generate belong to transformers' own cache and return paths, which kvpress_like
+# replaces: they have no effect, and a call that sets max_length is refused (max_new_tokens counts).
 HONOURED = frozenset(
     {
         "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -111,6 +114,11 @@ def generation_config(base: GenerationConfig, overrides: Mapping[str, Any]) -> G
     for name, value in overrides.items():
         if not hasattr(config, name):
             raise ConfigError(f"{name}: must be a GenerationConfig field (got {value!r})")
+    if overrides.get("max_length") is not None:
+        raise ConfigError(
+            f"generation.max_length: kvpress_like counts new tokens, pass max_new_tokens instead "
+            f"(got {overrides['max_length']!r})"
+        )
     given = {k: v for k, v in overrides.items() if v is not None}  # None: the setting stays
     try:
         _GenerationChecks.model_validate({**config.to_dict(), "max_new_tokens": 1, **given})

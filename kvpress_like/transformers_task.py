@@ -39,6 +39,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines import Pipeline as TransformersPipeline
 
 from kvpress_like.errors import ConfigError
+from kvpress_like.prompts import use_chat_template
 
 TASK = "kvpress-like"
 
@@ -168,10 +169,7 @@ class KVPressLikeTask(TransformersPipeline):
     def _template(self, chat_template: bool | None) -> tuple[str, str] | None:
         """(head, tail) around the user's message in the chat template, or None for plain text."""
         tok = self.tokenizer
-        has_template = bool(getattr(tok, "chat_template", None)) and hasattr(tok, "apply_chat_template")
-        if chat_template and not has_template:
-            raise ConfigError("chat_template: the tokenizer has no chat template (got True); pass False")
-        if not (has_template if chat_template is None else chat_template):
+        if not use_chat_template(tok, chat_template):
             return None
         text = tok.apply_chat_template(
             [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True

@@ -183,3 +183,22 @@ def test_every_built_in_strategy_meets_the_contracts(strategy):
     model = tiny_model("gemma3")
     out = pipeline(model, strategy, max_new_tokens=3, **settings)([PROMPT, PROMPT[:33]])
     assert len(out.token_ids) == 2
+
+
+def test_an_answer_on_another_device_is_refused():
+    on_meta = Answers("score", lambda layer: torch.empty(_shape(layer, "bhs"), device="meta"))
+    with pytest.raises(
+        PluginError, match=r"broke hook score at layer 0: expected a tensor on the layer's device"
+    ):
+        pipeline(tiny_model("llama"), "fastkv", plugins=[on_meta], **TINY_FASTKV)([PROMPT])
+
+
+def test_a_plugin_registered_after_the_pipeline_was_built_takes_part():
+    def explode(layer):
+        raise KeyError("late")
+
+    pipe = pipeline(tiny_model("llama"), "fastkv", max_new_tokens=2, **TINY_FASTKV)
+    pipe([PROMPT])
+    pipe.plugin_manager.register(Answers("score", explode))
+    with pytest.raises(PluginError, match="raised in hook score"):
+        pipe([PROMPT])

@@ -217,3 +217,37 @@ def test_a_prefill_without_its_fused_chunk_kernel_says_so(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="kvpress_like"):
         pipe([PROMPT])
     assert "prefill_chunk=16 not used" in caplog.text
+
+
+def test_settings_the_decode_loop_cannot_honour_are_refused_before_prefill():
+    model = tiny_model("llama")
+    calls = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
+    pipe = pipeline(model, "full")
+    try:
+        with pytest.raises(ConfigError, match=r"generation.max_length: kvpress_like counts new tokens"):
+            pipe([PROMPT], max_length=40)
+        with pytest.raises(ConfigError, match=r"generation.stop_strings: need a tokenizer"):
+            pipe([PROMPT], stop_strings=["ab"])
+        with pytest.raises(ConfigError, match=r"generation.eos_token_id: must be in \[0, 256\)"):
+            pipe([PROMPT], eos_token_id=10**6)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_a_streamer_is_ended_when_a_call_fails_midway():
+    model, tok = tiny_model("llama"), char_tokenizer_fast()
+
+    class Explodes:
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > len(PROMPT) + 1:
+                raise RuntimeError("processor failure")
+            return scores
+
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
+    with pytest.raises(RuntimeError, match="processor failure"):
+        pipeline(model, "full", tokenizer=tok, max_new_tokens=5)(
+            [PROMPT], streamer=streamer, logits_processor=[Explodes()]
+        )
+    assert isinstance("".join(streamer), str)  # ended: the reader returns instead of waiting

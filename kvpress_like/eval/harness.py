@@ -248,6 +248,7 @@ def evaluate(
                                     spec.name,
                                     tokenizer=tokenizer,
                                     chat_template=False,
+                                    do_sample=False,  # greedy whatever the model's generation_config
                                     **base["settings"],
                                 )
                             pipe = pipes[pipe_key]
@@ -256,7 +257,13 @@ def evaluate(
                                 if reference is None and need_full_reference:
                                     full = pipes.setdefault(
                                         ("__reference__", None),
-                                        pipeline(model, FULL, tokenizer=tokenizer, chat_template=False),
+                                        pipeline(
+                                            model,
+                                            FULL,
+                                            tokenizer=tokenizer,
+                                            chat_template=False,
+                                            do_sample=False,
+                                        ),
                                     )
                                     ref_logits, ref_tokens, _ = _teacher_forced_logits(
                                         full, sample.prompt, None, fidelity_steps
