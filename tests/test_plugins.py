@@ -93,23 +93,3 @@ def test_a_score_only_plugin_steers_fastkv_and_stays_in_its_pipeline():
 
     plain.compress(PROMPT)
     assert plugin.calls == 4  # the plain pipeline never asks the other pipeline's plugin
-
-
-def test_a_broken_installed_plugin_is_skipped_with_a_log_line(tmp_path, monkeypatch, caplog):
-    """A real distribution (a dist-info on sys.path) whose entry point cannot be imported."""
-    import logging
-
-    from kvpress_like.plugins import describe_strategies
-
-    info = tmp_path / "broken_strategy-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-strategy\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[kvpress_like.strategies]\nbroken = no_such_module_here:Broken\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="kvpress_like"):
-        names = [s.name for s in describe_strategies()]
-    assert "broken" not in names and "fastkv" in names
-    assert (
-        "strategy plugin 'broken' (no_such_module_here:Broken, from broken-strategy 0.1) is broken"
-        in caplog.text
-    )
