@@ -67,11 +67,12 @@ def _check_settings(strategy: str, settings: dict[str, Any], generation: dict[st
 
     from kvpress_like.config import EngineConfig
     from kvpress_like.plugins import strategy_config
-    from kvpress_like.settings import ENGINE_FIELDS, engine_config, generation_config
+    from kvpress_like.settings import engine_config, generation_config, split_generation
 
     strategy_config(strategy, settings)
-    engine_config(EngineConfig(), {k: v for k, v in generation.items() if k in ENGINE_FIELDS})
-    generation_config(GenerationConfig(), {k: v for k, v in generation.items() if k not in ENGINE_FIELDS})
+    engine_kw, generation_kw = split_generation(generation)
+    engine_config(EngineConfig(), engine_kw)
+    generation_config(GenerationConfig(), generation_kw)
 
 
 # ---- commands -----------------------------------------------------------------------------------

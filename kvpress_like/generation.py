@@ -32,7 +32,6 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
-from kvpress_like.errors import ConfigError
 from kvpress_like.results import Context, Generation
 
 Step = Callable[[Tensor], tuple[Tensor, Tensor]]  # next tokens [B] -> logits [B, V], their argmax [B]
@@ -95,10 +94,10 @@ def logits_processors(request: Request, prompt_width: int, pad_lengths: Tensor) 
 
 
 def stopping_criteria(request: Request) -> StoppingCriteriaList:
+    """transformers' stop-string criterion (its tokenizer was checked before prefill, in
+    ``Pipeline._check_call``), then the caller's own."""
     criteria = StoppingCriteriaList()
     if request.generation.stop_strings:
-        if request.tokenizer is None:
-            raise ConfigError("generation.stop_strings: need a tokenizer (got None)")
         criteria.append(StopStringCriteria(request.tokenizer, request.generation.stop_strings))
     criteria.extend(request.stopping_criteria)
     return criteria

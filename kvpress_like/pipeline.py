@@ -34,12 +34,12 @@ from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
 from kvpress_like.results import Context, Generation, Stats, check_context, context_source
 from kvpress_like.settings import (
-    ENGINE_FIELDS,
     CallSettings,
     call_settings,
     default_generation,
     engine_config,
     generation_config,
+    split_generation,
     split_keywords,
 )
 
@@ -98,8 +98,7 @@ class Pipeline:
         strategy_kw, engine_kw, generation_kw = split_keywords(
             overrides, name, set(strategy_class(name).Config.model_fields)
         )
-        engine_file = {k: v for k, v in cfg.generation.items() if k in ENGINE_FIELDS}
-        generation_file = {k: v for k, v in cfg.generation.items() if k not in ENGINE_FIELDS}
+        engine_file, generation_file = split_generation(cfg.generation)
         try:  # the file's own sections first, so that an error names the file
             engine_config(EngineConfig(), engine_file)
             generation_config(GenerationConfig(), generation_file)
@@ -424,11 +423,9 @@ def _build(
     """A pipeline from sorted settings: all are checked before a model is loaded, those against
     the model (its depth, its generation_config) right after."""
     generation_config(generation or GenerationConfig(), generation_kw)
-    if isinstance(strategy, Strategy):
-        built, cls, config = strategy, type(strategy), strategy.config
-    elif isinstance(strategy, StrategyConfig):
+    if isinstance(strategy, StrategyConfig):
         cls, config = strategy_class(strategy), strategy
-    else:
+    elif not isinstance(strategy, Strategy):
         cls, config = strategy_config(strategy, strategy_kw)
     if isinstance(model, str | Path):
         from kvpress_like.models import load_model
@@ -438,7 +435,5 @@ def _build(
         except (OSError, ValueError) as exc:  # no such path or hub name, or no model in it
             raise ConfigError(f"model: must name a loadable model (got {str(model)!r}): {exc}") from exc
         tokenizer = tokenizer or loaded_tokenizer
-    info = ModelAdapter(model).info
-    if not isinstance(strategy, Strategy):
-        built = cls(config, info)
+    built = strategy if isinstance(strategy, Strategy) else cls(config, ModelAdapter(model).info)
     return Pipeline(model, tokenizer, built, engine, generation, plugins, generation_kw)

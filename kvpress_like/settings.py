@@ -98,6 +98,13 @@ def split_keywords(
     return parts[0], parts[1], parts[2]
 
 
+def split_generation(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Engine and generation keywords of one mapping (a config file's ``generation:`` section, a
+    call's keywords): ``EngineConfig``'s fields, and the rest for transformers' GenerationConfig."""
+    engine = {k: v for k, v in settings.items() if k in ENGINE_FIELDS}
+    return engine, {k: v for k, v in settings.items() if k not in ENGINE_FIELDS}
+
+
 def engine_config(base: EngineConfig, overrides: Mapping[str, Any]) -> EngineConfig:
     try:
         return EngineConfig.model_validate({**base.model_dump(), **overrides})
@@ -184,9 +191,9 @@ def call_settings(
     """The pipeline's settings with one call's keywords applied; a strategy setting is refused (it
     is fixed when the pipeline is built)."""
     options = {k: overrides[k] for k in CALL_OPTIONS if overrides.get(k) is not None}
-    rest = {k: v for k, v in overrides.items() if k not in CALL_OPTIONS}
-    engine_part = {k: v for k, v in rest.items() if k in ENGINE_FIELDS}
-    generation_part = {k: v for k, v in rest.items() if k not in ENGINE_FIELDS}
+    engine_part, generation_part = split_generation(
+        {k: v for k, v in overrides.items() if k not in CALL_OPTIONS}
+    )
     for name in generation_part:
         if name in strategy_fields and name not in GENERATION_FIELDS:
             raise ConfigError(
