@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvpress_like.config import EngineConfig, PipelineConfig, StrategyConfig, load_config
-    from kvpress_like.errors import ConfigError, UnsupportedModelError
+    from kvpress_like.errors import ConfigError, ContextFileError, UnsupportedModelError
     from kvpress_like.hookspecs import LayerView, hookimpl
     from kvpress_like.pipeline import Context, Generation, Pipeline, Stats, pipeline
     from kvpress_like.plugins import ModelInfo, Strategy, list_strategies
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _SOURCES = {
     "ConfigError": "kvpress_like.errors",
     "Context": "kvpress_like.pipeline",
+    "ContextFileError": "kvpress_like.errors",
     "Generation": "kvpress_like.pipeline",
     "EngineConfig": "kvpress_like.config",
     "LayerView": "kvpress_like.hookspecs",
@@ -46,6 +47,7 @@ _SOURCES = {
 __all__ = [
     "ConfigError",
     "Context",
+    "ContextFileError",
     "EngineConfig",
     "Generation",
     "LayerView",

@@ -7,9 +7,12 @@ index, its token's RoPE position and the row's next position are three different
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+
+TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -81,8 +84,12 @@ class LayerCache:
         """Bytes the valid keys and values take."""
         return self.valid.sum() * 2 * self.keys.shape[-1] * self.keys.element_size()
 
+    def map(self, fn: TensorMap) -> LayerCache:
+        """The same layer with ``fn`` applied to every tensor (a copy, a move to a device)."""
+        return LayerCache(*(fn(t) for t in vars(self).values()))
+
     def clone(self) -> LayerCache:
-        return LayerCache(*(t.clone() for t in vars(self).values()))
+        return self.map(torch.clone)
 
 
 @dataclass
@@ -135,9 +142,12 @@ class PackedLayerCache:
         """Bytes of the stored keys and values: the packed prefix plus the tail's valid entries."""
         return self.keys.numel() * 2 * self.keys.element_size() + self.tail.nbytes_valid()
 
-    def clone(self) -> PackedLayerCache:
+    def map(self, fn: TensorMap) -> PackedLayerCache:
         flat = (self.keys, self.values, self.flat_positions, self.index, self.prefix_valid)
-        return PackedLayerCache(*(t.clone() for t in flat), self.tail.clone())
+        return PackedLayerCache(*(fn(t) for t in flat), self.tail.map(fn))
+
+    def clone(self) -> PackedLayerCache:
+        return self.map(torch.clone)
 
 
 @dataclass
@@ -149,7 +159,13 @@ class CompressedCache:
 
     def clone(self) -> CompressedCache:
         """An independent copy, so one compressed context can serve several continuations."""
-        return CompressedCache([lc.clone() for lc in self.layers], self.next_positions.clone())
+        return self.map(torch.clone)
+
+    def map(self, fn: TensorMap) -> CompressedCache:
+        return CompressedCache([lc.map(fn) for lc in self.layers], fn(self.next_positions))
+
+    def to(self, device: torch.device) -> CompressedCache:
+        return self.map(lambda t: t.to(device))
 
     def nbytes(self) -> int:
         """Bytes of the valid keys and values over all layers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -10,9 +11,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kvpress_like.arguments import bounded, check_model_arg, load_model_arg, read_prompt_file
+from kvpress_like.errors import ConfigError
 
 # Nothing heavy at module level: ``kvpress-like --help`` must not import torch or transformers
 # (seconds); every command imports what it needs when it runs.
+
+logger = logging.getLogger("kvpress_like")
 
 EXIT_USER_ERROR = 2  # as argparse uses for usage errors
 
@@ -137,6 +141,67 @@ def run(args: argparse.Namespace) -> None:
     print(_side_by_side({Path(args.config).name if args.config else strategy: stats_rows(out.stats)}))
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def compress(args: argparse.Namespace) -> None:
+    """Prefill and compress a document once, and save the context to a file."""
+    from kvpress_like.config import load_config
+
+    text = read_prompt_file(args.document, "document")
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConfigError(f"-o: must name a file in an existing folder (got {args.output!r})")
+    cfg = load_config(args.config) if args.config else None
+    strategy, settings = (cfg.strategy, cfg.settings) if cfg else (args.strategy, {})
+    check_model_arg(args.model)
+    _check_settings(strategy, settings, {})
+    model, tokenizer = load_model_arg(args.model)
+
+    from kvpress_like.pipeline import Pipeline, pipeline
+
+    if cfg:
+        pipe = Pipeline.from_config(args.config, model, tokenizer=tokenizer)
+    else:
+        pipe = pipeline(model, strategy, tokenizer=tokenizer)
+    context = pipe.compress(text)
+    context.save(output)
+    stats = context.stats
+    on_disk = output.stat().st_size
+    print(
+        f"{output}: {stats.prompt_tokens[0]} tokens, {_size(on_disk)} on disk; a full cache takes "
+        f"{_size(stats.cache_bytes_full)} ({stats.cache_bytes_full / on_disk:.1f}x the file), "
+        f"{pipe.origin['strategy']['name']} kept {_size(stats.cache_bytes_kept)} of keys and values"
+    )
+
+
+def ask(args: argparse.Namespace) -> None:
+    """Questions, in turn, to a saved context: each continues the document, which stays as it was."""
+    overrides = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    check_model_arg(args.model)
+    _check_settings("full", {}, overrides)
+
+    from kvpress_like.context_file import read_metadata
+
+    made = read_metadata(args.context)  # a file that is no context is refused before the model loads
+    logger.info("%s: %d tokens, made with %s", args.context, made.prompt_tokens[0], made.strategy.name)
+    model, tokenizer = load_model_arg(args.model)
+
+    from transformers import TextStreamer
+
+    from kvpress_like.pipeline import Context, pipeline
+
+    # Continuing a context compresses nothing: the strategy that made it is in the file.
+    pipe = pipeline(model, "full", tokenizer=tokenizer, **overrides)
+    context = Context.load(args.context, pipe)
+    for question in args.questions:
+        print(f"> {question}")
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if tokenizer else None
+        out = pipe.generate(question, context=context, streamer=streamer)
+        print() if streamer else print(out.token_ids[0])
+
+
 def strategies(_: argparse.Namespace) -> None:
     from kvpress_like.plugins import describe_strategies
 
@@ -178,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", required=True)
     p.add_argument("--max-new-tokens", type=bounded(int, 1))
     p.set_defaults(func=run)
+
+    p = sub.add_parser("compress", help="prefill and compress a document once, save the context to a file")
+    p.add_argument("document", help="text file of the document")
+    p.add_argument("-o", "--output", required=True, help="context file to write (e.g. doc.kvc)")
+    p.add_argument("--model", default="smollm2", help="HF name or path, or 'smollm2' (default)")
+    p.add_argument("--config", help="YAML or TOML pipeline config (its strategy and settings)")
+    p.add_argument("--strategy", default="fastkv", help="used when no --config is given")
+    p.set_defaults(func=compress)
+
+    p = sub.add_parser("ask", help="ask questions of a saved context, one after the other")
+    p.add_argument("context", help="context file from `kvpress-like compress`")
+    p.add_argument("questions", nargs="+", help="each continues the document as plain text")
+    p.add_argument("--model", default="smollm2", help="the model that compressed it (default 'smollm2')")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1))
+    p.set_defaults(func=ask)
 
     p = sub.add_parser("strategies", help="list installed strategies")
     p.set_defaults(func=strategies)

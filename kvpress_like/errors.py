@@ -21,6 +21,11 @@ class UnsupportedModelError(ConfigError):
     """The model's architecture is not one the adapter knows how to drive."""
 
 
+class ContextFileError(ConfigError):
+    """A saved context cannot be loaded here: damaged, of a newer format, or made by another model
+    or tokenizer. Names the file, the field and what was expected."""
+
+
 class PluginError(KvpressLikeError, RuntimeError):
     """A strategy plugin broke its hook's contract, or raised: names the plugin and the hook."""
 

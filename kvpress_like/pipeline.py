@@ -29,6 +29,7 @@ from kvpress_like.decode import DecoderPool
 from kvpress_like.errors import ConfigError
 from kvpress_like.forward import Forward
 from kvpress_like.generation import Request, Step, decode_loop, elapsed
+from kvpress_like.identity import model_identity, tokenizer_identity
 from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, strategy_config
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
@@ -79,6 +80,15 @@ class Pipeline:
         self._hooks = HookRunner(self.plugin_manager, min_kept=window if isinstance(window, int) else 1)
         self._prompts = PromptEncoder(tokenizer, model)
         self._decoders = DecoderPool(self.adapter)
+        # Identities are read once (a device-to-host copy of a few weights, a vocabulary hash).
+        self.origin = {
+            "model": model_identity(model),
+            "tokenizer": tokenizer_identity(tokenizer),
+            "strategy": {
+                "name": getattr(type(strategy), "name", type(strategy).__name__),
+                "settings": strategy.config.model_dump(mode="json"),
+            },
+        }
 
     @classmethod
     def from_config(
@@ -190,7 +200,7 @@ class Pipeline:
     @property
     def source(self) -> dict[str, str]:
         """What a context records of the pipeline that made it (another one must refuse it)."""
-        return context_source(self.adapter, self.tokenizer)
+        return context_source(self.adapter, self.origin["model"], self.origin["tokenizer"])
 
     # ---- checks, before any model work -------------------------------------------------------
 
@@ -279,7 +289,7 @@ class Pipeline:
                 a + b for a, b in zip(first_pass, fwd.tokens_per_layer, strict=False)
             ]
         stats = self._stats(fwd, cache, valid, elapsed(start, logits))
-        return Context(cache, logits, stats, self.source, ids, valid)
+        return Context(cache, logits, stats, self.source, ids, valid, self.origin)
 
     def _extend(self, context: Context, ids: torch.Tensor, valid: torch.Tensor, compiled: bool) -> Context:
         start = time.perf_counter()
@@ -290,7 +300,7 @@ class Pipeline:
         cache.next_positions = cache.next_positions + valid.sum(dim=-1)
         stats = self._stats(fwd, cache, valid, elapsed(start, logits))
         ids, valid = torch.cat([context.ids, ids], dim=1), torch.cat([context.valid, valid], dim=1)
-        return Context(cache, logits, stats, context.source, ids, valid)
+        return Context(cache, logits, stats, context.source, ids, valid, context.origin)
 
     def _run_layers(
         self, ids: torch.Tensor, fwd: Forward, compiled: bool = False

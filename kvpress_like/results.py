@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvpress_like.pipeline import Pipeline
 
 
 @dataclass
@@ -34,12 +38,42 @@ class Context:
     cache: CompressedCache
     last_logits: torch.Tensor  # [B, V] float: logits for the token after the prompt
     stats: Stats
-    source: dict[str, str]  # what made it: the model's cache-shaping facts and the tokenizer
+    source: dict[str, str]  # what made it, compared with the pipeline it is given to
     ids: torch.Tensor  # [B, T] long: the prompt's ids, left-padded (what logits processors read)
     valid: torch.Tensor  # [B, T] bool: False for padding
+    # model and tokenizer identity (``identity.py``) and the strategy, as a saved file records them
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def clone(self) -> Context:
         return replace(self, cache=self.cache.clone(), last_logits=self.last_logits.clone())
+
+    def to(self, device: torch.device | str) -> Context:
+        """A copy on ``device`` (a pipeline takes contexts on its model's device)."""
+        device = torch.device(device)
+        return replace(
+            self,
+            cache=self.cache.to(device),
+            last_logits=self.last_logits.to(device),
+            ids=self.ids.to(device),
+            valid=self.valid.to(device),
+            source={**self.source, "device": str(device)},
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a ``.safetensors`` file (``docs/contexts.md``): atomically, so an interrupted
+        write leaves no file at ``path``. Returns the path."""
+        from kvpress_like.context_file import save_context
+
+        return save_context(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, pipe: Pipeline, device: torch.device | str | None = None) -> Context:
+        """Read a saved context for ``pipe`` (which may use another strategy), on ``device``
+        (default: the pipeline's). The file is checked whole (checksum, model and tokenizer
+        identity, every tensor) before anything is returned; a bad one raises ContextFileError."""
+        from kvpress_like.context_file import load_context
+
+        return load_context(path, pipe, device)
 
 
 @dataclass
@@ -61,18 +95,21 @@ class Generation:
         return self.token_ids[0]
 
 
-def context_source(adapter: ModelAdapter, tokenizer: Any) -> dict[str, str]:
-    """What a context records of the pipeline that made it: the facts that shape its cache (model
-    family and name, layers, KV heads, head size, dtype, device) and the tokenizer."""
-    name = getattr(adapter.config, "name_or_path", "") or "(unnamed)"
+def context_source(adapter: ModelAdapter, model: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, str]:
+    """What a context records of the pipeline that made it, readable: the model (family, name,
+    config hash, weights fingerprint; ``identity.py``), the cache's shape, dtype and device, and
+    the tokenizer (class, name, size, vocabulary hash)."""
     info = adapter.info
-    if tokenizer is None:
-        tokens = "none"
-    else:
-        size = len(tokenizer) if hasattr(tokenizer, "__len__") else "?"
-        tokens = f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')} ({size} tokens)"
+    name = model["name_or_path"] or "(unnamed)"
+    tokens = "none"
+    if tokenizer["class"] != "None":
+        tokens = (
+            f"{tokenizer['class']} {tokenizer['name_or_path']} ({tokenizer['size']} tokens, "
+            f"vocabulary {tokenizer['vocab_hash']})"
+        )
     return {
-        "model": f"{adapter.config.model_type} {name}",
+        "model": f"{adapter.config.model_type} {name} (config {model['config_hash']}, "
+        f"weights {model['weights_fingerprint']})",
         "cache shape": f"{info.num_layers} layers x {info.num_kv_heads} KV heads x {adapter.head_dim}",
         "dtype": str(adapter.dtype),
         "device": str(adapter.device),

@@ -9,3 +9,5 @@ class Full(Strategy):
     It implements no hook: with no answers the pipeline keeps and propagates everything, which
     makes it the reference the compressing strategies are measured against.
     """
+
+    name = "full"
