@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from kvpress_like.errors import ConfigError, UnsupportedModelError
+from kvpress_like.parallel import TensorParallel
 from kvpress_like.plugins import ModelInfo
 
 ATTENTION_NAME = "kvpress_like"
@@ -204,6 +205,9 @@ class ModelAdapter:
             self.layer_types = ("sliding_attention" if sliding else "full_attention",) * len(self.layers)
         self._rotary_by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.head_dim = self.layers[0].self_attn.head_dim
+        # Sharded over ranks (parallel.py): the heads this rank computes and caches.
+        self.parallel = TensorParallel.of(model)
+        self.local_kv_heads = config.num_key_value_heads // self.parallel.size
         self.info = ModelInfo(
             num_layers=len(self.layers),
             num_heads=config.num_attention_heads,
@@ -220,9 +224,10 @@ class ModelAdapter:
         return self.base.embed_tokens.weight.dtype
 
     def cache_bytes_per_token(self) -> int:
-        """Bytes one token's keys and values take over all layers (a full, uncompressed entry)."""
+        """Bytes one token's keys and values take over all layers (a full, uncompressed entry), on
+        this rank."""
         info = self.info
-        return 2 * info.num_layers * info.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return 2 * info.num_layers * self.local_kv_heads * self.head_dim * self.dtype.itemsize
 
     def free_memory(self) -> int | None:
         """Bytes that can still be allocated on the model's device (CUDA: free plus cached by

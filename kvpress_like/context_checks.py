@@ -110,7 +110,7 @@ def _layer(
     index = take("index", torch.long, "B", "Hkv", f"{prefix}.S")
     prefix_valid = take("prefix_valid", torch.bool, "B", "Hkv", f"{prefix}.S")
     expected = torch.zeros_like(index)
-    expected[prefix_valid] = torch.arange(int(prefix_valid.sum()))
+    expected[prefix_valid] = torch.arange(int(prefix_valid.sum()), device=index.device)
     empty = keys.shape[0] == 0 and index.numel() > 0  # nothing to point at
     if int(prefix_valid.sum()) != keys.shape[0] or not torch.equal(index, expected) or empty:
         raise reader.error(

@@ -8,9 +8,10 @@ Tensors (``B`` rows, ``T`` prompt ids, ``V`` logits, ``Hkv`` KV heads, ``D`` hea
     layers.{i}.keys / .values [N, D], .flat_positions [N], .index / .prefix_valid [B, Hkv, S],
     layers.{i}.tail.{keys,values,positions,valid} (entries appended after prefill, dense)
 
-Metadata: ``kvpress_like`` is the JSON of ``Metadata`` below; ``checksum`` is a SHA-256 over every
-tensor's name, dtype, shape and bytes, then that JSON. Reading parses the file with safetensors
-(no pickle: nothing in a file is executed) and checks all of it before returning anything.
+Metadata: ``kvpress_like`` is the JSON of ``Metadata`` below; ``checksum`` is a SHA-256 over one
+line per tensor, ``name|dtype|shape|sha256 of its bytes`` (by name), then that JSON. Reading parses
+the file with safetensors (no pickle: nothing in a file is executed) and checks all of it before
+returning anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -110,14 +112,21 @@ def _tensors(context: Context) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 def checksum(tensors: dict[str, torch.Tensor], metadata_json: str) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    digest.update(metadata_json.encode())
-    return digest.hexdigest()
+    """SHA-256 over one line per tensor, by name, ``name|dtype|shape|sha256 of its bytes``, then the
+    metadata JSON. The tensors are hashed on several threads (hashlib releases the GIL)."""
+    names = sorted(tensors)
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        digests = pool.map(_tensor_digest, (tensors[name].cpu() for name in names))
+        lines = [
+            f"{name}|{tensors[name].dtype}|{list(tensors[name].shape)}|{digest}\n"
+            for name, digest in zip(names, digests, strict=True)
+        ]
+    return hashlib.sha256(("".join(lines) + metadata_json).encode()).hexdigest()
 
 
 def _library_version() -> str:
@@ -287,11 +296,12 @@ def load_context(path: str | Path, pipe: Pipeline, device: torch.device | str | 
         )
     meta = _validated(path, raw)
     _check_identity(path, meta, pipe)
+    tensors = {name: tensor.to(target) for name, tensor in tensors.items()}  # checked there: a GPU is quick
     cache, logits, ids, valid = assemble(path, meta, tensors, pipe.adapter)
     origin = {
         "model": meta.model.model_dump(),
         "tokenizer": meta.tokenizer.model_dump(by_alias=True),
         "strategy": meta.strategy.model_dump(),
     }
-    context = Context(cache, logits, meta.stats, {**pipe.source, "device": "cpu"}, ids, valid, origin)
-    return context.to(target)
+    context = Context(cache, logits, meta.stats, pipe.source, ids, valid, origin)
+    return context.to(target)  # names the device in the context's source

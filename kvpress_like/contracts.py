@@ -21,6 +21,7 @@ import torch
 
 from kvpress_like.errors import ConfigError, PluginError
 from kvpress_like.hookspecs import LayerView
+from kvpress_like.parallel import TensorParallel
 
 HOOKS = ("score", "retain", "propagate", "restart")
 Check = tuple[torch.Tensor, Callable[[], str]]  # (all True when the contract is met, the complaint)
@@ -55,8 +56,11 @@ class HookRunner:
     recent tokens are always kept), capped by the row's valid tokens.
     """
 
-    def __init__(self, manager: pluggy.PluginManager, min_kept: int) -> None:
+    def __init__(
+        self, manager: pluggy.PluginManager, min_kept: int, parallel: TensorParallel | None = None
+    ) -> None:
         self.manager, self.min_kept = manager, min_kept
+        self.parallel = parallel or TensorParallel()  # given to the hooks' LayerView
         for name in HOOKS:
             self._impls(name)  # old-style wrappers are refused when the pipeline is built
 
@@ -181,6 +185,13 @@ class HookRunner:
             _expect_tensor(
                 propagated, plugin, "propagate", at, "bool [B, S]", (batch, seq), layer.keys.device
             )
+            if not self.parallel.agree(propagated & layer.valid):  # ranks must go on with one set
+                raise _broken(
+                    plugin, "propagate", at,
+                    "the same tokens on every tensor-parallel rank (choose over every rank's heads: "
+                    "LayerView.head_sum or all_heads)",
+                    "different tokens on different ranks",
+                )  # fmt: skip
             chosen = (propagated & layer.valid).sum(dim=-1)  # [B]
             checks.append(
                 _check(

@@ -124,7 +124,7 @@ class StaticDecoder:
     def __init__(self, adapter: ModelAdapter, batch: int, capacity: int, compiled: bool) -> None:
         info, device, dtype = adapter.info, adapter.device, adapter.dtype
         self.adapter, self.capacity = adapter, capacity
-        shape = (batch, info.num_kv_heads, capacity)
+        shape = (batch, adapter.local_kv_heads, capacity)  # this rank's heads under tensor parallelism
         self.layers = [
             StaticLayer(
                 torch.zeros(*shape, adapter.head_dim, dtype=dtype, device=device),
@@ -136,7 +136,7 @@ class StaticDecoder:
         ]
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.arrivals = torch.zeros(batch * info.num_kv_heads, dtype=torch.int32, device=device)
+        self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
         self.step = self._step
         if compiled:
             state = [self.steps_done, self.first_positions, self.arrivals]

@@ -145,6 +145,7 @@ class Forward:
             prompt_lengths=self.cache.next_positions,
             scaling=scaling,
             sliding_window=sliding_window,
+            parallel=self.hooks.parallel,
         )
         # Sliding-window layers are not asked to retain: they are trimmed to their window (in attend).
         keep, propagated, self.restart = self.hooks.ask(view, sliding_window is None, self.checks)

@@ -12,10 +12,12 @@ means "no opinion": no scores, keep every entry, propagate every token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pluggy
 import torch
+
+from kvpress_like.parallel import TensorParallel
 
 PROJECT = "kvpress_like"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -28,6 +30,10 @@ class LayerView:
 
     Valid entries of each row are right-aligned (padding and dropped tokens come first) and
     sorted by position, so the last ``w`` entries of a row are its ``w`` most recent tokens.
+
+    Under tensor parallelism (``parallel.py``) a rank sees its own heads only: ``Hq`` and ``Hkv``
+    are the rank's. A choice over every head goes through ``head_sum`` or ``all_heads``, so that
+    every rank makes the same one.
     """
 
     layer_idx: int
@@ -40,10 +46,23 @@ class LayerView:
     prompt_lengths: torch.Tensor  # [B] long: real prompt tokens per row (budgets are rates of this)
     scaling: float  # softmax scale the layer uses
     sliding_window: int | None  # the layer's attention window, None for full attention
+    parallel: TensorParallel = field(default_factory=TensorParallel)  # the ranks sharing the heads
 
     @property
     def num_kv_groups(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
+
+    def head_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, S]`` -> ``[B, S]``: the sum over every KV head, of all ranks."""
+        return self.parallel.sum(values.sum(dim=1))
+
+    def all_heads(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, ...]`` -> the same for every KV head of all ranks, in head order."""
+        return self.parallel.gather_heads(values)
+
+    def local_heads(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, all KV heads, ...]`` -> this rank's ``[B, Hkv, ...]``."""
+        return self.parallel.local_heads(values)
 
 
 class StrategySpec:

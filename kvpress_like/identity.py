@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 # Config fields a compressed cache depends on; a missing field is recorded as None.
 CACHE_SHAPING_FIELDS = (
@@ -51,11 +52,13 @@ def cache_shaping_config(model: Any) -> dict[str, Any]:
 def weights_fingerprint(model: Any) -> str:
     """A hash of a few values of the embedding, of every decoder layer's first weight, of the final
     norm and of the output head: the same on every device, different for other weights. One
-    device-to-host copy."""
+    device-to-host copy. A weight sharded over ranks contributes this rank's shard (no
+    communication): a tensor-parallel rank's fingerprint is its own."""
     base = model.model
     tensors = [model.get_input_embeddings().weight, base.norm.weight, model.get_output_embeddings().weight]
     tensors += [next(layer.parameters()) for layer in base.layers]
-    samples = torch.cat([t.detach().reshape(-1)[:FINGERPRINT_VALUES].float() for t in tensors])
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    samples = torch.cat([t.detach().reshape(-1)[:FINGERPRINT_VALUES].float() for t in local])
     return hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest()[:16]
 
 

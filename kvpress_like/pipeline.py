@@ -77,7 +77,8 @@ class Pipeline:
         _ = self.generation  # checked now, before any call
         self.plugin_manager = make_plugin_manager(strategy, plugins)
         window = getattr(strategy.config, "window", 1)
-        self._hooks = HookRunner(self.plugin_manager, min_kept=window if isinstance(window, int) else 1)
+        min_kept = window if isinstance(window, int) else 1
+        self._hooks = HookRunner(self.plugin_manager, min_kept, self.adapter.parallel)
         self._prompts = PromptEncoder(tokenizer, model)
         self._decoders = DecoderPool(self.adapter)
         # Identities are read once (a device-to-host copy of a few weights, a vocabulary hash).
@@ -374,7 +375,8 @@ class Pipeline:
     def _stats(self, fwd: Forward, cache: CompressedCache, valid: torch.Tensor, seconds: float) -> Stats:
         info, head_dim = self.adapter.info, self.adapter.head_dim
         entry_bytes = 2 * head_dim * torch.finfo(self.adapter.dtype).bits // 8
-        full = int(cache.next_positions.sum()) * info.num_layers * info.num_kv_heads * entry_bytes
+        heads = self.adapter.local_kv_heads  # this rank's
+        full = int(cache.next_positions.sum()) * info.num_layers * heads * entry_bytes
         return Stats(
             prompt_tokens=valid.sum(dim=-1).tolist(),
             tokens_per_layer=torch.stack(fwd.tokens_per_layer).tolist(),

@@ -49,11 +49,12 @@ class Context:
 
     def to(self, device: torch.device | str) -> Context:
         """A copy on ``device`` (a pipeline takes contexts on its model's device)."""
-        device = torch.device(device)
+        logits = self.last_logits.to(device)  # its device is explicit: "cuda" becomes "cuda:0"
+        device = logits.device
         return replace(
             self,
             cache=self.cache.to(device),
-            last_logits=self.last_logits.to(device),
+            last_logits=logits,
             ids=self.ids.to(device),
             valid=self.valid.to(device),
             source={**self.source, "device": str(device)},

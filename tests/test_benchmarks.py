@@ -76,3 +76,16 @@ def test_speed_benchmark_rejects_an_unknown_system_before_any_work(tmp_path):
     assert done.returncode == 2
     assert "--systems" in done.stderr and "fastkvv" in done.stderr
     assert not (tmp_path / "speed.json").exists()
+
+
+def test_contexts_benchmark_smoke_run(tmp_path):
+    script = SCRIPT.with_name("contexts.py")
+    command = [sys.executable, str(script), "--model", "tiny", "--lengths", "128", "--repeats", "1"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "contexts.json").read_text())
+    assert [r["strategy"] for r in rows] == ["full", "fastkv", "snapkv"]
+    full, fastkv, _ = rows
+    # a full cache's file holds every key and value, FastKV's (retain_rate 0.1) about a tenth
+    assert full["file_bytes"] > full["cache_bytes_full"] > 5 * fastkv["file_bytes"]
+    assert all(r["load_s"] > 0 and r["save_s"] > 0 for r in rows)

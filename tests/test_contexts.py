@@ -69,14 +69,14 @@ def saved(tmp_path_factory) -> tuple[Path, Context]:
 
 
 def _spec_checksum(tensors: dict[str, torch.Tensor], text: str) -> str:
-    """SHA-256 over, by name, ``name|dtype|shape|`` and the raw bytes of each tensor, then the JSON."""
-    digest = hashlib.sha256()
+    """SHA-256 over one line per tensor, by name: ``name|dtype|shape|`` and the SHA-256 of its raw
+    bytes, then the metadata JSON."""
+    lines = []
     for name in sorted(tensors):
         tensor = tensors[name].contiguous().clone()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(bytes(tensor.untyped_storage()))
-    digest.update(text.encode())
-    return digest.hexdigest()
+        raw = hashlib.sha256(bytes(tensor.untyped_storage())).hexdigest()
+        lines.append(f"{name}|{tensor.dtype}|{list(tensor.shape)}|{raw}\n")
+    return hashlib.sha256(("".join(lines) + text).encode()).hexdigest()
 
 
 def _rewrite(source: Path, target: Path, tensors_edit=None, metadata_edit=None, keep_checksum=False) -> Path:

@@ -237,3 +237,21 @@ def test_threads_share_one_compiled_pipeline_beside_model_generate():
     for want, got in zip(expected, results, strict=True):
         assert got == [want] * 3
     assert plain_future.result() == [plain_expected] * 3
+
+
+@pytest.mark.parametrize("lengths", [[70], [90, 41]])
+def test_a_saved_context_moves_between_cpu_and_gpu_and_continues_exactly(tmp_path, lengths):
+    """Saved on the GPU, loaded on the CPU (and back): the tensors are the same, and compiled
+    decoding from the loaded context gives the tokens of eager decoding from the original."""
+    from kvpress_like import Context
+
+    model = _gpu_model("llama", torch.float32)  # tokens: exact in fp32, as in the tests above
+    pipe = pipeline(model, "fastkv", max_new_tokens=8, stop_on_eos=False, **TINY_FASTKV)
+    context = pipe.compress(random_rows(lengths, seed=2))
+    on_cpu = Context.load(context.save(tmp_path / "gpu.kvc"), pipe, device="cpu")
+    assert on_cpu.last_logits.device.type == "cpu"
+    assert torch.equal(on_cpu.last_logits, context.last_logits.cpu())
+    back = Context.load(on_cpu.save(tmp_path / "cpu.kvc"), pipe)  # the pipeline's device: cuda
+    eager = pipe.generate(context=context, decode="eager").token_ids
+    assert pipe.generate(context=back, decode="compiled").token_ids == eager
+    assert pipe.generate(context=on_cpu.to("cuda"), decode="static").token_ids == eager

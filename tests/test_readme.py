@@ -49,3 +49,17 @@ def test_config_example_is_valid(tmp_path):
     model = tiny_model("llama")
     pipe = Pipeline.from_config(path, model, tsp_layer=1, max_new_tokens=16)
     assert pipe.strategy.config.retain_rate == 0.1 and pipe.generation.max_new_tokens == 16
+
+
+@pytest.mark.slow
+def test_saved_context_example_runs(capsys, smollm2, tmp_path, monkeypatch):
+    """The saved-context example, after the first one: the loaded context answers as the first
+    example's in-memory context does (greedy), and the file is where the example says."""
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_block("python", "from kvpress_like import pipeline"), "README.md", "exec"), scope)
+    capsys.readouterr()
+    exec(compile(_block("python", "from kvpress_like import Context"), "README.md", "exec"), scope)
+    printed = capsys.readouterr().out.strip()
+    want = scope["pipe"].generate(context=scope["pipe"].compress(scope["prompt"].text)).text
+    assert printed == want.strip() and (tmp_path / "passkey.kvc").is_file()

@@ -54,6 +54,7 @@ class AdaKV(WindowScoreStrategy):
         per-head counts differ, their sum per row is ``Hkv * budget``."""
         if scores is None:
             return None
+        scores = layer.all_heads(scores)  # the budget is shared by every head, of all ranks
         batch, heads, seq = scores.shape
         guaranteed, mean = self.head_budgets(layer.prompt_lengths)
         valid = layer.valid[:, None].expand(batch, heads, seq)
@@ -62,4 +63,4 @@ class AdaKV(WindowScoreStrategy):
         flat = scores.reshape(batch, heads * seq)
         candidates = (valid & ~floor).reshape(batch, heads * seq)
         joint = top_k_mask(flat, heads * (mean - guaranteed), candidates, torch.zeros_like(candidates))
-        return floor | joint.reshape(batch, heads, seq)
+        return layer.local_heads(floor | joint.reshape(batch, heads, seq))

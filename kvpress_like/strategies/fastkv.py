@@ -43,4 +43,4 @@ class FastKV(WindowScoreStrategy):
     def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
         if layer.layer_idx != self.tsp_layer or scores is None:
             return None
-        return self.keep_best(scores.sum(dim=1), layer, "tsp")
+        return self.keep_best(layer.head_sum(scores), layer, "tsp")

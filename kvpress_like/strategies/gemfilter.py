@@ -36,7 +36,7 @@ def last_query_scores(layer: LayerView) -> torch.Tensor:
     logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys).float() * layer.scaling
     # The last query is the row's newest token: every valid key is at or before its position.
     logits = logits.masked_fill(~layer.valid[:, None, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+    return layer.head_sum(torch.softmax(logits, dim=-1).sum(dim=2))
 
 
 class GemFilter(BudgetStrategy):

@@ -1,0 +1,68 @@
+"""Tensor parallelism on CPU: two gloo ranks launched by ``torchrun`` (``tests/tp_worker.py``)
+shard tiny Llama and Qwen3 models in two by their own plans; every built-in strategy gives the
+unsharded model's tokens (greedy and sampled, eager and static decode) and keeps, per KV head,
+the unsharded model's positions. A strategy choosing tokens from its own rank's heads only is
+refused by name."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpress_like.errors import UnsupportedModelError
+from kvpress_like.parallel import tensor_parallel_plan
+
+from conftest import tiny_model
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(out: Path, *args: str) -> list[dict]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    command = [*launcher, *rendezvous, str(WORKER), "--out", str(out), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
+    reports = torchrun(tmp_path)
+    for report in reports:
+        assert report["world"] == 2
+        cases = report["cases"]
+        assert {c["strategy"] for c in cases} >= {"fastkv", "snapkv", "adakv"}
+        for case in cases:
+            assert case["local_kv_heads"] == 1, case  # 2 KV heads split in two
+            assert case["tokens_equal"] and case["kept_equal"], case
+        assert "RankLocalFastKV" in report["refusal"] and "every tensor-parallel rank" in report["refusal"]
+    # the ranks agree with each other too (not only each with its own reference)
+    assert [c["tokens"] for c in reports[0]["cases"]] == [c["tokens"] for c in reports[1]["cases"]]
+
+
+def test_a_plan_that_does_not_split_heads_is_refused():
+    with pytest.raises(UnsupportedModelError, match="colwise_gather_output"):
+        tensor_parallel_plan(tiny_model("phi3"))
+
+
+def test_the_plan_covers_every_projection_of_every_layer():
+    model = tiny_model("qwen3")
+    plan = tensor_parallel_plan(model)
+    layers = model.config.num_hidden_layers
+    assert len(plan) == 7 * layers  # q, k, v, o, gate, up, down; the norms stay replicated
+    styles = {name.split(".", 2)[-1]: type(style).__name__ for name, style in plan.items()}
+    assert styles["self_attn.o_proj"] == "RowwiseParallel" == styles["mlp.down_proj"]
+    assert styles["self_attn.k_proj"] == "ColwiseParallel"
+    assert torch.distributed.is_available()

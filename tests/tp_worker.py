@@ -1,0 +1,126 @@
+"""One rank of the tensor-parallel check, launched by ``torchrun`` (``tests/test_tensor_parallel.py``).
+
+Every rank builds the same tiny model, runs it unsharded (the reference), shards it over all
+ranks by its own plan (``kvpress_like.parallel.shard_model``) and runs the same calls again:
+the tokens must be the reference's, and each rank's cache must keep, for each of its KV heads,
+the positions the reference keeps for that head. Writes ``rank{N}.json`` with what it compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kvpress_like import hookimpl, pipeline
+from kvpress_like.errors import PluginError
+from kvpress_like.parallel import shard_model
+from kvpress_like.strategies.fastkv import FastKV
+
+from conftest import random_rows, tiny_model
+
+CASES = {  # strategy -> settings small enough for the tiny models' prompts
+    "fastkv": dict(tsp_layer=1, tsp_rate=0.5, retain_rate=0.25, window=4),
+    "snapkv": dict(retain_rate=0.3, window=4),
+    "adakv": dict(retain_rate=0.3, window=4),
+    "gemfilter": dict(filter_layer=1, retain_rate=0.4, window=4),
+    "pyramidkv": dict(retain_rate=0.3, window=4),
+    "h2o": dict(retain_rate=0.3, window=4),
+    "streamingllm": dict(retain_rate=0.4, window=4, sink_tokens=2),
+    "full": {},
+}
+LENGTHS = [61, 37]  # batch 2, different lengths
+
+
+def kept_positions(context) -> list[list[list[list[int]]]]:
+    """``[layer][row][head]`` -> the positions the cache keeps there."""
+    out = []
+    for layer in context.cache.layers:
+        positions, valid = layer.positions, layer.valid
+        out.append(
+            [
+                [positions[b, h][valid[b, h]].tolist() for h in range(positions.shape[1])]
+                for b in range(positions.shape[0])
+            ]
+        )
+    return out
+
+
+def run(model, strategy: str, decode: list[str], device: str) -> dict:
+    pipe = pipeline(model, strategy, max_new_tokens=6, stop_on_eos=False, **CASES[strategy])
+    rows = random_rows(LENGTHS, seed=11)
+    result = {"kept": kept_positions(pipe.compress(rows))}
+    for mode in decode:
+        result[mode] = pipe(rows, decode=mode).token_ids
+    result["sampled"] = pipe(rows, decode=decode[0], do_sample=True, top_k=20, seed=5).token_ids
+    return result
+
+
+class RankLocalFastKV(FastKV):
+    """FastKV choosing the propagated tokens from its own rank's heads only: must be refused."""
+
+    @hookimpl
+    def propagate(self, layer, scores):
+        if layer.layer_idx != self.tsp_layer or scores is None:
+            return None
+        return self.keep_best(scores.sum(dim=1), layer, "tsp")
+
+
+def refusal(model) -> str:
+    pipe = pipeline(model, RankLocalFastKV, max_new_tokens=2, **CASES["fastkv"])
+    try:
+        pipe(random_rows(LENGTHS, seed=11))
+    except PluginError as exc:
+        return str(exc)
+    return "not refused"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--families", default="llama,qwen3")
+    parser.add_argument("--decode", default="eager,static")
+    args = parser.parse_args()
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    decode = args.decode.split(",")
+    report: dict = {"rank": rank, "world": world, "cases": []}
+    for family in args.families.split(","):
+        for strategy in CASES:
+            model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
+            reference = run(model, strategy, decode, args.device)
+            shard_model(model, init_device_mesh(args.device, (world,)))
+            sharded = run(model, strategy, decode, args.device)
+            heads = len(sharded["kept"][0][0])
+            mine = slice(rank * heads, (rank + 1) * heads)
+            expected_kept = [[row[mine] for row in layer] for layer in reference["kept"]]
+            report["cases"].append(
+                {
+                    "family": family,
+                    "strategy": strategy,
+                    "local_kv_heads": heads,
+                    "tokens_equal": all(sharded[m] == reference[m] for m in [*decode, "sampled"]),
+                    "kept_equal": sharded["kept"] == expected_kept,
+                    "tokens": {m: sharded[m] for m in decode},
+                    "reference_tokens": {m: reference[m] for m in decode},
+                }
+            )
+        report["refusal"] = refusal(model)  # the last family's sharded model
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
