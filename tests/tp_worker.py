@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--families", default="llama,qwen3")
     parser.add_argument("--decode", default="eager,static")
+    parser.add_argument("--strategies", default=",".join(CASES))
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -97,7 +98,7 @@ def main() -> None:
     decode = args.decode.split(",")
     report: dict = {"rank": rank, "world": world, "cases": []}
     for family in args.families.split(","):
-        for strategy in CASES:
+        for strategy in args.strategies.split(","):
             model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
             reference = run(model, strategy, decode, args.device)
             shard_model(model, init_device_mesh(args.device, (world,)))

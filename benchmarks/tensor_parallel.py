@@ -1,0 +1,176 @@
+"""Tensor-parallel speed: kvpress_like on a model sharded over the GPUs of one host, against one
+GPU and against transformers' own forward on the same sharded model.
+
+Launch one process per GPU (a single process is the 1-GPU run)::
+
+    torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --shape 8b --lengths 131072 --out R
+    python benchmarks/tensor_parallel.py --shape 8b --lengths 131072 --out R          # 1 GPU
+    torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --shape 70b --lengths 32768,131072 \\
+        --systems fastkv,transformers --out R
+    torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --shape tiny --lengths 256   # CPU smoke
+
+Random bf16 weights are built on the meta device, sharded by the model's own plan
+(``kvpress_like.parallel.shard_model``) and only then materialised, each rank its own shards: a
+70B model is never whole anywhere. ``transformers`` is the sharded model's own forward with a
+DynamicCache (its eager path: static cache + compile needs one compile per cache size).
+Rank 0 writes ``tp-<shape>-<N>gpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvpress_like import pipeline
+from kvpress_like.parallel import shard_model
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256),
+}  # fmt: skip
+FASTKV = dict(tsp_rate=0.2, retain_rate=0.1)  # tsp_layer: the strategy's default (mid-depth)
+PEAK_BYTES = 4.22e12  # measured H200 copy bandwidth (benchmarks/ceilings.py, docs/performance.md)
+
+
+def build(shape: str, device: torch.device, mesh) -> LlamaForCausalLM:
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 17, rope_theta=500000.0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if mesh is not None:
+        shard_model(model, mesh)
+    model.to_empty(device=device)
+    # Same seed on every rank: replicated weights (embedding, norms, head) are equal everywhere.
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            local.fill_(1.0) if "norm" in name else local.normal_(0, 0.02, generator=generator)
+        # to_empty left the rotary buffers uninitialised: rebuild them from the config
+        with device:
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of this rank's weights (its shards plus the replicated parts)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str) -> dict:
+    settings = FASTKV if system == "fastkv" else {}
+    pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, decode=decode, **settings)
+    pipe.generate(ids[:, :512], max_new_tokens=4)  # warm-up: kernels, the compiled step
+    _sync()
+    start = time.perf_counter()
+    context = pipe.compress(ids)
+    _sync()
+    prefill = time.perf_counter() - start
+    out = pipe.generate(context=context)
+    return {
+        "prefill_s": prefill,
+        "decode_ms": 1e3 * out.stats.decode_seconds_per_token,
+        "kept_cache_bytes": context.stats.cache_bytes_kept,
+        "tokens": out.token_ids[0][:8],
+    }
+
+
+@torch.inference_mode()
+def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
+    model(ids[:, :512], use_cache=True, logits_to_keep=1)  # warm-up
+    _sync()
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    _sync()
+    prefill = time.perf_counter() - start
+    token, times = out.logits[:, -1].argmax(-1, keepdim=True), []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        times.append(time.perf_counter() - start)
+    kept = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return {"prefill_s": prefill, "decode_ms": 1e3 * statistics.median(times[2:] or times),
+            "kept_cache_bytes": kept}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072])
+    parser.add_argument("--systems", default="fastkv,full")
+    parser.add_argument("--decode", default="compiled", help="kvpress_like's decode mode")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh = None
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    start = time.perf_counter()
+    model = build(args.shape, device, mesh)
+    rows, build_s = [], time.perf_counter() - start
+    weights = weight_bytes(model)
+    for length in args.lengths:
+        ids = torch.randint(
+            3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)
+        )
+        ids = ids.to(device)
+        for system in args.systems.split(","):
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            if system == "transformers":
+                row = run_transformers(model, ids, args.steps)
+            else:
+                row = run_kvpress(model, system, ids, args.steps, args.decode)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
+            if mesh is not None:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            floor_ms = 1e3 * (weights + row["kept_cache_bytes"]) / PEAK_BYTES
+            row.update(shape=args.shape, gpus=world, length=length, system=system, floor_ms=floor_ms,
+                       peak_gib_max_rank=float(peak), weights_gib_per_rank=weights / 2**30,
+                       decode_vs_floor=row["decode_ms"] / floor_ms)  # fmt: skip
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    if rank == 0 and args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"build_s": build_s, "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
+        (args.out / f"tp-{args.shape}-{world}gpu.json").write_text(json.dumps(result, indent=1))
+    if mesh is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
