@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -169,7 +170,11 @@ def main() -> None:
         result = {"build_s": build_s, "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}
         (args.out / f"tp-{args.shape}-{world}gpu.json").write_text(json.dumps(result, indent=1))
     if mesh is not None:
-        dist.destroy_process_group()
+        # Tearing down NCCL communicators that CUDA graphs captured hung on the H200 pair
+        # (torch 2.11): leave once every rank is done; the launcher reaps the processes.
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

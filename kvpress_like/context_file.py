@@ -145,6 +145,15 @@ def save_context(context: Context, path: str | Path) -> Path:
         raise ConfigError(f"context: must be a Context from Pipeline.compress (got {type(context).__name__})")
     if not context.origin:
         raise ConfigError("context: must come from Pipeline.compress or Context.load (it has no origin)")
+    heads, total = (
+        context.cache.layers[0].valid.shape[1],
+        context.origin["model"]["config"]["num_key_value_heads"],
+    )
+    if heads != total:
+        raise ConfigError(
+            f"context: must hold every KV head to be saved (got {heads} of {total}: a tensor-parallel "
+            "rank's share; saving those is not supported)"
+        )
     if path.is_dir():
         raise ConfigError(f"path: must be a file name, not a folder (got {str(path)!r})")
     if not path.parent.is_dir():

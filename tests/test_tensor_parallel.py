@@ -47,6 +47,7 @@ def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
         for case in cases:
             assert case["local_kv_heads"] == 1, case  # 2 KV heads split in two
             assert case["tokens_equal"] and case["kept_equal"], case
+        assert "tensor-parallel rank's share" in report["save_refusal"], report["save_refusal"]
         assert "RankLocalFastKV" in report["refusal"] and "every tensor-parallel rank" in report["refusal"]
     # the ranks agree with each other too (not only each with its own reference)
     assert [c["tokens"] for c in reports[0]["cases"]] == [c["tokens"] for c in reports[1]["cases"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kvpress_like import hookimpl, pipeline
-from kvpress_like.errors import PluginError
+from kvpress_like.errors import ConfigError, PluginError
 from kvpress_like.parallel import shard_model
 from kvpress_like.strategies.fastkv import FastKV
 
@@ -118,9 +119,18 @@ def main() -> None:
                 }
             )
         report["refusal"] = refusal(model)  # the last family's sharded model
+        try:
+            pipeline(model, "full").compress(random_rows(LENGTHS)).save(args.out.parent / f"r{rank}.kvc")
+            report["save_refusal"] = "saved"
+        except ConfigError as exc:
+            report["save_refusal"] = str(exc)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    dist.destroy_process_group()
+    # Tearing down NCCL communicators that CUDA graphs captured hung on the H200 pair
+    # (torch 2.11): leave once every rank is done; the launcher reaps the processes.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
