@@ -47,8 +47,10 @@ class BudgetConfig(StrategyConfig):
 class WindowScoreConfig(BudgetConfig):
     """A budget chosen by observation-window scores (``selection.window_scores``)."""
 
-    pooling: Pooling = Field("max", description="pooling of the scores over the key axis")
-    kernel: int = Field(7, ge=1, description="pooling kernel over the key axis (odd)")
+    pooling: Pooling = Field(
+        "max", description="pooling of the scores over the keys before the window (the window is kept)"
+    )
+    kernel: int = Field(7, ge=1, description="pooling kernel over the keys before the window (odd)")
 
     @field_validator("kernel")
     @classmethod

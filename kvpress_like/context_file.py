@@ -145,10 +145,8 @@ def save_context(context: Context, path: str | Path) -> Path:
         raise ConfigError(f"context: must be a Context from Pipeline.compress (got {type(context).__name__})")
     if not context.origin:
         raise ConfigError("context: must come from Pipeline.compress or Context.load (it has no origin)")
-    heads, total = (
-        context.cache.layers[0].valid.shape[1],
-        context.origin["model"]["config"]["num_key_value_heads"],
-    )
+    heads = context.cache.layers[0].valid.shape[1]
+    total = context.origin["model"]["config"]["num_key_value_heads"]
     if heads != total:
         raise ConfigError(
             f"context: must hold every KV head to be saved (got {heads} of {total}: a tensor-parallel "

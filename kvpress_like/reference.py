@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import typing
 
 from pydantic import BaseModel
@@ -51,5 +52,8 @@ def config_reference() -> str:
     parts = [HEADER, "## Engine (`generation:`, or `engine=EngineConfig(...)`)\n", _table(EngineConfig), ""]
     for info in describe_strategies():
         cls = load_strategy_class(info.name)
-        parts += [f"## `{info.name}` ({info.source})\n", f"{info.description}.\n", _table(cls.Config), ""]
+        parts += [f"## `{info.name}` ({info.source})\n", f"{info.description}.\n"]
+        if cls.Config.__module__ == cls.__module__ and cls.Config.__doc__:  # its own settings' notes
+            parts.append(inspect.cleandoc(cls.Config.__doc__) + "\n")
+        parts += [_table(cls.Config), ""]
     return "\n".join(parts)

@@ -20,8 +20,11 @@ def window_scores(layer: LayerView, window: int, pooling: Pooling, kernel: int) 
     """SnapKV-style importance of every key, GQA-aware: float32 ``[B, Hkv, S]``.
 
     The last ``window`` queries attend to all keys (causal by true position, padding masked),
-    softmax in fp32, summed over those queries, pooled over the key axis (odd ``kernel``, stride 1;
-    ``avg`` divides by the kernel, zero-padded), then summed over the query heads of each KV group.
+    softmax in fp32, summed over those queries; the keys before the window (the prefix) are pooled
+    over the key axis among themselves (odd ``kernel``, stride 1, zero-padded at both ends; ``avg``
+    divides by the kernel), as SnapKV's Algorithm 1 and FastKV's and kvpress' code do: the window's
+    own keys are kept regardless and keep their unpooled sums, so the keys just before the window
+    cannot borrow its high scores. Then summed over the query heads of each KV group.
     """
     keys = layer.keys
     batch, kv_heads, seq, dim = keys.shape
@@ -38,14 +41,17 @@ def window_scores(layer: LayerView, window: int, pooling: Pooling, kernel: int) 
     probs = torch.softmax(logits, dim=-1)
     # Padding queries (rows shorter than the window) contribute nothing, not NaN.
     probs = torch.where(query_valid[:, None, None, :, None], probs, 0.0)
-    summed = probs.sum(dim=-2).reshape(batch * kv_heads * groups, 1, seq)
+    summed = probs.sum(dim=-2)  # [B, Hkv, G, S]
 
-    if kernel > 1:
+    prefix = seq - window  # rows are right-aligned: the last ``window`` slots are every row's window
+    if kernel > 1 and prefix > 0:
+        flat = summed[..., :prefix].reshape(batch * kv_heads * groups, 1, prefix)
         if pooling == "max":
-            summed = F.max_pool1d(summed, kernel, stride=1, padding=kernel // 2)
+            flat = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
         else:
-            summed = F.avg_pool1d(summed, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    return summed.reshape(batch, kv_heads, groups, seq).sum(dim=2)
+            flat = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+        summed = torch.cat([flat.reshape(batch, kv_heads, groups, prefix), summed[..., prefix:]], dim=-1)
+    return summed.sum(dim=2)
 
 
 def rate_budget(rate: float, length: int) -> int:

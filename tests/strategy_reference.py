@@ -134,6 +134,9 @@ def ref_window_scores(
     """[B, Hkv, S] float32: votes of the last ``window`` (None: all) queries, pooled, summed per KV head."""
     # Each valid query's softmax (computed in ``dtype``) over the keys it may see (valid, position
     # not after its own) is summed over the queries; ``pooling`` None leaves the sums unpooled.
+    # Pooling follows SnapKV's Algorithm 1 (``attn_weights[..., :-window_size]`` pooled, the
+    # window's own entries kept apart): only the keys before the window are pooled, among
+    # themselves; the window's keys keep their sums. ``window`` None pools every key.
     # ``kv_head_of(h, Hq, Hkv)`` pairs query and KV heads (default ``h // (Hq // Hkv)``).
     q, k = view.queries.to(dtype), view.keys.to(dtype)
     batch, hq, seq, _ = q.shape
@@ -152,7 +155,10 @@ def ref_window_scores(
                 seen = view.valid[b] & (view.positions[b] <= view.positions[b, i])
                 logits = (k[b, kv] @ q[b, h, i]) * view.scaling
                 votes[seen] += torch.softmax(logits[seen], dim=0)
-            out[b, kv] += votes if pooling is None else ref_pool(votes, pooling, kernel)
+            if pooling is not None:
+                cut = seq if window is None else first
+                votes = torch.cat([ref_pool(votes[:cut], pooling, kernel), votes[cut:]])
+            out[b, kv] += votes
     return out.float()
 
 

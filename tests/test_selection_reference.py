@@ -32,6 +32,7 @@ from strategy_reference import (
     make_view,
     one_hot,
     padded_lengths,
+    ref_pool,
     ref_select,
     ref_window_scores,
     same_ranking,
@@ -150,3 +151,33 @@ def test_gqa_pairs_query_head_h_with_kv_head_h_div_groups():
     budget = lambda n: 2  # noqa: E731
     assert torch.equal(keep, ref_select(right, view, 1, budget))
     assert not torch.equal(keep, ref_select(wrong, view, 1, budget))
+
+
+def test_only_the_keys_before_the_window_are_pooled():
+    """The key just before the window must not borrow the window's score through pooling.
+
+    10 tokens, window 2, average pooling over 3 keys, one more entry than the window kept. The
+    window queries look for e0: key 8 (in the window) holds 1.2 e0, key 2 holds e0, every other
+    key nothing. Pooled over the prefix only (the papers' rule), key 7 scores about 0 and a key
+    around 2 is kept; pooled over every key (the old rule), key 7 averages in key 8's large vote
+    and is kept instead.
+    """
+    keys = one_hot(10, 4, {2: 0})
+    keys[8, 0] = 1.2 * 8.0
+    queries = one_hot(10, 4, {8: 0, 9: 0})
+    view = make_view(queries[None, None], keys[None, None], [10])
+    fastkv = make_fastkv(
+        1, 1, window=2, kernel=3, pooling="avg", budget_mode="constant", retain_tokens=3, tsp_tokens=3
+    )
+    scores = fastkv.score(layer=view)
+    keep = fastkv.retain(layer=view, scores=scores)
+
+    papers = ref_window_scores(view, 2, "avg", 3)
+    votes = ref_window_scores(view, 2, None)
+    pooled_over_all = ref_pool(votes[0, 0], "avg", 3)[None, None]
+    torch.testing.assert_close(scores, papers)
+    budget = lambda n: 3  # noqa: E731
+    assert torch.equal(keep, ref_select(papers, view, 2, budget))
+    assert keep[0, 0].nonzero().flatten().tolist() == [1, 8, 9]  # key 1, 2, 3 tie: the earliest
+    old = ref_select(pooled_over_all, view, 2, budget)
+    assert old[0, 0].nonzero().flatten().tolist() == [7, 8, 9]

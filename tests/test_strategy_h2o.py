@@ -76,13 +76,31 @@ def ref_scores_unchunked(view: LayerView) -> torch.Tensor:
     return per_head.reshape(q.shape[0], k.shape[1] // groups, groups, -1).sum(dim=2)
 
 
+def ref_keep_h2o(scores: torch.Tensor, view: LayerView, cfg: dict) -> torch.Tensor:
+    """The paper's split: per row, ``recent_share`` of its budget (rounded half up, at least
+    ``window``, at most the budget; None: ``window``) as its newest tokens, then the heaviest
+    hitters up to the budget."""
+    budget, share = budget_of(cfg), cfg.get("recent_share", 0.5)
+    rows = []
+    for b, n in enumerate(view.prompt_lengths.tolist()):
+        k = budget(n)
+        recent = cfg["window"] if share is None else min(k, max(cfg["window"], math.floor(share * k + 0.5)))
+        rows.append(ref_select(scores[b : b + 1], replace(view, valid=view.valid[b : b + 1],
+                                                           prompt_lengths=view.prompt_lengths[b : b + 1]),
+                               recent, lambda _n, k=k: k))  # fmt: skip
+    return torch.cat(rows)
+
+
 # ---------------------------------------------------------------- property test
 
 
 @st.composite
 def cases(draw):
     seq, lengths = draw(padded_lengths(28))
-    cfg = {"chunk_size": draw(st.integers(1, seq + 3))}
+    cfg = {
+        "chunk_size": draw(st.integers(1, seq + 3)),
+        "recent_share": draw(st.sampled_from([None, 0.25, 0.5, 1.0])),
+    }
     cfg.update(draw(budget_settings(lengths, max_tokens=32)))
     return lengths, cfg, draw(grid_shape(seq, lengths))
 
@@ -104,7 +122,7 @@ def test_library_matches_reference(case):
     assume(same_ranking(scores, expected, valid))
 
     keep = strategy.retain(layer=view, scores=scores)
-    assert torch.equal(keep, ref_select(expected, view, cfg["window"], budget_of(cfg)))
+    assert torch.equal(keep, ref_keep_h2o(expected, view, cfg))
     assert keep.sum(-1).tolist() == [[budget_of(cfg)(n)] * s["hkv"] for n in lengths]
 
 
@@ -159,6 +177,19 @@ def test_a_key_many_queries_attend_to_beats_one_the_last_query_attends_to():
     scores = strategy.score(layer=view)
     assert int(scores[0, 0, :9].argmax()) == 2
     assert strategy.retain(layer=view, scores=scores)[0, 0].nonzero().flatten().tolist() == [2, 9]
+
+
+def test_half_of_the_budget_goes_to_recent_tokens_as_in_the_paper():
+    """Budget 6 of 12 tokens, window 1. Every query looks for e0, which keys 0..5 hold: they are
+    the heavy hitters. The paper's split keeps the 3 newest tokens and 3 heavy hitters;
+    ``recent_share=None`` keeps the newest token and 5 heavy hitters."""
+    keys = one_hot(12, 4, dict.fromkeys(range(6), 0))[None, None]
+    queries = one_hot(12, 4, dict.fromkeys(range(12), 0))[None, None]
+    view = make_view(queries, keys, [12])
+    for share, expected in ((0.5, [0, 1, 2, 9, 10, 11]), (None, [0, 1, 2, 3, 4, 11])):
+        strategy = make_h2o(1, 1, window=1, budget_mode="constant", retain_tokens=6, recent_share=share)
+        keep = strategy.retain(layer=view, scores=strategy.score(layer=view))
+        assert keep[0, 0].nonzero().flatten().tolist() == expected, share
 
 
 def test_padding_neither_receives_nor_gives_attention():

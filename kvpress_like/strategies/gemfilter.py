@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -12,7 +14,16 @@ DEFAULT_FILTER_DEPTH = 13 / 32
 
 
 class GemFilterConfig(BudgetConfig):
-    """GemFilter settings: the filter layer and how many tokens it selects (``retain_*``)."""
+    """GemFilter settings: the filter layer and how many tokens it selects (``retain_*``).
+
+    Two differences from the authors' code, each for a reason. Scores: per-head softmax by
+    default (every head counts alike; raw logits summed over heads let the heads with the widest
+    logit ranges decide), ``scores="logits"`` ranks as the authors do. Positions: the selected
+    tokens keep their original positions in the second pass, where the authors renumber them
+    0..k-1; original positions keep the distances the model was trained on between the kept
+    tokens and make decoding continue at the prompt's length, as every other strategy does
+    (renumbering is not offered).
+    """
 
     filter_layer: int | None = Field(
         None, ge=0, description="layer whose last-query attention selects the tokens (None: ~41% of depth)"
@@ -25,18 +36,28 @@ class GemFilterConfig(BudgetConfig):
     )
     # The paper forces no recent tokens in; the pipeline always keeps the last one (it makes the logits).
     window: int = Field(1, ge=1, description="most recent tokens always selected (part of the budget)")
+    # The authors' code ranks raw logits summed over heads; softmax first (the default) weighs every
+    # head alike, where raw sums let the heads with the widest logit ranges decide.
+    scores: Literal["softmax", "logits"] = Field(
+        "softmax",
+        description="last-query scores summed over heads: per-head softmax (default: each head counts "
+        "alike) or raw scaled logits (the authors' code)",
+    )
 
 
-def last_query_scores(layer: LayerView) -> torch.Tensor:
+def last_query_scores(layer: LayerView, softmax: bool = True) -> torch.Tensor:
     """GemFilter's token scores, float32 ``[B, S]``: the attention of each row's last query over
-    its valid keys (fp32 softmax), summed over every query head. Padding scores 0."""
+    its valid keys (fp32 softmax; ``softmax=False``: the raw scaled logits), summed over every
+    query head. Padding scores 0."""
     batch, kv_heads, _, dim = layer.keys.shape
     query = layer.queries[:, :, -1].reshape(batch, kv_heads, layer.num_kv_groups, dim)
     # Products in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the keys.
     logits = torch.einsum("bhgd,bhsd->bhgs", query, layer.keys).float() * layer.scaling
     # The last query is the row's newest token: every valid key is at or before its position.
-    logits = logits.masked_fill(~layer.valid[:, None, None], float("-inf"))
-    return layer.head_sum(torch.softmax(logits, dim=-1).sum(dim=2))
+    padding = ~layer.valid[:, None, None]
+    if not softmax:
+        return layer.head_sum(logits.masked_fill(padding, 0.0).sum(dim=2))
+    return layer.head_sum(torch.softmax(logits.masked_fill(padding, float("-inf")), dim=-1).sum(dim=2))
 
 
 class GemFilter(BudgetStrategy):
@@ -63,7 +84,8 @@ class GemFilter(BudgetStrategy):
     def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
         if layer.layer_idx != self.filter_layer:
             return None
-        return self.keep_best(last_query_scores(layer), layer, "retain")
+        scores = last_query_scores(layer, softmax=self.config.scores == "softmax")
+        return self.keep_best(scores, layer, "retain")
 
     @hookimpl
     def restart(self, layer: LayerView) -> bool | None:

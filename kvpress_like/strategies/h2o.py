@@ -5,17 +5,26 @@ from pydantic import Field
 
 from kvpress_like.budget import BudgetConfig, BudgetStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
+from kvpress_like.selection import top_k_mask
 
 
 class H2OConfig(BudgetConfig):
-    """H2O settings: the retention budget holds ``window`` recent tokens plus heavy hitters.
+    """H2O settings: the retention budget holds recent tokens plus heavy hitters.
 
-    The paper splits its budget evenly between heavy hitters and recent tokens; here the recent
-    part is a token count (``window``, as in the other budget strategies) and heavy hitters take
-    the rest, so the same ``retain_rate`` means the same cache size across strategies.
+    As in the paper, ``recent_share`` 0.5 gives half of each row's budget to its most recent tokens
+    (at least ``window``) and the other half to heavy hitters. ``recent_share=None`` keeps only
+    ``window`` recent tokens and gives heavy hitters the rest, like the other budget strategies.
+    Either way the same ``retain_rate`` means the same cache size across strategies.
     """
 
-    window: int = Field(8, ge=1, description="most recent tokens, always kept; heavy hitters fill the rest")
+    window: int = Field(8, ge=1, description="most recent tokens always kept (the least recent share)")
+    recent_share: float | None = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of each row's budget for its most recent tokens, rounded half up (the "
+        "paper: 0.5); None: only `window` recent tokens, heavy hitters fill the rest",
+    )
     chunk_size: int = Field(
         512,
         ge=1,
@@ -55,9 +64,10 @@ class H2O(BudgetStrategy):
     ``score``: float32 ``[B, Hkv, S]``, see ``accumulated_attention`` (causal, padding masked,
     fp32 softmax, summed over all valid queries and over each KV group's query heads; computed
     ``chunk_size`` queries at a time, never as a whole ``S x S`` matrix).
-    ``retain``: bool ``[B, Hkv, S]``; per row and KV head, the ``window`` most recent tokens plus
-    the highest accumulated attention up to the row's retention budget (ties to the earlier
-    position). Causal accumulation favours early keys (more queries see them), as in the paper.
+    ``retain``: bool ``[B, Hkv, S]``; per row and KV head, the row's recent share of its budget
+    (``recent_share``, at least ``window``) as its most recent tokens, plus the highest accumulated
+    attention up to the row's retention budget (ties to the earlier position). Causal accumulation
+    favours early keys (more queries see them), as in the paper.
     """
 
     name = "h2o"
@@ -72,4 +82,14 @@ class H2O(BudgetStrategy):
 
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
-        return None if scores is None else self.keep_best(scores, layer, "retain")
+        if scores is None:
+            return None
+        share = self.config.recent_share
+        if share is None:
+            return self.keep_best(scores, layer, "retain")
+        budget = self.budgets("retain", layer.prompt_lengths)  # [B]
+        recent = (budget.double() * share + 0.5).floor().long().clamp(min=self.config.window)
+        recent = torch.minimum(recent, budget)  # [B]: each row's most recent tokens kept
+        seq = layer.valid.shape[-1]  # rows are right-aligned: the last slots are the newest tokens
+        newest = layer.valid & (torch.arange(seq, device=budget.device) >= seq - recent[:, None])
+        return top_k_mask(scores, budget, layer.valid[:, None], newest[:, None])
