@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kvpress_like
 from kvpress_like import models
@@ -283,6 +284,8 @@ def test_run_still_runs(cli, model_dir, files, capsys):
         (["--strategies", "snapkv:windw=4"], "--strategies: snapkv has no setting 'windw', its settings are"),
         (["--strategies", "snapkv:window"], "strategies: settings must be KEY=VALUE after the name"),
         (["--strategies", ","], "--strategies: must name at least one strategy"),
+        (["--device", "gpu0"], "--device: must be a torch device such as cpu, cuda or cuda:1 (got 'gpu0')"),
+        *([(["--device", "cuda"], "--device: needs a CUDA device")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_eval_refuses_bad_arguments_before_loading(cli, no_model, tmp_path, args, expected):

@@ -127,7 +127,8 @@ def test_eval_no_plots_and_the_api_without_matplotlib(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "api").exists()
     assert "| fastkv | 0.5 | 700 |" in done.stdout and "2 record(s) computed, 0 reused" in done.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["records.jsonl", "summary.md"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["environment.json", "records.jsonl", "summary.md"]
 
 
 def test_the_demo_path_needs_no_eval_only_package(tmp_path):

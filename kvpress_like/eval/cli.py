@@ -54,6 +54,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fidelity-steps", type=bounded(int, 1), default=MAX_NEW_TOKENS["fidelity"])
     p.add_argument("--max-new-tokens", type=bounded(int, 1), help="override the per-task default")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (the only use of matplotlib)")
+    p.add_argument(
+        "--device", help="run on this device, e.g. cuda or cuda:1 (default: where the model loads, cpu)"
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model (default: as it loads)"
+    )
     p.set_defaults(func=run_eval)
     return p
 
@@ -131,6 +137,25 @@ def _check_out(out: str) -> None:
         ) from None
 
 
+def _check_device(device: str | None):
+    """``--device`` as a torch device that exists here, or None."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device: must be a torch device such as cpu, cuda or cuda:1 (got {device!r})"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count or (parsed.index or 0) >= count:
+            raise ConfigError(f"--device: needs a CUDA device, this machine has {count} (got {device!r})")
+    return parsed
+
+
 def run_eval(args: argparse.Namespace) -> EvalResult:
     # Everything that can be checked without the model is, first: loading it is the slow part.
     if not args.no_plots:  # a core install without the eval extra: say so now, not after the run
@@ -140,8 +165,13 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
     checked = local_tokenizer(args.model)
     if checked is not None:
         check_lengths(checked, args.tasks, args.lengths, args.samples, args.seed)
+    device = _check_device(args.device)
     _check_out(args.out)
     model, tokenizer = load_model_arg(args.model)
+    if device is not None or args.dtype:
+        import torch
+
+        model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     if checked is None:  # a Hub download or the first SmolLM2 conversion: its tokenizer came with it
         check_lengths(tokenizer, args.tasks, args.lengths, args.samples, args.seed)
     result = evaluate(

@@ -35,6 +35,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvpress_like.errors import ConfigError
+from kvpress_like.eval.environment import environment, record_environment
+from kvpress_like.eval.intervals import interval
 from kvpress_like.eval.tasks import (
     MAX_NEW_TOKENS,
     NEEDLE_TASKS,
@@ -202,6 +204,7 @@ def evaluate(
     specs = [StrategySpec.parse(s) for s in strategies]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    record_environment(out, environment(model, model_name))  # before any record is added
     path = out / "records.jsonl"
     done = _read_records(path)
     runs = {(spec.label, None if spec.name == FULL else b): spec for spec in specs for b in budgets}
@@ -310,6 +313,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _cell(values: list[float], digits: int = 2) -> str:
+    """Mean and 95% interval (``intervals.py``): ``0.75 [0.30, 0.95]``."""
+    if not values:
+        return "—"
+    low, high = interval(values)
+    return f"{_fmt(_mean(values), digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
 def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
     """Markdown: one row per (strategy, budget, length), mean score per task (n samples each);
     fidelity as top-1 agreement and mean KL; ``skipped`` counts refused records."""
@@ -331,14 +342,17 @@ def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
     for (strategy, budget, length), row in rows.items():
         cells = [strategy, "—" if budget is None else f"{budget:g}", str(length)]
         for task in tasks:
-            cells.append(_fmt(_mean(row[task])))
+            cells.append(_cell(row[task]))
         if "fidelity" in tasks:
-            cells.append(_fmt(_mean(row["kl"]), 4))
+            cells.append(_cell(row["kl"], 4))
         accuracy = [v for t in tasks if t != "fidelity" for v in row[t]]
-        cells += [_fmt(_mean(accuracy)), str(len(row["skipped"]))]
+        cells += [_cell(accuracy), str(len(row["skipped"]))]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((r["sample"] + 1 for r in records), default=0)
-    return "\n".join(lines) + f"\n\nScores are means over {n} sample(s) per cell; — = no record.\n"
+    return "\n".join(lines) + (
+        f"\n\nScores are means over {n} sample(s) per cell with 95% intervals (Wilson's for 0/1 "
+        "scores, a bootstrap of the mean otherwise); — = no record.\n"
+    )
 
 
 def plot_accuracy_vs_budget(records: list[dict], path: Path) -> list[Path]:
