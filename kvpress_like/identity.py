@@ -89,3 +89,17 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
             [sorted(vocab.items()), special] if vocab else [type(tokenizer).__name__, size]
         ),
     }
+
+
+def origin(model: Any, tokenizer: Any, strategy: Any) -> dict[str, Any]:
+    """What a context records of the pipeline that made it: model and tokenizer identity, and the
+    strategy's name and settings."""
+    kind = type(strategy)
+    return {
+        "model": model_identity(model),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "strategy": {
+            "name": getattr(kind, "name", kind.__name__),
+            "settings": strategy.config.model_dump(mode="json"),
+        },
+    }

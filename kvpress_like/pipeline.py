@@ -29,7 +29,7 @@ from kvpress_like.decode import DecoderPool
 from kvpress_like.errors import ConfigError
 from kvpress_like.forward import Forward
 from kvpress_like.generation import Request, Step, decode_loop, elapsed
-from kvpress_like.identity import model_identity, tokenizer_identity
+from kvpress_like.identity import origin
 from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, strategy_config
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
@@ -81,15 +81,8 @@ class Pipeline:
         self._hooks = HookRunner(self.plugin_manager, min_kept, self.adapter.parallel)
         self._prompts = PromptEncoder(tokenizer, model)
         self._decoders = DecoderPool(self.adapter)
-        # Identities are read once (a device-to-host copy of a few weights, a vocabulary hash).
-        self.origin = {
-            "model": model_identity(model),
-            "tokenizer": tokenizer_identity(tokenizer),
-            "strategy": {
-                "name": getattr(type(strategy), "name", type(strategy).__name__),
-                "settings": strategy.config.model_dump(mode="json"),
-            },
-        }
+        # Read once: a device-to-host copy of a few weights and a vocabulary hash.
+        self.origin = origin(model, tokenizer, strategy)
 
     @classmethod
     def from_config(
