@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress_like import pipeline
-from kvpress_like.parallel import shard_model
+from kvpress_like.parallel import local_shard, shard_model
 
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,
@@ -58,7 +57,7 @@ def build(shape: str, device: torch.device, mesh) -> LlamaForCausalLM:
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            local = param.to_local() if isinstance(param, DTensor) else param
+            local = local_shard(param)
             local.fill_(1.0) if "norm" in name else local.normal_(0, 0.02, generator=generator)
         # to_empty left the rotary buffers uninitialised: rebuild them from the config
         with device:
@@ -74,7 +73,7 @@ def _sync() -> None:
 
 def weight_bytes(model) -> int:
     """Bytes of this rank's weights (its shards plus the replicated parts)."""
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    return sum(local_shard(p).nbytes for p in model.parameters())
 
 
 def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str) -> dict:

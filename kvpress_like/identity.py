@@ -14,7 +14,8 @@ import json
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from kvpress_like.parallel import local_shard
 
 # Config fields a compressed cache depends on; a missing field is recorded as None.
 CACHE_SHAPING_FIELDS = (
@@ -57,7 +58,7 @@ def weights_fingerprint(model: Any) -> str:
     base = model.model
     tensors = [model.get_input_embeddings().weight, base.norm.weight, model.get_output_embeddings().weight]
     tensors += [next(layer.parameters()) for layer in base.layers]
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = [local_shard(t) for t in tensors]
     samples = torch.cat([t.detach().reshape(-1)[:FINGERPRINT_VALUES].float() for t in local])
     return hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest()[:16]
 

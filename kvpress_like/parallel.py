@@ -67,6 +67,22 @@ def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
     return model
 
 
+def sharded_possible() -> bool:
+    """Whether any parameter can be a DTensor: only under an initialised process group (checked
+    first, so that an unsharded run never pays for importing torch.distributed.tensor, ~1 s)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor, or the tensor itself."""
+    if sharded_possible():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.to_local()
+    return tensor
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """The tensor-parallel group a sharded model runs in (``size == 1``: not sharded)."""
@@ -78,6 +94,8 @@ class TensorParallel:
     @classmethod
     def of(cls, model: nn.Module) -> TensorParallel:
         """Read from the model's parameters: DTensors name their mesh."""
+        if not sharded_possible():
+            return cls()
         from torch.distributed.tensor import DTensor
 
         for param in model.parameters():

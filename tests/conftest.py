@@ -118,3 +118,15 @@ def char_tokenizer_fast():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+
+
+def torchrun(nprocs: int = 2) -> list[str]:
+    """The command that launches ``nprocs`` local ranks (gloo on CPU) on a free port."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
+            "--master-addr", "127.0.0.1", "--master-port", str(port)]  # fmt: skip

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import torchrun
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed.py"
 
 
@@ -89,3 +91,20 @@ def test_contexts_benchmark_smoke_run(tmp_path):
     # a full cache's file holds every key and value, FastKV's (retain_rate 0.1) about a tenth
     assert full["file_bytes"] > full["cache_bytes_full"] > 5 * fastkv["file_bytes"]
     assert all(r["load_s"] > 0 and r["save_s"] > 0 for r in rows)
+
+
+def test_tensor_parallel_benchmark_smoke_run(tmp_path):
+    """Two gloo ranks on a tiny shape: kvpress_like and transformers' own sharded forward."""
+    script = SCRIPT.with_name("tensor_parallel.py")
+    args = ["--shape", "tiny", "--lengths", "128", "--systems", "fastkv,transformers", "--decode", "static"]
+    done = subprocess.run(
+        [*torchrun(2), str(script), *args, "--steps", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "tp-tiny-2gpu.json").read_text())["rows"]
+    assert [(r["system"], r["gpus"]) for r in rows] == [("fastkv", 2), ("transformers", 2)]
+    fastkv, full = rows
+    assert fastkv["kept_cache_bytes"] < full["kept_cache_bytes"] / 5  # retain_rate 0.1, per rank
+    assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in rows)

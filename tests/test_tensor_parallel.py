@@ -7,9 +7,7 @@ refused by name."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,28 +16,20 @@ import torch
 from kvpress_like.errors import UnsupportedModelError
 from kvpress_like.parallel import tensor_parallel_plan
 
-from conftest import tiny_model
+from conftest import tiny_model, torchrun
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(out: Path, *args: str) -> list[dict]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    command = [*launcher, *rendezvous, str(WORKER), "--out", str(out), *args]
+def run_worker(out: Path, *args: str) -> list[dict]:
+    command = [*torchrun(2), str(WORKER), "--out", str(out), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
-    reports = torchrun(tmp_path)
+    reports = run_worker(tmp_path)
     for report in reports:
         assert report["world"] == 2
         cases = report["cases"]
