@@ -85,12 +85,19 @@ class BudgetStrategy(Strategy):
         return budgets(prompt_lengths, getattr(c, f"{kind}_rate"), None)
 
     def keep_best(
-        self, scores: torch.Tensor, layer: LayerView, kind: str = "retain", k: torch.Tensor | None = None
+        self,
+        scores: torch.Tensor,
+        layer: LayerView,
+        kind: str = "retain",
+        k: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Bool mask of the best entries of ``scores`` (``[B, S]`` or ``[B, H, S]``): the ``window``
-        most recent tokens plus the highest scores, ``k`` (default: the ``kind`` budget) per row."""
+        """Bool mask of the best entries of ``scores`` (``[B, S]`` or ``[B, H, S]``): the ``recent``
+        most recent tokens per row (default: ``window``) plus the highest scores, ``k`` (default:
+        the ``kind`` budget) per row."""
         k = self.budgets(kind, layer.prompt_lengths) if k is None else k
-        valid, recent = layer.valid, recent_mask(layer.valid, self.config.window)
+        valid = layer.valid
+        recent = recent_mask(valid, self.config.window if recent is None else recent)
         if scores.dim() == 3:
             valid, recent = valid[:, None], recent[:, None]
         return top_k_mask(scores, k, valid, recent)

@@ -109,13 +109,14 @@ def _layer(
     flat_positions = take("flat_positions", torch.long, n)
     index = take("index", torch.long, "B", "Hkv", f"{prefix}.S")
     prefix_valid = take("prefix_valid", torch.bool, "B", "Hkv", f"{prefix}.S")
+    count = int(prefix_valid.sum())
     expected = torch.zeros_like(index)
-    expected[prefix_valid] = torch.arange(int(prefix_valid.sum()), device=index.device)
+    expected[prefix_valid] = torch.arange(count, device=index.device)
     empty = keys.shape[0] == 0 and index.numel() > 0  # nothing to point at
-    if int(prefix_valid.sum()) != keys.shape[0] or not torch.equal(index, expected) or empty:
+    if count != keys.shape[0] or not torch.equal(index, expected) or empty:
         raise reader.error(
             f"{prefix}.index",
-            f"must number the {int(prefix_valid.sum())} valid slots 0, 1, ... in order, and point "
+            f"must number the {count} valid slots 0, 1, ... in order, and point "
             f"invalid ones at 0 (the packed arrays hold {keys.shape[0]} entries)",
         )
     for name, tensor in (("keys", keys), ("values", values)):

@@ -34,7 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvpress_like.cache import LayerCache, PackedLayerCache
+from kvpress_like.context_checks import assemble
 from kvpress_like.errors import ConfigError, ContextFileError, config_error_from
+from kvpress_like.identity import describe_tokenizer
 from kvpress_like.results import Context, Stats
 
 if TYPE_CHECKING:
@@ -274,20 +276,16 @@ def _check_identity(path: Path, meta: Metadata, pipe: Pipeline) -> None:
         logger.info("context %s was made by the same model loaded as %r", path, made.name_or_path)
     tok = pipe.origin["tokenizer"]
     if meta.tokenizer.vocab_hash != tok["vocab_hash"]:
-        theirs, here = (
-            f"{t['class']} {t['name_or_path']!r} ({t['size']} tokens, vocabulary {t['vocab_hash']})"
-            for t in (meta.tokenizer.model_dump(by_alias=True), tok)
-        )
+        theirs = describe_tokenizer(meta.tokenizer.model_dump(by_alias=True))
         raise ContextFileError(
             f"{path}: tokenizer: must be this pipeline's tokenizer; the context was made with {theirs}, "
-            f"here {here}"
+            f"here {describe_tokenizer(tok)}"
         )
 
 
 def load_context(path: str | Path, pipe: Pipeline, device: torch.device | str | None = None) -> Context:
     """A saved context, checked whole against ``pipe``'s model and tokenizer, on ``device``."""
-    from kvpress_like.context_checks import assemble
-    from kvpress_like.pipeline import Pipeline
+    from kvpress_like.pipeline import Pipeline  # not at the top: pipeline imports this module's callers
 
     if not isinstance(pipe, Pipeline):
         raise ConfigError(f"pipe: must be a Pipeline (got {type(pipe).__name__})")
@@ -305,10 +303,6 @@ def load_context(path: str | Path, pipe: Pipeline, device: torch.device | str | 
     _check_identity(path, meta, pipe)
     tensors = {name: tensor.to(target) for name, tensor in tensors.items()}  # checked there: a GPU is quick
     cache, logits, ids, valid = assemble(path, meta, tensors, pipe.adapter)
-    origin = {
-        "model": meta.model.model_dump(),
-        "tokenizer": meta.tokenizer.model_dump(by_alias=True),
-        "strategy": meta.strategy.model_dump(),
-    }
+    origin = meta.model_dump(by_alias=True, include={"model", "tokenizer", "strategy"})
     context = Context(cache, logits, meta.stats, pipe.source, ids, valid, origin)
     return context.to(target)  # names the device in the context's source

@@ -92,6 +92,16 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def describe_tokenizer(identity: dict[str, Any]) -> str:
+    """A tokenizer identity, readable: class, name, size and vocabulary hash (``none`` for None)."""
+    if identity["class"] == "None":
+        return "none"
+    return (
+        f"{identity['class']} {identity['name_or_path']} ({identity['size']} tokens, "
+        f"vocabulary {identity['vocab_hash']})"
+    )
+
+
 def origin(model: Any, tokenizer: Any, strategy: Any) -> dict[str, Any]:
     """What a context records of the pipeline that made it: model and tokenizer identity, and the
     strategy's name and settings."""

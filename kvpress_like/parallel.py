@@ -69,7 +69,7 @@ def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
 
 def sharded_possible() -> bool:
     """Whether any parameter can be a DTensor: only under an initialised process group (checked
-    first, so that an unsharded run never pays for importing torch.distributed.tensor, ~1 s)."""
+    first, so that an unsharded run needs no DTensor import of its own)."""
     return dist.is_available() and dist.is_initialized()
 
 

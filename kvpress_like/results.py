@@ -11,6 +11,7 @@ import torch
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
+from kvpress_like.identity import describe_tokenizer
 
 if TYPE_CHECKING:
     from kvpress_like.pipeline import Pipeline
@@ -102,19 +103,13 @@ def context_source(adapter: ModelAdapter, model: dict[str, Any], tokenizer: dict
     the tokenizer (class, name, size, vocabulary hash)."""
     info = adapter.info
     name = model["name_or_path"] or "(unnamed)"
-    tokens = "none"
-    if tokenizer["class"] != "None":
-        tokens = (
-            f"{tokenizer['class']} {tokenizer['name_or_path']} ({tokenizer['size']} tokens, "
-            f"vocabulary {tokenizer['vocab_hash']})"
-        )
     return {
         "model": f"{adapter.config.model_type} {name} (config {model['config_hash']}, "
         f"weights {model['weights_fingerprint']})",
         "cache shape": f"{info.num_layers} layers x {info.num_kv_heads} KV heads x {adapter.head_dim}",
         "dtype": str(adapter.dtype),
         "device": str(adapter.device),
-        "tokenizer": tokens,
+        "tokenizer": describe_tokenizer(tokenizer),
     }
 
 

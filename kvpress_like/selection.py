@@ -66,9 +66,12 @@ def budgets(prompt_lengths: torch.Tensor, rate: float | None, tokens: int | None
     return torch.minimum(prompt_lengths, (prompt_lengths.double() * rate + 0.5).floor().long())
 
 
-def recent_mask(valid: torch.Tensor, window: int) -> torch.Tensor:
-    """The last ``window`` entries of each right-aligned row ``[B, S]`` (padding excluded)."""
+def recent_mask(valid: torch.Tensor, window: int | torch.Tensor) -> torch.Tensor:
+    """The last ``window`` entries (one count, or one per row ``[B]``) of each right-aligned row
+    ``[B, S]`` (padding excluded)."""
     seq = valid.shape[-1]
+    if isinstance(window, torch.Tensor):
+        window = window[:, None]
     return valid & (torch.arange(seq, device=valid.device) >= seq - window)
 
 

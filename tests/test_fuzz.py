@@ -1271,27 +1271,19 @@ PLUGIN_EDGES = {
 }
 
 
-def _edge(tiny: TinyModel, check: Callable[[TinyModel, Any], None], case: Any) -> None:
-    check(tiny, case)
+EDGES = {
+    "config": (check_config, CONFIG_EDGES),
+    "prompt": (check_prompt, PROMPT_EDGES),
+    "generation": (check_generation, GENERATION_EDGES),
+    "plugin": (check_plugin, PLUGIN_EDGES),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [(kind, name) for kind, (_, cases) in EDGES.items() for name in sorted(cases)]
+)
+def test_edge_cases(tiny, kind, name):
+    check, cases = EDGES[kind]
+    check(tiny, cases[name])
     message = tiny.generate_changes()
     assert message is None, message
-
-
-@pytest.mark.parametrize("name", sorted(CONFIG_EDGES))
-def test_edge_configs(tiny, name):
-    _edge(tiny, check_config, CONFIG_EDGES[name])
-
-
-@pytest.mark.parametrize("name", sorted(PROMPT_EDGES))
-def test_edge_prompts(tiny, name):
-    _edge(tiny, check_prompt, PROMPT_EDGES[name])
-
-
-@pytest.mark.parametrize("name", sorted(GENERATION_EDGES))
-def test_edge_generation(tiny, name):
-    _edge(tiny, check_generation, GENERATION_EDGES[name])
-
-
-@pytest.mark.parametrize("name", sorted(PLUGIN_EDGES))
-def test_edge_plugins(tiny, name):
-    _edge(tiny, check_plugin, PLUGIN_EDGES[name])

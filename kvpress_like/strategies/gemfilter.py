@@ -36,8 +36,6 @@ class GemFilterConfig(BudgetConfig):
     )
     # The paper forces no recent tokens in; the pipeline always keeps the last one (it makes the logits).
     window: int = Field(1, ge=1, description="most recent tokens always selected (part of the budget)")
-    # The authors' code ranks raw logits summed over heads; softmax first (the default) weighs every
-    # head alike, where raw sums let the heads with the widest logit ranges decide.
     scores: Literal["softmax", "logits"] = Field(
         "softmax",
         description="last-query scores summed over heads: per-head softmax (default: each head counts "

@@ -5,7 +5,7 @@ from pydantic import Field
 
 from kvpress_like.budget import BudgetConfig, BudgetStrategy
 from kvpress_like.hookspecs import LayerView, hookimpl
-from kvpress_like.selection import top_k_mask
+from kvpress_like.selection import budgets
 
 
 class H2OConfig(BudgetConfig):
@@ -88,8 +88,6 @@ class H2O(BudgetStrategy):
         if share is None:
             return self.keep_best(scores, layer, "retain")
         budget = self.budgets("retain", layer.prompt_lengths)  # [B]
-        recent = (budget.double() * share + 0.5).floor().long().clamp(min=self.config.window)
-        recent = torch.minimum(recent, budget)  # [B]: each row's most recent tokens kept
-        seq = layer.valid.shape[-1]  # rows are right-aligned: the last slots are the newest tokens
-        newest = layer.valid & (torch.arange(seq, device=budget.device) >= seq - recent[:, None])
-        return top_k_mask(scores, budget, layer.valid[:, None], newest[:, None])
+        # The share of each row's budget, rounded half up like the budgets, at least ``window``.
+        recent = torch.minimum(budgets(budget, share, None).clamp(min=self.config.window), budget)
+        return self.keep_best(scores, layer, "retain", k=budget, recent=recent)
