@@ -266,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=config_reference)
 
     # kvpress_like.eval.cli imports neither torch nor transformers (nor matplotlib) at module level.
-    from kvpress_like.eval.cli import add_eval_parser
+    from kvpress_like.eval.cli import add_eval_parser, add_merge_parser
 
     add_eval_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 

@@ -77,10 +77,15 @@ def test_package_data_ships_every_data_file_and_the_typing_marker():
     assert (ROOT / "kvpress_like/py.typed").is_file()
 
 
-def test_the_essays_and_passkey_text_are_found_through_the_package():
-    from kvpress_like.eval import passkey, tasks
+def test_the_haystacks_and_passkey_text_are_found_through_the_package():
+    from kvpress_like.eval import passkey
+    from kvpress_like.eval.haystacks import HAYSTACKS
 
-    assert len(tasks.essays()) >= 40 and all(tasks.essays()) and sum(map(len, tasks.essays())) > 500_000
+    essays, code = HAYSTACKS["essays"].texts, HAYSTACKS["code"].texts
+    assert len(essays) >= 40 and all(essays) and sum(map(len, essays)) > 500_000
+    assert not any("\n" in text or "  " in text for text in essays)  # prose: whitespace collapsed
+    assert len(code) >= 10 and sum(map(len, code)) > 400_000
+    assert all("\n    def " in text or "\ndef " in text for text in code)  # source as written
     assert set(passkey._template()) == {"intro", "needle", "question", "filler"}
 
 

@@ -14,6 +14,7 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.eval import cli as eval_cli
 from kvpress_like.eval.cli import add_eval_parser
 from kvpress_like.eval.harness import StrategySpec, evaluate
+from kvpress_like.eval.report import summary_table
 from kvpress_like.pipeline import Pipeline
 
 from conftest import CharTokenizer, tiny_model
@@ -116,9 +117,10 @@ def test_cli_parser_and_run_eval(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(
         ["eval", "--model", "tiny", "--strategies", "full,fastkv:tsp=0.3", "--budgets", "0.25",
          "--lengths", "700", "--tasks", "passkey,fidelity", "--samples", "1", "--out", str(tmp_path),
-         "--fidelity-steps", "3", "--max-new-tokens", "6", "--no-plots"]
+         "--fidelity-steps", "3", "--max-new-tokens", "6", "--no-plots", "--batch", "2"]
     )  # fmt: skip
     assert args.func is eval_cli.run_eval and args.budgets == [0.25] and args.lengths == [700]
+    assert args.batch == 2 and args.haystack == "essays"
     import kvpress_like.models
 
     monkeypatch.setattr(
@@ -158,3 +160,92 @@ def test_benchmark_script_is_the_same_cli():
     done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--strategies" in done.stdout and "--budgets" in done.stdout
+
+
+def test_a_batch_gives_each_sample_the_record_it_has_alone(tmp_path):
+    """batch=3 runs the samples as rows of one left-padded call; every record equals the one of
+    the sample run alone (batch=1), in fp32 on the CPU: scores, predictions, kept entries, KL."""
+    model = tiny_model("llama")
+    settings = dict(
+        strategies=["full", "fastkv", "snapkv", "h2o", "adakv"],
+        budgets=[0.2],
+        tasks=["niah_multikey", "fidelity"],
+        lengths=[600],
+        samples=3,
+        fidelity_steps=4,
+        max_new_tokens=6,
+        progress=False,
+        plots=False,
+    )
+    alone = evaluate(model, CharTokenizer(), out=tmp_path / "alone", **settings)
+    batched = evaluate(model, CharTokenizer(), out=tmp_path / "batched", batch=3, **settings)
+    lengths = {r["prompt_tokens"] for r in alone.records}
+    assert len(lengths) > 1  # the rows of a batch differ in length: padding is exercised
+    assert [r["key"] for r in batched.records] == [r["key"] for r in alone.records]
+    for one, row in zip(alone.records, batched.records, strict=True):
+        assert (one["batch"], row["batch"]) == (1, 3)
+        assert row["status"] == one["status"] == "ok"
+        for name in ("score", "prediction", "prompt_tokens", "kv_kept_mean"):
+            assert row[name] == one[name], (row["key"], name)
+        if one["task"] == "fidelity":
+            assert row["kl"] == pytest.approx(one["kl"], abs=1e-5)
+
+
+def test_a_code_haystack_run_is_keyed_apart_and_a_merged_summary_says_which(tmp_path):
+    model = tiny_model("llama")
+    settings = dict(strategies=["snapkv"], budgets=[0.3], tasks=["niah_single"], lengths=[700], samples=2)
+    essays = evaluate(model, CharTokenizer(), out=tmp_path, progress=False, plots=False, **settings)
+    code = evaluate(
+        model, CharTokenizer(), out=tmp_path, progress=False, plots=False, haystack="code", **settings
+    )
+    assert code.computed == 2 and code.reused == 0  # not taken for the essays' records
+    assert {r["haystack"] for r in code.records} == {"code"} and all(
+        "|hay=code|" in r["key"] for r in code.records
+    )
+    assert {r["haystack"] for r in essays.records} == {"essays"}
+    assert "code haystack" in code.summary and "| haystack |" not in code.summary
+    merged = summary_table(essays.records + code.records)
+    assert "| haystack | strategy |" in merged
+    assert "| essays | snapkv | 0.3 | 700 |" in merged and "| code | snapkv | 0.3 | 700 |" in merged
+    with pytest.raises(ValueError, match="haystack"):
+        evaluate(
+            model, CharTokenizer(), out=tmp_path, progress=False, plots=False, haystack="poems", **settings
+        )
+
+
+def test_runs_split_by_strategy_merge_into_the_single_runs_records_and_summary(tmp_path, capsys):
+    from kvpress_like.cli import main
+
+    model = tiny_model("llama")
+    common = dict(budgets=[0.2], tasks=["niah_single", "fidelity"], lengths=[600], samples=2,
+                  fidelity_steps=3, max_new_tokens=5, progress=False, plots=False)  # fmt: skip
+    whole = evaluate(
+        model, CharTokenizer(), strategies=["full", "snapkv", "h2o"], out=tmp_path / "whole", **common
+    )
+    evaluate(model, CharTokenizer(), strategies=["full", "snapkv"], out=tmp_path / "a", **common)
+    evaluate(model, CharTokenizer(), strategies=["h2o"], out=tmp_path / "b", **common)
+
+    assert main(["eval-merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    merged = [json.loads(x) for x in (tmp_path / "m/records.jsonl").read_text().splitlines()]
+    volatile = ("seconds", "prefill_seconds")
+    assert sorted(
+        ({k: v for k, v in r.items() if k not in volatile} for r in merged), key=lambda r: r["key"]
+    ) == sorted(
+        ({k: v for k, v in r.items() if k not in volatile} for r in whole.records), key=lambda r: r["key"]
+    )
+    assert set((tmp_path / "m/summary.md").read_text().splitlines()) == set(whole.summary.splitlines())
+    assert (tmp_path / "m/heatmap_h2o.png").stat().st_size > 1000
+    environment = json.loads((tmp_path / "m/environment.json").read_text())
+    assert [Path(e["folder"]).name for e in environment["merged_from"]] == ["a", "b"]
+    assert "| h2o | 0.2 | 600 |" in capsys.readouterr().out
+
+    # A run made with another dtype is refused before anything is written.
+    other = json.loads((tmp_path / "b/environment.json").read_text()) | {"dtype": "bfloat16"}
+    (tmp_path / "b/environment.json").write_text(json.dumps(other))
+    assert main(["eval-merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "n")]) == 2
+    assert "dtype 'float32' vs 'bfloat16'" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    assert (
+        main(["eval-merge", str(tmp_path / "a"), str(tmp_path / "nothing"), "--out", str(tmp_path / "n")])
+        == 2
+    )
+    assert "records.jsonl" in capsys.readouterr().err

@@ -255,3 +255,53 @@ def test_a_saved_context_moves_between_cpu_and_gpu_and_continues_exactly(tmp_pat
     eager = pipe.generate(context=context, decode="eager").token_ids
     assert pipe.generate(context=back, decode="compiled").token_ids == eager
     assert pipe.generate(context=on_cpu.to("cuda"), decode="static").token_ids == eager
+
+
+def test_fp32_prefill_attention_on_cuda_stays_off_the_math_kernel():
+    """fp32 grouped heads on CUDA: the same output as SDPA's math kernel, without its [B, Hq, T, T]
+    score matrix (the memory-efficient kernel's peak is far below it)."""
+    from kvpress_like.prefill_attention import causal_attention
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(1, 9, 4096, 64, device="cuda", generator=gen)
+    k, v = (torch.randn(1, 3, 4096, 64, device="cuda", generator=gen) for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = causal_attention(q, k, v, 0.125)
+    peak = torch.cuda.max_memory_allocated() - before
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), is_causal=True, scale=0.125, enable_gqa=True
+        )
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert peak < 9 * 4096 * 4096 * 4 / 8  # an eighth of the math kernel's score matrix
+
+
+def test_an_eval_cell_gives_the_same_records_on_cpu_and_cuda_in_fp32(tmp_path, smollm2):
+    """The accuracy harness on SmolLM2 in fp32: CUDA gives the CPU's records (same predictions,
+    scores and kept entries; fidelity's KL within 1e-3)."""
+    from kvpress_like.eval.harness import evaluate
+
+    model, tokenizer = smollm2
+    settings = dict(
+        strategies=["full", "fastkv", "snapkv"],
+        budgets=[0.2],
+        tasks=["niah_single", "vt", "fidelity"],
+        lengths=[1024],
+        samples=3,
+        batch=3,
+        progress=False,
+        plots=False,
+        model_name="smollm2",
+    )
+    cpu = evaluate(model, tokenizer, out=tmp_path / "cpu", **settings)
+    cuda = evaluate(model.to("cuda"), tokenizer, out=tmp_path / "cuda", **settings)
+    model.to("cpu")  # the fixture's model, as it came
+    assert [r["key"] for r in cuda.records] == [r["key"] for r in cpu.records]
+    for here, there in zip(cpu.records, cuda.records, strict=True):
+        assert there["status"] == here["status"] == "ok"
+        for name in ("prediction", "score", "prompt_tokens", "kv_kept_mean"):
+            assert there[name] == here[name], (here["key"], name)
+        if here["task"] == "fidelity":
+            assert there["kl"] == pytest.approx(here["kl"], abs=1e-3)

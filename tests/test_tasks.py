@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvpress_like.eval import tasks
+from kvpress_like.eval import haystacks, tasks
 from kvpress_like.eval.tasks import Sample, length_tolerance, make_samples, recall, score
 from kvpress_like.models import cache_dir
 
@@ -44,10 +44,12 @@ def test_same_seed_same_prompts_other_seed_differs(task):
     assert [s.depth for s in first] == [0.0, 0.5, 1.0]
 
 
+@pytest.mark.parametrize("haystack", ["essays", "code"])
 @pytest.mark.parametrize("task", GENERATED)
 @pytest.mark.parametrize("target", [800, 1500])
-def test_prompts_hit_the_target_length(tokenizer, task, target):
-    for sample in make_samples(tokenizer, task, target, 2, seed=3):
+def test_prompts_hit_the_target_length(tokenizer, task, target, haystack):
+    for sample in make_samples(tokenizer, task, target, 2, seed=3, haystack=haystack):
+        assert sample.haystack == haystack
         n = len(tokenizer(sample.prompt)["input_ids"])
         assert abs(n - target) <= length_tolerance(target), (task, n, target)
         assert sample.metadata["prompt_tokens"] == n
@@ -152,3 +154,34 @@ def test_too_short_a_target_is_refused():
 def test_unknown_task_is_refused():
     with pytest.raises(ValueError, match="task"):
         make_samples(CharTokenizer(), "nope", 100, 1, 0)
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "vt", "fidelity"])
+def test_code_haystack_is_whole_source_lines_with_needles_on_lines_of_their_own(task):
+    """Take the needle lines out of a code prompt's context: what is left is consecutive lines of
+    the shipped standard-library files, as written (indentation kept)."""
+    sample = tasks.GENERATORS[task](CharTokenizer(), 3000, 0.4, seed=11, haystack="code")
+    start, end = sample.metadata.get("context_span", (0, len(sample.prompt)))
+    context = sample.prompt[start:end]
+    needles = [sample.prompt[o:].split("\n", 1)[0] for o in sample.metadata.get("needle_offsets", [])]
+    for needle in needles:
+        assert f"\n{needle}\n" in f"\n{context}\n"  # a line of its own
+    lines = [line for line in context.split("\n") if line not in needles]
+    source = "\n".join(haystacks.HAYSTACKS["code"].texts * 2)
+    assert len(lines) > 50 and "\n".join(lines) in source
+
+
+def test_a_fast_tokenizers_cut_is_within_a_token_of_the_longest_prefix():
+    tok = _real_tokenizer()
+    if tok is None:
+        pytest.skip("SmolLM2 not converted in the cache")
+
+    def count(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    text = haystacks.HAYSTACKS["code"].texts[0][:1200] + " " + haystacks.HAYSTACKS["essays"].texts[0][:1200]
+    for n in (37, 200, 411):
+        longest = max(end for end in range(len(text) + 1) if count(text[:end]) <= n)  # by definition
+        cut = haystacks._longest_prefix(tok, text, n, haystacks._token_ends(tok, text))
+        assert count(text[:cut]) <= n and cut <= longest
+        assert count(text[:cut]) >= n - 1 and count(text[:longest]) - count(text[:cut]) <= 1

@@ -15,6 +15,7 @@ from kvpress_like.arguments import bounded, check_model_arg, choice, csv, load_m
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import harness
 from kvpress_like.eval.harness import DEFAULT_TASKS, EvalResult, StrategySpec, check_plotting, evaluate
+from kvpress_like.eval.haystacks import DEFAULT_HAYSTACK, HAYSTACKS
 from kvpress_like.eval.passkey import passkey_prompt
 from kvpress_like.eval.tasks import GENERATORS, MAX_NEW_TOKENS, TASKS, sample_seed
 
@@ -49,6 +50,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--tasks", type=csv(choice(TASKS)), default=list(DEFAULT_TASKS), help=f"among {','.join(TASKS)}"
     )
     p.add_argument("--samples", type=bounded(int, 1), default=4, help="samples per task and length")
+    p.add_argument(
+        "--haystack",
+        choices=list(HAYSTACKS),
+        default=DEFAULT_HAYSTACK,
+        help="text the needles hide in: essays (prose) or code (Python's standard library)",
+    )
+    p.add_argument(
+        "--batch", type=bounded(int, 1), default=1, help="samples per pipeline call (more: faster on a GPU)"
+    )
     p.add_argument("--out", default="eval_results", help="output folder (records.jsonl is resumed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fidelity-steps", type=bounded(int, 1), default=MAX_NEW_TOKENS["fidelity"])
@@ -62,6 +72,34 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_eval)
     return p
+
+
+def add_merge_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``kvpress-like eval-merge RUN [RUN...] --out OUT``."""
+    from kvpress_like.eval import merge
+
+    p = subparsers.add_parser(
+        "eval-merge",
+        help="merge the records of eval runs made apart (same model, dtype, device type) + summary + plots",
+        description=merge.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", help="folders of `kvpress-like eval` runs")
+    p.add_argument("--out", required=True, help="folder of the merged records")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (the only use of matplotlib)")
+    p.set_defaults(func=run_merge)
+    return p
+
+
+def run_merge(args: argparse.Namespace) -> EvalResult:
+    from kvpress_like.eval.merge import merge_runs
+
+    result = merge_runs(args.runs, args.out, plots=not args.no_plots)
+    print(result.summary, end="")
+    print(f"{len(result.records)} record(s) merged; files:")
+    for f in result.files:
+        print(f"  {f}")
+    return result
 
 
 def check_strategies(text: str) -> list[str]:
@@ -95,14 +133,14 @@ def check_strategies(text: str) -> list[str]:
 _TOO_SHORT = re.compile(r"(\d+) tokens \(got 0\)")
 
 
-def min_prompt_tokens(tokenizer, task: str, seed: int) -> int:
+def min_prompt_tokens(tokenizer, task: str, seed: int, haystack: str = DEFAULT_HAYSTACK) -> int:
     """The fewest tokens a task's prompt can have with this tokenizer: its instruction, needles and
     question around no context (passkey: one filler sentence). A shorter target would silently give
     a longer prompt (passkey) or fail halfway through a run (the others)."""
     if task == "passkey":
         return len(tokenizer(passkey_prompt(tokenizer, 0, 0.5, seed).text)["input_ids"])
     try:
-        GENERATORS[task](tokenizer, 0, 0.5, seed)
+        GENERATORS[task](tokenizer, 0, 0.5, seed, haystack=haystack)
     except ValueError as exc:  # tasks._fit: "... question, N tokens (got 0)"
         match = _TOO_SHORT.search(str(exc))
         if match is None:
@@ -111,12 +149,20 @@ def min_prompt_tokens(tokenizer, task: str, seed: int) -> int:
     return 0
 
 
-def check_lengths(tokenizer, tasks: Sequence[str], lengths: Sequence[int], samples: int, seed: int) -> None:
+def check_lengths(
+    tokenizer,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int,
+    haystack: str = DEFAULT_HAYSTACK,
+) -> None:
     """Refuse lengths a task cannot build, with the samples' own seeds (keys vary in length)."""
     for task in tasks:
         for length in lengths:
             need = max(
-                min_prompt_tokens(tokenizer, task, sample_seed(seed, task, length, i)) for i in range(samples)
+                min_prompt_tokens(tokenizer, task, sample_seed(seed, task, length, i), haystack)
+                for i in range(samples)
             )
             if length < need:
                 raise ConfigError(
@@ -164,7 +210,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
     strategies = check_strategies(args.strategies)
     checked = local_tokenizer(args.model)
     if checked is not None:
-        check_lengths(checked, args.tasks, args.lengths, args.samples, args.seed)
+        check_lengths(checked, args.tasks, args.lengths, args.samples, args.seed, args.haystack)
     device = _check_device(args.device)
     _check_out(args.out)
     model, tokenizer = load_model_arg(args.model)
@@ -173,7 +219,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
 
         model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     if checked is None:  # a Hub download or the first SmolLM2 conversion: its tokenizer came with it
-        check_lengths(tokenizer, args.tasks, args.lengths, args.samples, args.seed)
+        check_lengths(tokenizer, args.tasks, args.lengths, args.samples, args.seed, args.haystack)
     result = evaluate(
         model,
         tokenizer,
@@ -188,6 +234,8 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
         fidelity_steps=args.fidelity_steps,
         max_new_tokens=args.max_new_tokens,
         plots=not args.no_plots,
+        haystack=args.haystack,
+        batch=args.batch,
     )
     print(result.summary, end="")
     print(f"{result.computed} record(s) computed, {result.reused} reused; files:")

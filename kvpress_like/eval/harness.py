@@ -2,8 +2,10 @@
 
 Each (task, length, sample, strategy, budget) gives one JSON record, appended to
 ``OUT/records.jsonl`` as soon as it is done; a rerun skips every record whose ``key`` is already
-there (the key names the model, seed, task, length, sample, strategy spec and budget), so an
-interrupted run resumes where it stopped. Then ``OUT/summary.md`` (also printed),
+there (the key names the model, seed, task, length, sample, haystack, strategy spec and budget),
+so an interrupted run resumes where it stopped. Samples go ``batch`` at a time through one
+pipeline call (left-padded rows of nearly the same length; ``batch`` and the call's seconds per
+sample are in each record). Then ``OUT/summary.md`` (also printed),
 ``OUT/accuracy_vs_budget.png`` and ``OUT/heatmap_<strategy>.png``. The plots need matplotlib
 (``pip install "kvpress-like[eval]"``); without it a run asking for them is refused before any
 model work, and ``--no-plots`` (``plots=False``) runs without it.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +37,9 @@ from tqdm.auto import tqdm
 
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval.environment import environment, record_environment
-from kvpress_like.eval.intervals import interval
-from kvpress_like.eval.tasks import (
-    MAX_NEW_TOKENS,
-    NEEDLE_TASKS,
-    TASKS,
-    Sample,
-    make_samples,
-    score,
-)
+from kvpress_like.eval.haystacks import DEFAULT_HAYSTACK, haystack_named
+from kvpress_like.eval.report import plot_accuracy_vs_budget, plot_needle_heatmaps, summary_table
+from kvpress_like.eval.tasks import MAX_NEW_TOKENS, TASKS, Sample, make_samples, score
 
 DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 ALIASES = {"tsp": "tsp_rate"}
@@ -113,10 +108,12 @@ class EvalResult:
 
 def record_key(model: str, seed: int, sample: Sample, spec: StrategySpec, budget: float | None) -> str:
     b = "-" if budget is None else f"{budget:g}"
-    return f"{model}|seed={seed}|{sample.task}|len={sample.target_tokens}|#{sample.index}|{spec.label}|b={b}"
+    hay = "" if sample.haystack == DEFAULT_HAYSTACK else f"|hay={sample.haystack}"  # keys of old runs hold
+    where = f"{sample.task}|len={sample.target_tokens}|#{sample.index}{hay}"
+    return f"{model}|seed={seed}|{where}|{spec.label}|b={b}"
 
 
-def _read_records(path: Path) -> dict[str, dict]:
+def read_records(path: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -130,50 +127,118 @@ def _read_records(path: Path) -> dict[str, dict]:
     return out
 
 
-# ---- one record ---------------------------------------------------------------------------------
+# ---- the records of one batch of samples ---------------------------------------------------------
 
 
-def _teacher_forced_logits(pipe, prompt: str, tokens: list[int] | None, steps: int):
-    """Next-token logits ``[steps, V]`` after the prompt and each of ``tokens`` (the reference's
-    greedy tokens), and the tokens themselves (greedy on this pipe's own logits when None)."""
+def _teacher_forced_logits(pipe, prompts: list[str], tokens, steps: int):
+    """Next-token logits ``[B, steps, V]`` after each prompt and each of ``tokens`` ``[B, steps]``
+    (the reference's greedy tokens), and the tokens themselves (greedy on this pipe's own logits
+    when None); with the prefill's Stats."""
     import torch
 
-    context = pipe.compress(prompt)
+    context = pipe.compress(prompts)
     stats = context.stats
-    logits = [context.last_logits[0].float()]
-    chosen: list[int] = []
+    logits = [context.last_logits.float()]
+    chosen = []
     for step in range(steps - 1):
-        token = int(logits[-1].argmax()) if tokens is None else tokens[step]
+        token = logits[-1].argmax(dim=-1) if tokens is None else tokens[:, step]
         chosen.append(token)
-        context = pipe.extend(context, [token])  # next-token logits after one more token
-        logits.append(context.last_logits[0].float())
+        context = pipe.extend(context, token[:, None].tolist())  # logits after one more token
+        logits.append(context.last_logits.float())
     if tokens is None:
-        chosen.append(int(logits[-1].argmax()))
-    return torch.stack(logits), chosen, stats
+        chosen.append(logits[-1].argmax(dim=-1))
+    return torch.stack(logits, dim=1), (torch.stack(chosen, dim=1) if tokens is None else tokens), stats
 
 
-def _fidelity(pipe, reference, sample: Sample, steps: int) -> tuple[dict, Any]:
+def _fidelity(pipe, references: dict, samples: list[Sample], steps: int) -> tuple[list[dict], Any]:
+    """Top-1 agreement and KL(full || compressed) per sample, against ``references`` (sample index
+    -> the full cache's teacher-forced logits and greedy tokens)."""
     import torch
 
-    ref_logits, ref_tokens = reference
-    logits, _, stats = _teacher_forced_logits(pipe, sample.prompt, ref_tokens, steps)
-    agree = (logits.argmax(dim=-1) == torch.tensor(ref_tokens)).float().mean().item()
+    ref_logits = torch.stack([references[s.index][0] for s in samples])
+    ref_tokens = torch.stack([references[s.index][1] for s in samples])
+    logits, _, stats = _teacher_forced_logits(pipe, [s.prompt for s in samples], ref_tokens, steps)
+    agree = (logits.argmax(dim=-1) == ref_tokens).float().mean(dim=-1)
     ref_logp, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0).mean().item()
-    return {"score": agree, "kl": kl, "prediction": None}, stats
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0).mean(dim=-1)
+    rows = [
+        {"score": a, "kl": k, "prediction": None} for a, k in zip(agree.tolist(), kl.tolist(), strict=True)
+    ]
+    return rows, stats
 
 
-def _stats_fields(stats) -> dict[str, Any]:
-    kept = [row[0] for row in stats.kv_kept_per_layer]
+def _stats_fields(stats, row: int) -> dict[str, Any]:
+    kept = [layer[row] for layer in stats.kv_kept_per_layer]
     return {
-        "prompt_tokens": stats.prompt_tokens[0],
+        "prompt_tokens": stats.prompt_tokens[row],
         "kv_kept_mean": statistics.fmean(kept),
-        "kv_kept_share": statistics.fmean(kept) / max(1, stats.prompt_tokens[0]),
+        "kv_kept_share": statistics.fmean(kept) / max(1, stats.prompt_tokens[row]),
         "prefill_seconds": stats.prefill_seconds,
     }
 
 
 # ---- the run ------------------------------------------------------------------------------------
+
+
+class _Pipes:
+    """The run's pipelines, one per (strategy spec, budget), built on first use; greedy, eager
+    decoding (records measure accuracy: a compiled step per pipeline and batch size would cost
+    more than the decoding it speeds up), no chat template."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer, self._built = model, tokenizer, {}
+
+    def get(self, name: str, label: str, budget: float | None, settings: dict) -> Any:
+        from kvpress_like.pipeline import pipeline
+
+        if (label, budget) not in self._built:
+            self._built[(label, budget)] = pipeline(
+                self.model,
+                name,
+                tokenizer=self.tokenizer,
+                chat_template=False,
+                do_sample=False,  # greedy whatever the model's generation_config
+                decode="eager",
+                **settings,
+            )
+        return self._built[(label, budget)]
+
+
+def _batch_records(
+    pipes: _Pipes,
+    spec: StrategySpec,
+    budget: float | None,
+    samples: list[Sample],
+    references: dict,
+    fidelity_steps: int,
+    max_new_tokens: int | None,
+) -> list[dict]:
+    """The scores of one batch of samples (one pipeline call), or ConfigError's refusal."""
+    start = time.perf_counter()
+    pipe = pipes.get(spec.name, spec.label, budget, spec.settings_for(budget))
+    task = samples[0].task
+    if task == "fidelity":
+        missing = [s for s in samples if s.index not in references]
+        if missing:  # the full cache's logits, once per sample for every strategy
+            full = pipes.get(FULL, "__reference__", None, {})
+            logits, tokens, _ = _teacher_forced_logits(
+                full, [s.prompt for s in missing], None, fidelity_steps
+            )
+            for row, sample in enumerate(missing):
+                references[sample.index] = (logits[row], tokens[row])
+        results, stats = _fidelity(pipe, references, samples, fidelity_steps)
+    else:
+        n_new = max_new_tokens or MAX_NEW_TOKENS[task]
+        gen = pipe([s.prompt for s in samples], max_new_tokens=n_new)
+        results = [
+            {"score": score(s, text), "prediction": text} for s, text in zip(samples, gen.texts, strict=True)
+        ]
+        stats = gen.stats
+    seconds = (time.perf_counter() - start) / len(samples)
+    return [
+        {"status": "ok", **result, **_stats_fields(stats, row), "seconds": seconds, "batch": len(samples)}
+        for row, result in enumerate(results)
+    ]
 
 
 def evaluate(
@@ -192,13 +257,19 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool = True,
     plots: bool = True,
+    haystack: str = DEFAULT_HAYSTACK,
+    batch: int = 1,
 ) -> EvalResult:
-    """Run the grid (resumably), then write the summary and plots; see the module docstring."""
-    from kvpress_like.pipeline import pipeline
+    """Run the grid (resumably), then write the summary and plots; see the module docstring.
 
+    ``batch``: samples per pipeline call (rows of one left-padded batch; a task's samples have
+    nearly the same length). Records do not depend on it beyond floating-point rounding."""
     for task in tasks:
         if task not in TASKS:
             raise ConfigError(f"tasks: must be among {', '.join(TASKS)} (got {task!r})")
+    if batch < 1:
+        raise ConfigError(f"batch: must be at least 1 (got {batch})")
+    haystack_named(haystack)  # a ValueError naming the choices
     if plots:
         check_plotting()
     specs = [StrategySpec.parse(s) for s in strategies]
@@ -206,91 +277,61 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     record_environment(out, environment(model, model_name))  # before any record is added
     path = out / "records.jsonl"
-    done = _read_records(path)
+    done = read_records(path)
     runs = {(spec.label, None if spec.name == FULL else b): spec for spec in specs for b in budgets}
     runs = [(spec, budget) for (_, budget), spec in runs.items()]  # full: once
-    need_full_reference = "fidelity" in tasks
     computed = reused = 0
     keys_this_run: list[str] = []
-    total = len(tasks) * len(lengths) * samples * len(runs)
-    bar = tqdm(total=total, desc="eval", unit="record", disable=not progress)
-    pipes: dict[tuple, Any] = {}
+    bar = tqdm(
+        total=len(tasks) * len(lengths) * samples * len(runs),
+        desc="eval",
+        unit="record",
+        disable=not progress,
+    )
+    pipes = _Pipes(model, tokenizer)
     with path.open("a") as sink:
         for task in tasks:
             for length in lengths:
-                for s_index, sample in enumerate(make_samples(tokenizer, task, length, samples, seed)):
-                    reference = None
-                    for spec, budget in runs:
-                        key = record_key(model_name, seed, sample, spec, budget)
-                        keys_this_run.append(key)
-                        bar.update()
-                        if key in done:
-                            reused += 1
-                            continue
-                        base = {
-                            "key": key,
-                            "model": model_name,
-                            "seed": seed,
-                            "task": task,
-                            "length": length,
-                            "sample": s_index,
-                            "sample_seed": sample.seed,
-                            "depth": sample.depth,
-                            "strategy": spec.label,
-                            "strategy_name": spec.name,
-                            "budget": budget,
-                            "settings": spec.settings_for(budget),
-                            "answers": list(sample.answers),
-                        }
-                        bar.set_postfix_str(f"{task} {length} {spec.label} {budget}")
+                task_samples = make_samples(tokenizer, task, length, samples, seed, haystack)
+                references: dict = {}  # fidelity: the full cache's, per sample index
+                for spec, budget in runs:
+                    keys = {s.index: record_key(model_name, seed, s, spec, budget) for s in task_samples}
+                    keys_this_run += keys.values()
+                    todo = [s for s in task_samples if keys[s.index] not in done]
+                    reused += len(task_samples) - len(todo)
+                    bar.update(len(task_samples) - len(todo))
+                    bar.set_postfix_str(f"{task} {length} {spec.label} {budget}")
+                    for first in range(0, len(todo), batch):
+                        group = todo[first : first + batch]
                         try:
-                            pipe_key = (spec.label, budget)
-                            if pipe_key not in pipes:
-                                pipes[pipe_key] = pipeline(
-                                    model,
-                                    spec.name,
-                                    tokenizer=tokenizer,
-                                    chat_template=False,
-                                    do_sample=False,  # greedy whatever the model's generation_config
-                                    **base["settings"],
-                                )
-                            pipe = pipes[pipe_key]
-                            start = time.perf_counter()
-                            if task == "fidelity":
-                                if reference is None and need_full_reference:
-                                    full = pipes.setdefault(
-                                        ("__reference__", None),
-                                        pipeline(
-                                            model,
-                                            FULL,
-                                            tokenizer=tokenizer,
-                                            chat_template=False,
-                                            do_sample=False,
-                                        ),
-                                    )
-                                    ref_logits, ref_tokens, _ = _teacher_forced_logits(
-                                        full, sample.prompt, None, fidelity_steps
-                                    )
-                                    reference = (ref_logits, ref_tokens)
-                                result, stats = _fidelity(pipe, reference, sample, fidelity_steps)
-                            else:
-                                n_new = max_new_tokens or MAX_NEW_TOKENS[task]
-                                gen = pipe(sample.prompt, max_new_tokens=n_new)
-                                result = {"score": score(sample, gen.text), "prediction": gen.text}
-                                stats = gen.stats
-                            record = {
-                                **base,
-                                "status": "ok",
-                                **result,
-                                **_stats_fields(stats),
-                                "seconds": time.perf_counter() - start,
-                            }
+                            results = _batch_records(
+                                pipes, spec, budget, group, references, fidelity_steps, max_new_tokens
+                            )
                         except ConfigError as exc:
-                            record = {**base, "status": "skipped", "reason": str(exc)}
-                        sink.write(json.dumps(record) + "\n")
+                            results = [{"status": "skipped", "reason": str(exc)}] * len(group)
+                        for sample, result in zip(group, results, strict=True):
+                            record = {
+                                "key": keys[sample.index],
+                                "model": model_name,
+                                "seed": seed,
+                                "task": task,
+                                "length": length,
+                                "haystack": haystack,
+                                "sample": sample.index,
+                                "sample_seed": sample.seed,
+                                "depth": sample.depth,
+                                "strategy": spec.label,
+                                "strategy_name": spec.name,
+                                "budget": budget,
+                                "settings": spec.settings_for(budget),
+                                "answers": list(sample.answers),
+                                **result,
+                            }
+                            sink.write(json.dumps(record) + "\n")
+                            done[record["key"]] = record
                         sink.flush()
-                        done[key] = record
-                        computed += 1
+                        computed += len(group)
+                        bar.update(len(group))
     bar.close()
     records = [done[k] for k in dict.fromkeys(keys_this_run)]
     summary = summary_table(records, budgets)
@@ -300,137 +341,3 @@ def evaluate(
         files += plot_accuracy_vs_budget(records, out / "accuracy_vs_budget.png")
         files += plot_needle_heatmaps(records, out)
     return EvalResult(records, computed, reused, summary, files)
-
-
-# ---- reports ------------------------------------------------------------------------------------
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _cell(values: list[float], digits: int = 2) -> str:
-    """Mean and 95% interval (``intervals.py``): ``0.75 [0.30, 0.95]``."""
-    if not values:
-        return "—"
-    low, high = interval(values)
-    return f"{_fmt(_mean(values), digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
-
-
-def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
-    """Markdown: one row per (strategy, budget, length), mean score per task (n samples each);
-    fidelity as top-1 agreement and mean KL; ``skipped`` counts refused records."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    rows: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        row = rows[(r["strategy"], r["budget"], r["length"])]
-        if r["status"] != "ok":
-            row["skipped"].append(1)
-            continue
-        row[r["task"]].append(r["score"])
-        if r["task"] == "fidelity":
-            row["kl"].append(r["kl"])
-    columns = [t if t != "fidelity" else "fidelity top-1" for t in tasks]
-    if "fidelity" in tasks:
-        columns.append("fidelity KL")
-    header = ["strategy", "budget", "length", *columns, "mean acc", "skipped"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (strategy, budget, length), row in rows.items():
-        cells = [strategy, "—" if budget is None else f"{budget:g}", str(length)]
-        for task in tasks:
-            cells.append(_cell(row[task]))
-        if "fidelity" in tasks:
-            cells.append(_cell(row["kl"], 4))
-        accuracy = [v for t in tasks if t != "fidelity" for v in row[t]]
-        cells += [_cell(accuracy), str(len(row["skipped"]))]
-        lines.append("| " + " | ".join(cells) + " |")
-    n = max((r["sample"] + 1 for r in records), default=0)
-    return "\n".join(lines) + (
-        f"\n\nScores are means over {n} sample(s) per cell with 95% intervals (Wilson's for 0/1 "
-        "scores, a bootstrap of the mean otherwise); — = no record.\n"
-    )
-
-
-def plot_accuracy_vs_budget(records: list[dict], path: Path) -> list[Path]:
-    """One panel per task, one line per strategy (mean over lengths and samples); full dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in records if r["status"] == "ok"]
-    tasks = list(dict.fromkeys(r["task"] for r in ok))
-    if not tasks:
-        return []
-    budgets = sorted({r["budget"] for r in ok if r["budget"] is not None})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        by = defaultdict(lambda: defaultdict(list))
-        for r in ok:
-            if r["task"] == task:
-                by[r["strategy"]][r["budget"]].append(r["score"])
-        for strategy, points in by.items():
-            if list(points) == [None]:
-                ax.axhline(_mean(points[None]), linestyle="--", color="black", label=strategy)
-                continue
-            xs = sorted(b for b in points if b is not None)
-            ax.plot(xs, [_mean(points[b]) for b in xs], marker="o", label=strategy)
-        ax.set_title(task if task != "fidelity" else "fidelity (top-1 agreement)")
-        ax.set_xlabel("KV budget (retain rate)")
-        ax.set_ylim(-0.05, 1.05)
-        if budgets:
-            ax.set_xticks(budgets)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-def plot_needle_heatmaps(records: list[dict], out: Path) -> list[Path]:
-    """Per strategy: needle depth x context length (mean over needle tasks), one panel per budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    ok = [r for r in records if r["status"] == "ok" and r["task"] in NEEDLE_TASKS]
-    paths = []
-    for strategy in dict.fromkeys(r["strategy"] for r in ok):
-        mine = [r for r in ok if r["strategy"] == strategy]
-        budgets = sorted({r["budget"] for r in mine}, key=lambda b: -1 if b is None else b)
-        depths = sorted({round(r["depth"], 3) for r in mine})
-        lengths = sorted({r["length"] for r in mine})
-        width = 1.5 + max(2.6, 1.1 * len(lengths)) * len(budgets)
-        fig, axes = plt.subplots(1, len(budgets), figsize=(width, 3.8), layout="constrained")
-        axes = [axes] if len(budgets) == 1 else list(axes)
-        for ax, budget in zip(axes, budgets, strict=True):
-            grid = torch.full((len(depths), len(lengths)), float("nan"))
-            cells = defaultdict(list)
-            for r in mine:
-                if r["budget"] == budget:
-                    cells[(depths.index(round(r["depth"], 3)), lengths.index(r["length"]))].append(r["score"])
-            for (i, j), values in cells.items():
-                grid[i, j] = _mean(values)
-            image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            for (i, j), values in cells.items():
-                ax.text(j, i, f"{_mean(values):.2f}", ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-            ax.set_xlabel("context length (tokens)")
-            ax.set_title(f"budget {budget:g}" if budget is not None else "no budget")
-        axes[0].set_ylabel("needle depth")
-        fig.suptitle(f"{strategy}: needle retrieval (passkey + niah)")
-        fig.colorbar(image, ax=axes, fraction=0.05, label="accuracy")
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in strategy)
-        path = out / f"heatmap_{safe}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths

@@ -1,8 +1,8 @@
 """Accuracy tasks, generated offline and deterministically from a seed.
 
-Every generator takes ``(tokenizer, target_tokens, depth, seed)`` and returns a :class:`Sample`:
-the prompt text, the expected answer(s) and metadata (depth, token length, needle offsets). The
-tokenizer is anything called like a Hugging Face one (``tok(text)["input_ids"]``); the whole
+Every generator takes ``(tokenizer, target_tokens, depth, seed, index, haystack)`` and returns a
+:class:`Sample`: the prompt text, the expected answer(s) and metadata (depth, token length, needle
+offsets). The tokenizer is anything called like a Hugging Face one (``tok(text)["input_ids"]``); the whole
 prompt (instruction, context, question) is built to ``target_tokens`` with it, within
 ``length_tolerance(target_tokens)`` tokens (passkey: within one filler sentence, as
 ``kvpress_like.eval.passkey`` builds it).
@@ -10,16 +10,18 @@ prompt (instruction, context, question) is built to ``target_tokens`` with it, w
 Tasks (RULER style, Hsieh et al. 2024, where they have a RULER counterpart):
 
 ``passkey``          the classic passkey in repetitive filler (``kvpress_like.eval.passkey``)
-``niah_single``      one needle ("One of the special magic numbers for KEY is: VALUE.") in essays
+``niah_single``      one needle ("One of the special magic numbers for KEY is: VALUE.") in the
+                     haystack (``haystacks.py``: essays by default, or Python source)
 ``niah_multikey``    several needles with different keys; one key is asked
 ``niah_multivalue``  one key with several values; all values are asked
 ``niah_multiquery``  several needles; several keys are asked
-``vt``               variable tracking: a chain ``VAR A = 12345. VAR B = VAR A. ...`` in essays
-``fidelity``         essay text only (no label): the harness compares the compressed cache's
+``vt``               variable tracking: a chain ``VAR A = 12345. VAR B = VAR A. ...`` in the haystack
+``fidelity``         haystack text only (no label): the harness compares the compressed cache's
                      next-token distributions with the full cache's over teacher-forced steps
 
-Depth is the share of the context (the essays, needles excluded) that comes before the needle
-that is asked about; the needle goes at the sentence boundary nearest to it.
+Depth is the share of the context (the haystack, needles excluded) that comes before the needle
+that is asked about; the needle goes at the boundary nearest to it (a sentence's end in prose, a
+line's in code).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from importlib.resources import files
 from typing import Any
 
+from kvpress_like.eval import haystacks
+from kvpress_like.eval.haystacks import DEFAULT_HAYSTACK
 from kvpress_like.eval.passkey import _template, found_key, passkey_prompt
 
 NIAH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
@@ -112,6 +114,7 @@ class Sample:
     depth: float
     seed: int
     metadata: dict[str, Any] = field(default_factory=dict)  # prompt_tokens, needle offsets, ...
+    haystack: str = DEFAULT_HAYSTACK  # the text the needles hide in (``haystacks.py``)
 
 
 def length_tolerance(target_tokens: int) -> int:
@@ -119,78 +122,11 @@ def length_tolerance(target_tokens: int) -> int:
     return max(4, round(0.01 * target_tokens))
 
 
-# ---- text sources -----------------------------------------------------------------------------
-
-
-@cache
-def essays() -> tuple[str, ...]:
-    """The shipped essays (``kvpress_like/eval/data/haystack``), whitespace collapsed, in name order."""
-    folder = files("kvpress_like.eval").joinpath("data/haystack")
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".txt"))
-    return tuple(
-        re.sub(r"\s+", " ", folder.joinpath(n).read_text(encoding="utf-8", errors="replace")).strip()
-        for n in names
-    )
-
-
-def _n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+# ---- prompt building --------------------------------------------------------------------------
 
 
 def _prompt_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
-
-
-def haystack(tokenizer, n_tokens: int, rng: random.Random) -> str:
-    """About ``n_tokens`` tokens (at most) of essays, starting at an essay chosen by ``rng``,
-    cut at a word boundary."""
-    docs = essays()
-    start = rng.randrange(len(docs))
-    if n_tokens <= 0:
-        return ""
-    text, i = "", start
-    while True:  # enough characters that a prefix of them has n_tokens tokens
-        text = f"{text} {docs[i % len(docs)]}".strip()
-        i += 1
-        if len(text) >= 12 * n_tokens and _n_tokens(tokenizer, text) > n_tokens:
-            break
-        if i - start > 10 * len(docs):  # tokenizer with huge tokens: take all we have
-            return text
-    lo, hi = 0, len(text)  # longest prefix with <= n_tokens tokens
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _n_tokens(tokenizer, text[:mid]) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    cut = text[:lo]
-    space = cut.rfind(" ")
-    return cut[:space] if space > 0.9 * len(cut) else cut
-
-
-def _boundary(text: str, depth: float) -> int:
-    """Character index of the sentence (else word) boundary nearest to ``depth`` of ``text``."""
-    target = round(depth * len(text))
-    if target <= 0 or target >= len(text):
-        return max(0, min(target, len(text)))
-    reach = max(8, round(0.02 * len(text)))
-    window = text[max(0, target - reach) : target + reach]
-    offset = max(0, target - reach)
-    candidates = [m.end() + offset for m in re.finditer(r"[.!?] ", window)]
-    if not candidates:
-        candidates = [m.end() + offset for m in re.finditer(r" ", window)]
-    if not candidates:
-        return target
-    return min(candidates, key=lambda c: abs(c - target))
-
-
-def _insert(context: str, items: list[tuple[float, str]]) -> str:
-    """Insert sentences at depths of the original ``context`` (each at a boundary)."""
-    placed = sorted(((_boundary(context, d), s) for d, s in items), key=lambda x: x[0], reverse=True)
-    for pos, sentence in placed:
-        before, after = context[:pos].rstrip(" "), context[pos:].lstrip(" ")
-        context = " ".join(part for part in (before, sentence, after) if part)
-    return context
 
 
 def _fit(tokenizer, target_tokens: int, build: Callable[[int], tuple[str, dict]]) -> tuple[str, dict]:
@@ -250,7 +186,10 @@ def _template_filler() -> str:
     return _template()["filler"]
 
 
-def make_passkey(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
+def make_passkey(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    """The classic passkey in its own repetitive filler (``haystack`` is not used)."""
     p = passkey_prompt(tokenizer, target_tokens, depth, seed)
     return Sample(
         "passkey",
@@ -274,7 +213,9 @@ def _niah(
     n_keys: int,
     n_values: int,
     n_queries: int,
+    haystack: str,
 ) -> Sample:
+    kind = haystacks.haystack_named(haystack)
     rng = random.Random(f"{task}:{seed}")
     keys = _keys(rng, n_keys)
     values = {k: _values(rng, n_values) for k in keys}
@@ -299,12 +240,12 @@ def _niah(
             f"What is the special magic number for {query} mentioned in the provided text? "
             f"The special magic number for {query} mentioned in the provided text is"
         )
-    head = _NIAH_INTRO + " "
+    head = _NIAH_INTRO + kind.joiner
 
     def build(budget: int) -> tuple[str, dict]:
-        context = haystack(tokenizer, budget, random.Random(ctx_rng_seed)) if budget else ""
-        body = _insert(context, items)
-        prompt = f"{head}{body} {question}"
+        context = haystacks.haystack(tokenizer, budget, random.Random(ctx_rng_seed), kind) if budget else ""
+        body = haystacks.insert(context, items, kind)
+        prompt = f"{head}{body}{kind.joiner}{question}"
         return prompt, {"context": context}
 
     prompt, meta = _fit(tokenizer, target_tokens, build)
@@ -318,27 +259,44 @@ def _niah(
         "context_span": [len(head), len(prompt) - len(question) - 1],
         "needle_depths": _context_depths(prompt, len(head), context, needles),
     }
-    return Sample(task, index, prompt, answers, target_tokens, depth, seed, meta)
+    return Sample(task, index, prompt, answers, target_tokens, depth, seed, meta, haystack)
 
 
-def make_niah_single(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
-    return _niah("niah_single", tokenizer, target_tokens, depth, seed, index, 1, 1, 1)
+def make_niah_single(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    return _niah("niah_single", tokenizer, target_tokens, depth, seed, index, 1, 1, 1, haystack)
 
 
-def make_niah_multikey(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
-    return _niah("niah_multikey", tokenizer, target_tokens, depth, seed, index, 4, 1, 1)
+def make_niah_multikey(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    return _niah("niah_multikey", tokenizer, target_tokens, depth, seed, index, 4, 1, 1, haystack)
 
 
-def make_niah_multivalue(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
-    return _niah("niah_multivalue", tokenizer, target_tokens, depth, seed, index, 1, 4, 1)
+def make_niah_multivalue(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    return _niah("niah_multivalue", tokenizer, target_tokens, depth, seed, index, 1, 4, 1, haystack)
 
 
-def make_niah_multiquery(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
-    return _niah("niah_multiquery", tokenizer, target_tokens, depth, seed, index, 4, 1, 4)
+def make_niah_multiquery(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    return _niah("niah_multiquery", tokenizer, target_tokens, depth, seed, index, 4, 1, 4, haystack)
 
 
-def make_vt(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, hops: int = 4) -> Sample:
+def make_vt(
+    tokenizer,
+    target_tokens: int,
+    depth: float,
+    seed: int,
+    index: int = 0,
+    haystack: str = DEFAULT_HAYSTACK,
+    hops: int = 4,
+) -> Sample:
     """One chain of ``hops + 1`` variables; its first assignment at ``depth``, the rest after it."""
+    kind = haystacks.haystack_named(haystack)
     rng = random.Random(f"vt:{seed}")
     names: list[str] = []
     while len(names) < hops + 1:
@@ -352,7 +310,7 @@ def make_vt(tokenizer, target_tokens: int, depth: float, seed: int, index: int =
     later = sorted(depth + (1 - depth) * rng.random() for _ in statements[1:])
     items = list(zip([depth, *later], statements, strict=True))
     ctx_rng_seed = rng.random()
-    head = _VT_INTRO + " "
+    head = _VT_INTRO + kind.joiner
     question = (
         f"Question: Find all variables that are assigned the value {value} in the text above. "
         f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
@@ -360,8 +318,8 @@ def make_vt(tokenizer, target_tokens: int, depth: float, seed: int, index: int =
     )
 
     def build(budget: int) -> tuple[str, dict]:
-        context = haystack(tokenizer, budget, random.Random(ctx_rng_seed)) if budget else ""
-        return f"{head}{_insert(context, items)} {question}", {"context": context}
+        context = haystacks.haystack(tokenizer, budget, random.Random(ctx_rng_seed), kind) if budget else ""
+        return f"{head}{haystacks.insert(context, items, kind)}{kind.joiner}{question}", {"context": context}
 
     prompt, meta = _fit(tokenizer, target_tokens, build)
     context = meta.pop("context")
@@ -371,17 +329,20 @@ def make_vt(tokenizer, target_tokens: int, depth: float, seed: int, index: int =
         "context_span": [len(head), len(prompt) - len(question) - 1],
         "needle_depths": _context_depths(prompt, len(head), context, statements),
     }
-    return Sample("vt", index, prompt, tuple(names), target_tokens, depth, seed, meta)
+    return Sample("vt", index, prompt, tuple(names), target_tokens, depth, seed, meta, haystack)
 
 
-def make_fidelity(tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0) -> Sample:
-    """Essay text of the target length; no answer (the full cache is the reference)."""
+def make_fidelity(
+    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
+) -> Sample:
+    """Haystack text of the target length; no answer (the full cache is the reference)."""
+    kind = haystacks.haystack_named(haystack)
 
     def build(budget: int) -> tuple[str, dict]:
-        return haystack(tokenizer, budget, random.Random(f"fidelity:{seed}")), {}
+        return haystacks.haystack(tokenizer, budget, random.Random(f"fidelity:{seed}"), kind), {}
 
     prompt, meta = _fit(tokenizer, target_tokens, build)
-    return Sample("fidelity", index, prompt, (), target_tokens, depth, seed, meta)
+    return Sample("fidelity", index, prompt, (), target_tokens, depth, seed, meta, haystack)
 
 
 GENERATORS: dict[str, Callable[..., Sample]] = {
@@ -405,7 +366,9 @@ def sample_seed(seed: int, task: str, target_tokens: int, index: int) -> int:
     return random.Random(f"{seed}:{task}:{target_tokens}:{index}").randrange(2**31)
 
 
-def make_samples(tokenizer, task: str, target_tokens: int, samples: int, seed: int) -> list[Sample]:
+def make_samples(
+    tokenizer, task: str, target_tokens: int, samples: int, seed: int, haystack: str = DEFAULT_HAYSTACK
+) -> list[Sample]:
     if task not in GENERATORS:
         raise ValueError(f"task: must be one of {', '.join(TASKS)} (got {task!r})")
     return [
@@ -415,6 +378,7 @@ def make_samples(tokenizer, task: str, target_tokens: int, samples: int, seed: i
             sample_depth(i, samples),
             sample_seed(seed, task, target_tokens, i),
             index=i,
+            haystack=haystack,
         )
         for i in range(samples)
     ]
