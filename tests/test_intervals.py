@@ -75,3 +75,20 @@ def test_records_of_another_dtype_are_not_mixed_in(tmp_path):
     with pytest.raises(ConfigError, match=r"--out: .*dtype 'float32', here 'bfloat16'"):
         _run(tmp_path, tiny_model("llama").to(torch.bfloat16))
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2  # nothing added
+
+
+def test_fidelity_cells_get_the_bootstrap_even_when_every_value_is_0_or_1():
+    """Top-1 agreement and KL are means of per-step values, not accuracies: a full cache's 1.0 and
+    0.0 are certain, where Wilson's interval for 3 successes of 3 would reach down to 0.44."""
+    from kvpress_like.eval.report import summary_table
+
+    base = {"strategy": "full", "budget": None, "length": 64, "status": "ok"}
+    records = [{**base, "task": "passkey", "sample": i, "score": 1.0} for i in range(3)]
+    records += [{**base, "task": "fidelity", "sample": i, "score": 1.0, "kl": 0.0} for i in range(3)]
+    row = summary_table(records).splitlines()[2]
+    low, _ = wilson(3, 3)
+    assert row.split(" | ")[3:6] == [
+        f"1.00 [{low:.2f}, 1.00]",
+        "1.00 [1.00, 1.00]",
+        "0.0000 [0.0000, 0.0000]",
+    ]

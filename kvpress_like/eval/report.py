@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvpress_like.eval.haystacks import DEFAULT_HAYSTACK
-from kvpress_like.eval.intervals import interval
+from kvpress_like.eval.intervals import bootstrap_mean, interval
 from kvpress_like.eval.tasks import NEEDLE_TASKS
 
 
@@ -24,11 +24,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(values: list[float], digits: int = 2) -> str:
-    """Mean and 95% interval (``intervals.py``): ``0.75 [0.30, 0.95]``."""
+def _interval(values: list[float], task: str) -> tuple[float, float]:
+    """95%: fidelity's top-1 agreement and KL are means of other values (the bootstrap's), even
+    when every one is 0 or 1; accuracies get Wilson's when they are 0/1 (``intervals.interval``)."""
+    return bootstrap_mean(values) if task in ("fidelity", "kl") else interval(values)
+
+
+def _cell(values: list[float], task: str, digits: int = 2) -> str:
+    """Mean and 95% interval: ``0.75 [0.30, 0.95]``."""
     if not values:
         return "—"
-    low, high = interval(values)
+    low, high = _interval(values, task)
     return f"{_fmt(_mean(values), digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
@@ -73,11 +79,11 @@ def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
             str(length),
         ]
         for task in tasks:
-            cells.append(_cell(row[task]))
+            cells.append(_cell(row[task], task))
         if "fidelity" in tasks:
-            cells.append(_cell(row["kl"], 4))
+            cells.append(_cell(row["kl"], "kl", 4))
         accuracy = [v for t in tasks if t != "fidelity" for v in row[t]]
-        cells += [_cell(accuracy), str(len(row["skipped"]))]
+        cells += [_cell(accuracy, "accuracy"), str(len(row["skipped"]))]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((r["sample"] + 1 for r in records), default=0)
     text = f"{haystacks[0]} haystack; " if haystacks and not several else ""
@@ -112,7 +118,7 @@ def plot_accuracy_vs_budget(records: list[dict], path: Path) -> list[Path]:
                 continue
             xs = sorted(b for b in points if b is not None)
             means = [_mean(points[b]) for b in xs]
-            bounds = [interval(points[b]) for b in xs]  # 95%, as in the summary
+            bounds = [_interval(points[b], task) for b in xs]  # 95%, as in the summary
             below = [m - low for m, (low, _) in zip(means, bounds, strict=True)]
             above = [high - m for m, (_, high) in zip(means, bounds, strict=True)]
             ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=strategy)
