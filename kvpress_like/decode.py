@@ -29,6 +29,7 @@ import torch
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
+from kvpress_like.sampling import Sampling, choose
 
 BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
 # Static decoders (buffers + captured step) kept per pipeline for reuse; the least recently used
@@ -172,8 +173,11 @@ class StaticDecoder:
         self.steps_done.copy_(smaller.steps_done)
         self.first_positions.copy_(smaller.first_positions)
 
-    def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, V]`` after ``tokens`` ``[B]`` and their argmax ``[B]``; one more step done."""
+    def _step(
+        self, tokens: torch.Tensor, noise: torch.Tensor | None, sampling: Sampling | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, V]`` after ``tokens`` ``[B]`` and the next token ``[B]``: their argmax, or
+        the draw ``sampling.choose`` makes with ``noise``; one more step done."""
         adapter = self.adapter
         hidden = adapter.embed(tokens[:, None])
         positions = self.first_positions + self.steps_done
@@ -184,7 +188,7 @@ class StaticDecoder:
             hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router)
         self.steps_done.add_(1)
         logits = adapter.logits(hidden[:, -1])
-        return logits, logits.argmax(dim=-1)
+        return logits, logits.argmax(dim=-1) if sampling is None else choose(logits, noise, sampling)
 
 
 class DecoderPool:
@@ -233,7 +237,9 @@ class StaticSession:
         self.decoder.load(cache)
         self.steps = 0
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, tokens: torch.Tensor, noise: torch.Tensor | None = None, sampling: Sampling | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``StaticDecoder.step``; step ``t`` writes slot ``kept + t``, so it needs one more slot."""
         if self.prompt_slots + self.steps >= self.decoder.capacity:
             capacity = min(self.last_capacity, 2 * self.decoder.capacity)
@@ -241,4 +247,4 @@ class StaticSession:
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1
-        return self.decoder.step(tokens)
+        return self.decoder.step(tokens, noise, sampling)

@@ -1,10 +1,12 @@
 """Producing tokens: the decode loop around a step function, with transformers' own logits
 processors, stopping criteria and streamers, and its clocks.
 
-The step (eager, static or compiled: ``decode.py``) gives the logits; everything a
-``GenerationConfig`` asks of them (repetition penalty, min_new_tokens, temperature, top-k, top-p,
-stop strings) runs here, between steps, through transformers' ``LogitsProcessor`` and
-``StoppingCriteria`` classes, so every decode path honours the same settings. The loop never waits
+The step (eager, static or compiled: ``decode.py``) gives the logits and the next token: the argmax,
+or, when sampling asks only for temperature, top-k and top-p, a draw made inside the step
+(``sampling.py``: no extra launches between compiled steps). Everything else a ``GenerationConfig``
+asks (repetition penalty, min_new_tokens, a caller's processors, stop strings) runs here, between
+steps, through transformers' ``LogitsProcessor`` and ``StoppingCriteria`` classes, and then the
+warpers and the draw run here too; every decode path honours the same settings. The loop never waits
 for the step it queued: step times are CUDA events, the "all rows finished" flag is read one step
 late (``FinishedFlag``), and tokens reach a streamer one step late (``TokenSink``).
 """
@@ -33,8 +35,12 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from kvpress_like.results import Context, Generation
+from kvpress_like.sampling import Sampling, choose
+from kvpress_like.sampling import noise as draw_noise
 
-Step = Callable[[Tensor], tuple[Tensor, Tensor]]  # next tokens [B] -> logits [B, V], their argmax [B]
+# next tokens [B], then the exponential noise [B, V] and the settings of a draw inside the step (None:
+# greedy) -> logits [B, V] and the token chosen from them [B] (the argmax, or the draw)
+Step = Callable[[Tensor, Tensor | None, Sampling | None], tuple[Tensor, Tensor]]
 TokenCallback = Callable[[list[int | None]], None]  # one id per row, None for a finished row
 
 
@@ -67,9 +73,25 @@ class StableTemperature(LogitsProcessor):
         return shifted / max(self.temperature, torch.finfo(scores.dtype).tiny)
 
 
+def samples_in_step(request: Request) -> bool:
+    """Whether the step itself draws the tokens: sampling asks for nothing but temperature, top-k
+    and top-p (no processor that reads the tokens so far, no processed scores returned)."""
+    gen = request.generation
+    return bool(
+        gen.do_sample
+        and (gen.repetition_penalty is None or gen.repetition_penalty == 1.0)
+        and not (gen.min_new_tokens and len(request.eos))
+        and not request.logits_processor
+        and not request.output_scores
+    )
+
+
 def logits_processors(request: Request, prompt_width: int, pad_lengths: Tensor) -> LogitsProcessorList:
     """transformers' processors for ``request.generation``, in the order ``model.generate`` builds
-    them: penalties and constraints, the caller's own, then (sampling only) the warpers."""
+    them: penalties and constraints, the caller's own, then (sampling only) the warpers; none when
+    the step draws the tokens."""
+    if samples_in_step(request):
+        return LogitsProcessorList()
     gen, processors = request.generation, LogitsProcessorList()
     if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
         kwargs = {}
@@ -104,11 +126,10 @@ def stopping_criteria(request: Request) -> StoppingCriteriaList:
 
 
 def decode_loop(context: Context, request: Request, step: Step) -> Generation:
-    """Tokens from the context's last logits on, ``step`` giving the logits ``[B, V]`` and their
-    argmax ``[B]`` after each (the argmax inside a compiled step: no separate, slower launch)."""
+    """Tokens from the context's last logits on, ``step`` giving the logits ``[B, V]`` and the
+    chosen token ``[B]`` after each (inside a compiled step: no separate, slower launches)."""
     gen, eos = request.generation, request.eos
     logits = context.last_logits
-    greedy = logits.argmax(dim=-1)
     device, rows = logits.device, logits.shape[0]
     pad_lengths = (context.valid.cumsum(dim=-1) == 0).sum(dim=-1)  # each row's left padding
     processors = logits_processors(request, context.ids.shape[1], pad_lengths)
@@ -117,6 +138,12 @@ def decode_loop(context: Context, request: Request, step: Step) -> Generation:
     generator = None
     if gen.do_sample and request.seed is not None:
         generator = torch.Generator(device=device).manual_seed(request.seed)
+    sampling = Sampling.of(gen, device) if samples_in_step(request) else None
+
+    def noise() -> Tensor | None:  # the next draw's, from the seeded generator (None: greedy)
+        return None if sampling is None else draw_noise(logits.shape, generator, device)
+
+    chosen = logits.argmax(dim=-1) if sampling is None else choose(logits, noise(), sampling)
     stops = eos if request.stop_on_eos else eos[:0]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), gen.max_new_tokens, dtype=torch.long, device=device)
@@ -129,11 +156,11 @@ def decode_loop(context: Context, request: Request, step: Step) -> Generation:
     scores_out: list[Tensor] = []
     try:
         for index in range(gen.max_new_tokens):
-            if processors or gen.do_sample:
+            if processors or (gen.do_sample and sampling is None):
                 scores = processors(history, logits) if processors else logits
                 token = sample(scores, generator) if gen.do_sample else scores.argmax(dim=-1)
-            else:
-                scores, token = logits, greedy
+            else:  # greedy, or drawn in the step
+                scores, token = logits, chosen
             if request.output_scores:  # a copy: a CUDA-graph step overwrites its outputs at the next replay
                 scores_out.append(scores.clone())
             live = ~finished
@@ -149,7 +176,7 @@ def decode_loop(context: Context, request: Request, step: Step) -> Generation:
             sink.push(token, live)
             if index == gen.max_new_tokens - 1 or all_finished.check(finished):
                 break
-            logits, greedy = step(token)
+            logits, chosen = step(token, noise(), sampling)
             clock.tick()
     finally:
         sink.close()  # a streamer's reader must not wait forever, also after an error

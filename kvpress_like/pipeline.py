@@ -34,6 +34,7 @@ from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, 
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
 from kvpress_like.results import Context, Generation, Stats, check_context, context_source
+from kvpress_like.sampling import Sampling, choose
 from kvpress_like.settings import (
     CallSettings,
     call_settings,
@@ -354,14 +355,15 @@ class Pipeline:
             return decode_loop(context, request, session.step)
 
     def _eager_step(self, cache: CompressedCache) -> Step:
-        """The layer loop on one token per row ``[B]``: logits ``[B, V]`` and their argmax ``[B]``."""
+        """The layer loop on one token per row ``[B]``: logits ``[B, V]`` and the next token ``[B]``
+        (their argmax, or a draw: ``sampling.choose``)."""
 
-        def eager(token: Tensor) -> tuple[Tensor, Tensor]:
+        def eager(token: Tensor, noise: Tensor | None, sampling: Sampling | None) -> tuple[Tensor, Tensor]:
             positions = cache.next_positions[:, None]
             fwd = Forward(cache, positions, torch.ones_like(positions, dtype=torch.bool), hooks=None)
             logits, _ = self._run_layers(token[:, None], fwd)
             cache.next_positions = cache.next_positions + 1
-            return logits, logits.argmax(dim=-1)
+            return logits, logits.argmax(dim=-1) if sampling is None else choose(logits, noise, sampling)
 
         return eager
 

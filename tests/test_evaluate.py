@@ -249,3 +249,14 @@ def test_runs_split_by_strategy_merge_into_the_single_runs_records_and_summary(t
         == 2
     )
     assert "records.jsonl" in capsys.readouterr().err
+
+
+def test_a_rerun_with_another_sample_count_does_not_take_the_old_records(tmp_path):
+    """Sample i's depth is i / (samples - 1): with 3 samples #1 sits at 0.5, with 5 at 0.25."""
+    settings = dict(strategies=["full"], budgets=[0.2], tasks=["niah_single"], lengths=[500], out=tmp_path,
+                    max_new_tokens=3, progress=False, plots=False)  # fmt: skip
+    three = evaluate(tiny_model("llama"), CharTokenizer(), samples=3, **settings)
+    five = evaluate(tiny_model("llama"), CharTokenizer(), samples=5, **settings)
+    assert (five.computed, five.reused) == (5, 0)
+    assert [r["depth"] for r in three.records] == [0.0, 0.5, 1.0]
+    assert [r["depth"] for r in five.records] == [0.0, 0.25, 0.5, 0.75, 1.0]

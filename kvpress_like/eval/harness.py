@@ -2,10 +2,10 @@
 
 Each (task, length, sample, strategy, budget) gives one JSON record, appended to
 ``OUT/records.jsonl`` as soon as it is done; a rerun skips every record whose ``key`` is already
-there (the key names the model, seed, task, length, sample, haystack, strategy spec and budget),
-so an interrupted run resumes where it stopped. Samples go ``batch`` at a time through one
-pipeline call (left-padded rows of nearly the same length; ``batch`` and the call's seconds per
-sample are in each record). Then ``OUT/summary.md`` (also printed),
+there (the key names the model, seed, task, length, sample and sample count, haystack, strategy
+spec and budget), so an interrupted run resumes where it stopped. Samples go ``batch`` at a time
+through one pipeline call (left-padded rows of nearly the same length; ``batch`` and the call's
+seconds per sample are in each record). Then ``OUT/summary.md`` (also printed),
 ``OUT/accuracy_vs_budget.png`` and ``OUT/heatmap_<strategy>.png``. The plots need matplotlib
 (``pip install "kvpress-like[eval]"``); without it a run asking for them is refused before any
 model work, and ``--no-plots`` (``plots=False``) runs without it.
@@ -106,10 +106,14 @@ class EvalResult:
     files: list[Path]
 
 
-def record_key(model: str, seed: int, sample: Sample, spec: StrategySpec, budget: float | None) -> str:
+def record_key(
+    model: str, seed: int, sample: Sample, samples: int, spec: StrategySpec, budget: float | None
+) -> str:
+    """The record's identity: what made its prompt and its settings. A sample's depth depends on
+    how many samples its task has (``tasks.sample_depth``), so the count is part of it."""
     b = "-" if budget is None else f"{budget:g}"
-    hay = "" if sample.haystack == DEFAULT_HAYSTACK else f"|hay={sample.haystack}"  # keys of old runs hold
-    where = f"{sample.task}|len={sample.target_tokens}|#{sample.index}{hay}"
+    hay = "" if sample.haystack == DEFAULT_HAYSTACK else f"|hay={sample.haystack}"
+    where = f"{sample.task}|len={sample.target_tokens}|#{sample.index}of{samples}{hay}"
     return f"{model}|seed={seed}|{where}|{spec.label}|b={b}"
 
 
@@ -295,7 +299,9 @@ def evaluate(
                 task_samples = make_samples(tokenizer, task, length, samples, seed, haystack)
                 references: dict = {}  # fidelity: the full cache's, per sample index
                 for spec, budget in runs:
-                    keys = {s.index: record_key(model_name, seed, s, spec, budget) for s in task_samples}
+                    keys = {
+                        s.index: record_key(model_name, seed, s, samples, spec, budget) for s in task_samples
+                    }
                     keys_this_run += keys.values()
                     todo = [s for s in task_samples if keys[s.index] not in done]
                     reused += len(task_samples) - len(todo)
@@ -318,6 +324,7 @@ def evaluate(
                                 "length": length,
                                 "haystack": haystack,
                                 "sample": sample.index,
+                                "samples": samples,
                                 "sample_seed": sample.seed,
                                 "depth": sample.depth,
                                 "strategy": spec.label,

@@ -119,8 +119,9 @@ def plot_accuracy_vs_budget(records: list[dict], path: Path) -> list[Path]:
             xs = sorted(b for b in points if b is not None)
             means = [_mean(points[b]) for b in xs]
             bounds = [_interval(points[b], task) for b in xs]  # 95%, as in the summary
-            below = [m - low for m, (low, _) in zip(means, bounds, strict=True)]
-            above = [high - m for m, (_, high) in zip(means, bounds, strict=True)]
+            # max(0, ...): Wilson's end and a mean of all-1 scores can differ by a rounding error
+            below = [max(0.0, m - low) for m, (low, _) in zip(means, bounds, strict=True)]
+            above = [max(0.0, high - m) for m, (_, high) in zip(means, bounds, strict=True)]
             ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=strategy)
         ax.set_title(task if task != "fidelity" else "fidelity (top-1 agreement)")
         ax.set_xlabel("KV budget (retain rate)")
