@@ -41,6 +41,9 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256),
+    # Llama-3.1-405B: 8 KV heads, so one per rank on 8 GPUs (issue: runs on 4 and 8 GPUs)
+    "405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                 num_key_value_heads=8, vocab_size=128256),
 }  # fmt: skip
 FASTKV = dict(tsp_rate=0.2, retain_rate=0.1)  # tsp_layer: the strategy's default (mid-depth)
 PEAK_BYTES = 4.22e12  # measured H200 copy bandwidth (benchmarks/ceilings.py, docs/performance.md)

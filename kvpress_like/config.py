@@ -65,6 +65,13 @@ class EngineConfig(StrictModel):
         "2.5% faster); None: whole layers. Sliding-window layers, padded batches and fp32 on CUDA run "
         "whole layers",
     )
+    prefill_rows: int | None = Field(
+        None,
+        ge=1,
+        description="prefill a batch this many rows at a time, each part's kept entries joining the "
+        "batch's cache: the peak is the kept caches plus one part's prefill, not the whole batch's "
+        "activations; None: all rows at once",
+    )
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"
     )

@@ -50,6 +50,10 @@ MERGE_IN_SPLIT_KERNEL = True
 # after the 32K one starts in 8 s instead of ~100 s; 5.38 and 5.93 ms/token in two runs against
 # 5.51 static, within the run-to-run spread of the tuned kernels (see COMPILE_OPTIONS).
 SYMBOLIC_CAPACITY = True
+# Likewise the batch axis: a new batch size starts decoding on the step compiled for another (with
+# CUDA graphs, a new capture of the same code) instead of compiling again. Batch 1 compiles its
+# own step (dynamo specialises sizes 0 and 1), every larger batch shares one.
+SYMBOLIC_BATCH = True
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -147,6 +151,9 @@ class StaticDecoder:
                 for layer in self.layers:
                     for buffer in (layer.keys, layer.values, layer.positions):
                         torch._dynamo.mark_dynamic(buffer, 2)
+            if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
+                for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
+                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
             self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
     def load(self, cache: CompressedCache) -> None:
@@ -247,4 +254,8 @@ class StaticSession:
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1
+        if self.compiled and SYMBOLIC_BATCH:  # per-call inputs: their batch axis is the buffers'
+            for tensor in (tokens, noise):
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.decoder.step(tokens, noise, sampling)

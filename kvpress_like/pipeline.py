@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress_like.adapter import ModelAdapter
+from kvpress_like.batching import join_contexts, split_rows
 from kvpress_like.cache import CompressedCache
 from kvpress_like.config import EngineConfig, StrategyConfig, load_config
 from kvpress_like.contracts import HookRunner
@@ -254,6 +255,13 @@ class Pipeline:
     # ---- steps -------------------------------------------------------------------------------
 
     def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, engine: EngineConfig) -> Context:
+        """All rows at once, or ``engine.prefill_rows`` at a time, joined (``batching.py``)."""
+        parts = split_rows(ids, valid, engine.prefill_rows)
+        if len(parts) == 1:
+            return self._prefill_rows(ids, valid, engine)
+        return join_contexts([self._prefill_rows(*part, engine) for part in parts], ids, valid)
+
+    def _prefill_rows(self, ids: torch.Tensor, valid: torch.Tensor, engine: EngineConfig) -> Context:
         start = time.perf_counter()
         compiled = engine.prefill == "compiled"
         positions = (valid.cumsum(dim=-1) - 1).clamp(min=0)

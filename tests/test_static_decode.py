@@ -8,7 +8,7 @@ import torch
 from kvpress_like import pipeline
 from kvpress_like.decode import BUCKET
 
-from conftest import TINY_FASTKV, tiny_model
+from conftest import TINY_FASTKV, random_rows, tiny_model
 
 CONTEXT = torch.randint(3, 256, (60,), generator=torch.Generator().manual_seed(7)).tolist()
 ROWS = [CONTEXT, CONTEXT[:37], CONTEXT[10:50]]
@@ -76,3 +76,23 @@ def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch, fresh
         assert pipe([prompt]).token_ids == pipe([prompt], decode="eager").token_ids
     assert [key[1] for key in pipe._decoders.decoders] == [BUCKET, 2 * BUCKET, 3 * BUCKET]
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_symbolic_batch_compiles_one_step_for_every_batch_above_one(monkeypatch, fresh_dynamo):
+    """Batches of 2, 3 and 5 rows share one compiled step (each its own buffers) and decode like
+    the eager loop; batch 1 adds at most one more (dynamo specialises a size of 1)."""
+    from torch._dynamo.utils import counters
+
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "SYMBOLIC_BATCH", True)
+    counters.clear()
+    pipe = pipeline(tiny_model("llama"), "adakv", retain_rate=0.3, window=4, max_new_tokens=4,
+                    stop_on_eos=False, decode="compiled")  # fmt: skip
+    prompts = random_rows([40, 33, 52, 47, 29], seed=6)
+    for batch in (2, 3, 5):
+        assert pipe(prompts[:batch]).token_ids == pipe(prompts[:batch], decode="eager").token_ids
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [key[0] for key in pipe._decoders.decoders] == [2, 3, 5]
+    assert pipe(prompts[:1]).token_ids == pipe(prompts[:1], decode="eager").token_ids
+    assert counters["stats"]["unique_graphs"] <= 2

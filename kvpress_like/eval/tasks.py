@@ -30,6 +30,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kvpress_like.eval import haystacks
@@ -209,11 +210,12 @@ def _niah(
     target_tokens: int,
     depth: float,
     seed: int,
-    index: int,
+    index: int = 0,
+    haystack: str = DEFAULT_HAYSTACK,
+    *,
     n_keys: int,
     n_values: int,
     n_queries: int,
-    haystack: str,
 ) -> Sample:
     kind = haystacks.haystack_named(haystack)
     rng = random.Random(f"{task}:{seed}")
@@ -262,28 +264,11 @@ def _niah(
     return Sample(task, index, prompt, answers, target_tokens, depth, seed, meta, haystack)
 
 
-def make_niah_single(
-    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
-) -> Sample:
-    return _niah("niah_single", tokenizer, target_tokens, depth, seed, index, 1, 1, 1, haystack)
-
-
-def make_niah_multikey(
-    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
-) -> Sample:
-    return _niah("niah_multikey", tokenizer, target_tokens, depth, seed, index, 4, 1, 1, haystack)
-
-
-def make_niah_multivalue(
-    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
-) -> Sample:
-    return _niah("niah_multivalue", tokenizer, target_tokens, depth, seed, index, 1, 4, 1, haystack)
-
-
-def make_niah_multiquery(
-    tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
-) -> Sample:
-    return _niah("niah_multiquery", tokenizer, target_tokens, depth, seed, index, 4, 1, 4, haystack)
+# RULER's four needle tasks: (keys, values per key, keys asked)
+make_niah_single = partial(_niah, "niah_single", n_keys=1, n_values=1, n_queries=1)
+make_niah_multikey = partial(_niah, "niah_multikey", n_keys=4, n_values=1, n_queries=1)
+make_niah_multivalue = partial(_niah, "niah_multivalue", n_keys=1, n_values=4, n_queries=1)
+make_niah_multiquery = partial(_niah, "niah_multiquery", n_keys=4, n_values=1, n_queries=4)
 
 
 def make_vt(
