@@ -149,3 +149,22 @@ def local_tokenizer(value: str, option: str = "--model") -> Any | None:
         return AutoTokenizer.from_pretrained(path)
     except _LOAD_ERRORS as exc:
         raise _load_error(exc, value, option) from exc
+
+
+def check_device(device: str | None):
+    """``--device`` as a torch device that exists here, or None."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device: must be a torch device such as cpu, cuda or cuda:1 (got {device!r})"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count or (parsed.index or 0) >= count:
+            raise ConfigError(f"--device: needs a CUDA device, this machine has {count} (got {device!r})")
+    return parsed

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kvpress_like.arguments import bounded, check_model_arg, load_model_arg, read_prompt_file
+from kvpress_like.arguments import (
+    bounded,
+    check_device,
+    check_model_arg,
+    csv,
+    load_model_arg,
+    read_prompt_file,
+)
 from kvpress_like.errors import ConfigError
 
 # Nothing heavy at module level: ``kvpress-like --help`` must not import torch or transformers
@@ -145,26 +152,52 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
-def compress(args: argparse.Namespace) -> None:
-    """Prefill and compress a document once, and save the context to a file."""
+def _pipeline_of(args: argparse.Namespace, device=None, **engine: Any):
+    """The pipeline ``--model`` and ``--config`` (else ``--strategy``) ask for, checked before the
+    model loads; on ``device`` when given; ``engine`` settings on top."""
     from kvpress_like.config import load_config
 
-    text = read_prompt_file(args.document, "document")
-    output = Path(args.output)
-    if output.is_dir() or not output.parent.is_dir():
-        raise ConfigError(f"-o: must name a file in an existing folder (got {args.output!r})")
     cfg = load_config(args.config) if args.config else None
     strategy, settings = (cfg.strategy, cfg.settings) if cfg else (args.strategy, {})
     check_model_arg(args.model)
     _check_settings(strategy, settings, {})
     model, tokenizer = load_model_arg(args.model)
+    if device is not None:
+        model = model.to(device)
 
     from kvpress_like.pipeline import Pipeline, pipeline
 
     if cfg:
-        pipe = Pipeline.from_config(args.config, model, tokenizer=tokenizer)
-    else:
-        pipe = pipeline(model, strategy, tokenizer=tokenizer)
+        return Pipeline.from_config(args.config, model, tokenizer=tokenizer, **engine)
+    return pipeline(model, strategy, tokenizer=tokenizer, **engine)
+
+
+def warmup(args: argparse.Namespace) -> None:
+    """Compile the decode step for these batch sizes and save torch.compile's artifacts."""
+    import time
+
+    from kvpress_like import compile_cache
+
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConfigError(f"-o: must name a file in an existing folder (got {args.output!r})")
+    device = check_device(args.device)
+    pipe = _pipeline_of(args, device, prefill=args.prefill)
+    for batch in args.batches:
+        start = time.perf_counter()
+        compile_cache.warm_up(pipe, [batch], args.prompt_tokens, sampling=args.sampling)
+        print(f"batch {batch}: first calls {time.perf_counter() - start:.1f} s")
+    print(f"{output}: {compile_cache.save(output) / 2**20:.1f} MiB of compile artifacts; load them "
+          f"with compile_cache={str(output)!r} (or `compile_cache: {output}` in a config file)")  # fmt: skip
+
+
+def compress(args: argparse.Namespace) -> None:
+    """Prefill and compress a document once, and save the context to a file."""
+    text = read_prompt_file(args.document, "document")
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir():
+        raise ConfigError(f"-o: must name a file in an existing folder (got {args.output!r})")
+    pipe = _pipeline_of(args)
     context = pipe.compress(text)
     context.save(output)
     stats = context.stats
@@ -251,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or TOML pipeline config (its strategy and settings)")
     p.add_argument("--strategy", default="fastkv", help="used when no --config is given")
     p.set_defaults(func=compress)
+
+    p = sub.add_parser(
+        "warmup", help="compile the decode step ahead for some batch sizes, save the compile artifacts"
+    )
+    p.add_argument("-o", "--output", required=True, help="artifacts file to write (e.g. decode.compile)")
+    p.add_argument("--model", default="smollm2", help="HF name or path, or 'smollm2' (default)")
+    p.add_argument("--config", help="YAML or TOML pipeline config (its strategy and settings)")
+    p.add_argument("--strategy", default="fastkv", help="used when no --config is given")
+    p.add_argument("--device", help="where the model runs, e.g. cuda (default: where it loads, cpu)")
+    p.add_argument("--batches", type=csv(bounded(int, 1)), default=[1], help="batch sizes, e.g. 1,8,32")
+    p.add_argument("--prompt-tokens", type=bounded(int, 1), default=1024, help="random prompt length")
+    p.add_argument("--prefill", choices=["eager", "compiled"], default="eager", help="compile prefill too")
+    p.add_argument("--sampling", action="store_true", help="also the step that samples (top-k, top-p)")
+    p.set_defaults(func=warmup)
 
     p = sub.add_parser("ask", help="ask questions of a saved context, one after the other")
     p.add_argument("context", help="context file from `kvpress-like compress`")

@@ -75,6 +75,11 @@ class EngineConfig(StrictModel):
     chat_template: bool | None = Field(
         None, description="wrap text prompts in the tokenizer's chat template (None: when it has one)"
     )
+    compile_cache: str | None = Field(
+        None,
+        description="file of torch.compile artifacts (`kvpress-like warmup` writes it) loaded when the "
+        "pipeline is built, so that compiling the decode step reuses its code and kernel tuning",
+    )
 
 
 class PipelineConfig(StrictModel):

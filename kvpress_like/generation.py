@@ -117,7 +117,7 @@ def logits_processors(request: Request, prompt_width: int, pad_lengths: Tensor) 
 
 def stopping_criteria(request: Request) -> StoppingCriteriaList:
     """transformers' stop-string criterion (its tokenizer was checked before prefill, in
-    ``Pipeline._check_call``), then the caller's own."""
+    ``settings.check_call``), then the caller's own."""
     criteria = StoppingCriteriaList()
     if request.generation.stop_strings:
         criteria.append(StopStringCriteria(request.tokenizer, request.generation.stop_strings))

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvpress_like import compile_cache
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.batching import join_contexts, split_rows
 from kvpress_like.cache import CompressedCache
@@ -39,6 +40,7 @@ from kvpress_like.sampling import Sampling, choose
 from kvpress_like.settings import (
     CallSettings,
     call_settings,
+    check_call,
     default_generation,
     engine_config,
     generation_config,
@@ -83,6 +85,8 @@ class Pipeline:
         self._hooks = HookRunner(self.plugin_manager, min_kept, self.adapter.parallel)
         self._prompts = PromptEncoder(tokenizer, model)
         self._decoders = DecoderPool(self.adapter)
+        if self.engine.compile_cache is not None:
+            compile_cache.load(self.engine.compile_cache)
         # Read once: a device-to-host copy of a few weights and a vocabulary hash.
         self.origin = origin(model, tokenizer, strategy)
 
@@ -161,16 +165,16 @@ class Pipeline:
             ids, valid = self._prompts.encode(prompts, "prompt", call.engine.chat_template)
             lengths = valid.sum(dim=-1)
             self.strategy.check_prompt(lengths.tolist())
-            self._check_call(lengths, call)
+            check_call(self.adapter, self._prompts, lengths, call)
             with torch.inference_mode():
                 return self._decode(self._prefill(ids, valid, call.engine), call)
         if prompts is None:
             self._check_context(context)
-            self._check_call(context.cache.next_positions, call)
+            check_call(self.adapter, self._prompts, context.cache.next_positions, call)
             context = context.clone()  # decoding grows the cache it is given, never the caller's
         else:
             ids, valid = self._continuation(context, prompts)
-            self._check_call(context.cache.next_positions + valid.sum(dim=-1), call)
+            check_call(self.adapter, self._prompts, context.cache.next_positions + valid.sum(dim=-1), call)
             with torch.inference_mode():
                 context = self._extend(context.clone(), ids, valid, call.engine.prefill == "compiled")
         with torch.inference_mode():
@@ -211,46 +215,6 @@ class Pipeline:
 
     def _check_context(self, context: Any) -> None:
         check_context(context, self.source)
-
-    def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
-        """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
-        before any allocation; warn, as transformers does, when prompt and new tokens together
-        pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one."""
-        rows = prompt_lengths.shape[0]
-        if "streamer" in call.options and rows > 1:
-            raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
-        if call.generation.stop_strings and self.tokenizer is None:
-            raise ConfigError(
-                f"generation.stop_strings: need a tokenizer (got {call.generation.stop_strings!r})"
-            )
-        vocab = self._prompts.vocab_size
-        eos = self._prompts.eos_ids(call.generation, torch.device("cpu")).tolist()
-        if any(not 0 <= token < vocab for token in eos):  # finished rows are fed EOS: it must embed
-            raise ConfigError(f"generation.eos_token_id: must be in [0, {vocab}), the vocabulary (got {eos})")
-        wanted = call.generation.max_new_tokens
-        limit = getattr(self.adapter.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and wanted > limit:
-            raise ConfigError(
-                f"generation.max_new_tokens: must be at most the model's max_position_embeddings "
-                f"({limit}) (got {wanted})"
-            )
-        longest = int(prompt_lengths.max())
-        if isinstance(limit, int) and longest + wanted > limit:
-            logger.warning(
-                "a prompt of %d tokens plus max_new_tokens=%d passes the model's max_position_embeddings "
-                "(%d): positions beyond it were not trained, outputs may degrade",
-                longest,
-                wanted,
-                limit,
-            )
-        needed = rows * wanted * self.adapter.cache_bytes_per_token()
-        free = self.adapter.free_memory()
-        if free is not None and needed > free:
-            raise ConfigError(
-                f"generation.max_new_tokens: the new tokens' cache must fit the free memory of "
-                f"{self.adapter.device}: {rows} row(s) x {wanted} tokens need {needed / 2**30:.1f} GiB, "
-                f"{free / 2**30:.1f} GiB are free (got {wanted})"
-            )
 
     # ---- steps -------------------------------------------------------------------------------
 

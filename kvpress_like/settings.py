@@ -11,15 +11,23 @@ need no sorting. Generation settings start from the model's own ``generation_con
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import GenerationConfig
 
 from kvpress_like.config import EngineConfig
 from kvpress_like.errors import ConfigError, config_error_from
+
+if TYPE_CHECKING:
+    from kvpress_like.adapter import ModelAdapter
+    from kvpress_like.prompts import PromptEncoder
+
+logger = logging.getLogger("kvpress_like")
 
 # transformers' GenerationConfig leaves max_new_tokens unset and then stops at max_length=20
 # tokens in all, prompt included; a long-context engine needs a limit of new tokens instead.
@@ -213,3 +221,44 @@ def call_settings(
     return CallSettings(
         engine_config(engine, engine_part), generation_config(generation, generation_part), options
     )
+
+
+def check_call(
+    adapter: ModelAdapter, prompts: PromptEncoder, prompt_lengths: torch.Tensor, call: CallSettings
+) -> None:
+    """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
+    before any allocation; warn, as transformers does, when prompt and new tokens together
+    pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one."""
+    rows = prompt_lengths.shape[0]
+    if "streamer" in call.options and rows > 1:
+        raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
+    if call.generation.stop_strings and prompts.tokenizer is None:
+        raise ConfigError(f"generation.stop_strings: need a tokenizer (got {call.generation.stop_strings!r})")
+    vocab = prompts.vocab_size
+    eos = prompts.eos_ids(call.generation, torch.device("cpu")).tolist()
+    if any(not 0 <= token < vocab for token in eos):  # finished rows are fed EOS: it must embed
+        raise ConfigError(f"generation.eos_token_id: must be in [0, {vocab}), the vocabulary (got {eos})")
+    wanted = call.generation.max_new_tokens
+    limit = getattr(adapter.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and wanted > limit:
+        raise ConfigError(
+            f"generation.max_new_tokens: must be at most the model's max_position_embeddings "
+            f"({limit}) (got {wanted})"
+        )
+    longest = int(prompt_lengths.max())
+    if isinstance(limit, int) and longest + wanted > limit:
+        logger.warning(
+            "a prompt of %d tokens plus max_new_tokens=%d passes the model's max_position_embeddings "
+            "(%d): positions beyond it were not trained, outputs may degrade",
+            longest,
+            wanted,
+            limit,
+        )
+    needed = rows * wanted * adapter.cache_bytes_per_token()
+    free = adapter.free_memory()
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"generation.max_new_tokens: the new tokens' cache must fit the free memory of "
+            f"{adapter.device}: {rows} row(s) x {wanted} tokens need {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are free (got {wanted})"
+        )

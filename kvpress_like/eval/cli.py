@@ -11,7 +11,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpress_like.arguments import bounded, check_model_arg, choice, csv, load_model_arg, local_tokenizer
+from kvpress_like.arguments import (
+    bounded,
+    check_device,
+    check_model_arg,
+    choice,
+    csv,
+    load_model_arg,
+    local_tokenizer,
+)
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import harness
 from kvpress_like.eval.harness import DEFAULT_TASKS, EvalResult, StrategySpec, check_plotting, evaluate
@@ -183,25 +191,6 @@ def _check_out(out: str) -> None:
         ) from None
 
 
-def _check_device(device: str | None):
-    """``--device`` as a torch device that exists here, or None."""
-    if device is None:
-        return None
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(
-            f"--device: must be a torch device such as cpu, cuda or cuda:1 (got {device!r})"
-        ) from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count()
-        if not count or (parsed.index or 0) >= count:
-            raise ConfigError(f"--device: needs a CUDA device, this machine has {count} (got {device!r})")
-    return parsed
-
-
 def run_eval(args: argparse.Namespace) -> EvalResult:
     # Everything that can be checked without the model is, first: loading it is the slow part.
     if not args.no_plots:  # a core install without the eval extra: say so now, not after the run
@@ -211,7 +200,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
     checked = local_tokenizer(args.model)
     if checked is not None:
         check_lengths(checked, args.tasks, args.lengths, args.samples, args.seed, args.haystack)
-    device = _check_device(args.device)
+    device = check_device(args.device)
     _check_out(args.out)
     model, tokenizer = load_model_arg(args.model)
     if device is not None or args.dtype:
