@@ -38,7 +38,10 @@ SYSTEMS = {
     "fastkv": ("fastkv", {**FASTKV, "prefill": "compiled"}),
     "full": ("full", {}),
     "snapkv": ("snapkv", {"retain_rate": 0.1}),
-}
+    # FastKV sampling inside the compiled step (temperature, top-k, top-p), against greedy "fastkv"
+    "fastkv-sample": ("fastkv", {**FASTKV, "prefill": "compiled", "do_sample": True, "temperature": 0.7,
+                                 "top_k": 50, "top_p": 0.9, "seed": 0}),
+}  # fmt: skip
 # The issue's targets, all at 128K x1: (what, unit, comparison, limit).
 TARGETS = [
     ("FastKV decode", "ms/token", "<=", 5.0),
@@ -172,20 +175,21 @@ def load_model(tiny: bool):
     return model
 
 
-def measure(systems: list[str], cases: list[tuple[int, int]], steps: int, tiny: bool) -> Iterator[dict]:
+def measure(
+    systems: list[str], cases: list[tuple[int, int]], steps: int, tiny: bool, prefill_rows: int | None = None
+) -> Iterator[dict]:
     """Every case (outer loop) for every system of one process group (inner loop)."""
     model = load_model(tiny)
     cfg, device = model.config, model.device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    kernels_read, previous_batch = False, None
+    kernels_read = False
     for length, batch in cases:
         # Compiled graphs carry over from case to case (kvpress_like's decode step and compiled
-        # prefill are shared by its systems and capacity buckets), except to a new batch size,
-        # which gets graphs specialised to it, and in transformers' process, whose compiled
-        # forward is tied to one static cache size.
-        if batch != previous_batch or "transformers" in systems:
+        # prefill are shared by its systems, capacity buckets and batch sizes above one: a new
+        # batch size's first_call_s is its start without a compile), except in transformers'
+        # process, whose compiled forward is tied to one static cache size.
+        if "transformers" in systems:
             torch._dynamo.reset()
-        previous_batch = batch
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
         for system in systems:
             print(f"{length}x{batch} {system}: warm-up call (compiles), then the measured call", flush=True)
@@ -197,7 +201,10 @@ def measure(systems: list[str], cases: list[tuple[int, int]], steps: int, tiny: 
                 if SYSTEMS[system] is None:
                     result = run_transformers(model, ids, steps)
                 else:
-                    result = run_kvpress(model, ids, steps, *SYSTEMS[system])
+                    strategy, settings = SYSTEMS[system]
+                    result = run_kvpress(
+                        model, ids, steps, strategy, {**settings, "prefill_rows": prefill_rows}
+                    )
             except Exception as exc:  # report and go on: one failing case must not hide the others
                 result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             if device.type == "cuda":
@@ -241,6 +248,11 @@ def main() -> None:
         help="every system in a process of its own (default: transformers in one, the kvpress_like "
         "systems together in another, sharing their compiled graphs)",
     )
+    parser.add_argument(
+        "--prefill-rows",
+        type=int,
+        help="kvpress_like systems prefill this many rows at a time (a big batch's peak)",
+    )
     parser.add_argument("--group", help=argparse.SUPPRESS)  # run these SYSTEMS in this process
     args = parser.parse_args()
     cases = [tuple(map(int, case.split("x"))) for case in args.cases.split(",")]
@@ -250,7 +262,7 @@ def main() -> None:
     started = time.perf_counter()
 
     if args.group:
-        for record in measure(args.group.split(","), cases, args.steps, args.tiny):
+        for record in measure(args.group.split(","), cases, args.steps, args.tiny, args.prefill_rows):
             print("RECORD " + json.dumps(record), flush=True)
         return
 
@@ -306,6 +318,7 @@ def main() -> None:
             str(args.steps),
         ]
         command += ["--tiny"] if args.tiny else []
+        command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
         received: set[tuple] = set()
         with tempfile.TemporaryFile("w+") as errors:
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)

@@ -305,3 +305,22 @@ def test_an_eval_cell_gives_the_same_records_on_cpu_and_cuda_in_fp32(tmp_path, s
             assert there[name] == here[name], (here["key"], name)
         if here["task"] == "fidelity":
             assert there["kl"] == pytest.approx(here["kl"], abs=1e-3)
+
+
+def test_new_batch_sizes_reuse_the_compiled_step_and_sampling_runs_inside_it(monkeypatch, fresh_dynamo):
+    """On CUDA with CUDA graphs: batches 2, 4 and 8 share one compiled step (greedy) and decode as
+    the eager loop does; seeded sampling inside the compiled step draws the eager loop's tokens."""
+    from torch._dynamo.utils import counters
+
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "SYMBOLIC_BATCH", True)
+    counters.clear()
+    model = _gpu_model("llama", torch.float32)
+    pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False, decode="compiled")
+    prompts = random_rows([90, 61, 120, 77, 40, 99, 58, 83], seed=9)
+    for batch in (2, 4, 8):
+        assert pipe(prompts[:batch]).token_ids == pipe(prompts[:batch], decode="eager").token_ids
+    assert counters["stats"]["unique_graphs"] == 1
+    sample = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=3)
+    assert pipe(prompts[:4], **sample).token_ids == pipe(prompts[:4], decode="eager", **sample).token_ids
