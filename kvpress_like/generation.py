@@ -5,10 +5,11 @@ The step (eager, static or compiled: ``decode.py``) gives the logits and the nex
 or, when sampling asks only for temperature, top-k and top-p, a draw made inside the step
 (``sampling.py``: no extra launches between compiled steps). Everything else a ``GenerationConfig``
 asks (repetition penalty, min_new_tokens, a caller's processors, stop strings) runs here, between
-steps, through transformers' ``LogitsProcessor`` and ``StoppingCriteria`` classes, and then the
-warpers and the draw run here too; every decode path honours the same settings. The loop never waits
-for the step it queued: step times are CUDA events, the "all rows finished" flag is read one step
-late (``FinishedFlag``), and tokens reach a streamer one step late (``TokenSink``).
+steps, through transformers' ``LogitsProcessor`` and ``StoppingCriteria`` classes (with such a
+processor the warpers and the draw run here too); every decode path honours the same settings.
+The loop never waits for the step it queued: step times are CUDA events, the "all rows finished"
+flag is read one step late (``FinishedFlag``), and tokens reach a streamer one step late
+(``TokenSink``).
 """
 
 from __future__ import annotations

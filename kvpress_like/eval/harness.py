@@ -171,6 +171,28 @@ def _fidelity(pipe, references: dict, samples: list[Sample], steps: int) -> tupl
     return rows, stats
 
 
+def _identity(
+    model: str, seed: int, sample: Sample, samples: int, spec: StrategySpec, budget: float | None
+) -> dict[str, Any]:
+    """What a record is of: the fields its key names, and the sample's and strategy's details."""
+    return {
+        "model": model,
+        "seed": seed,
+        "task": sample.task,
+        "length": sample.target_tokens,
+        "haystack": sample.haystack,
+        "sample": sample.index,
+        "samples": samples,
+        "sample_seed": sample.seed,
+        "depth": sample.depth,
+        "strategy": spec.label,
+        "strategy_name": spec.name,
+        "budget": budget,
+        "settings": spec.settings_for(budget),
+        "answers": list(sample.answers),
+    }
+
+
 def _stats_fields(stats, row: int) -> dict[str, Any]:
     kept = [layer[row] for layer in stats.kv_kept_per_layer]
     return {
@@ -318,20 +340,7 @@ def evaluate(
                         for sample, result in zip(group, results, strict=True):
                             record = {
                                 "key": keys[sample.index],
-                                "model": model_name,
-                                "seed": seed,
-                                "task": task,
-                                "length": length,
-                                "haystack": haystack,
-                                "sample": sample.index,
-                                "samples": samples,
-                                "sample_seed": sample.seed,
-                                "depth": sample.depth,
-                                "strategy": spec.label,
-                                "strategy_name": spec.name,
-                                "budget": budget,
-                                "settings": spec.settings_for(budget),
-                                "answers": list(sample.answers),
+                                **_identity(model_name, seed, sample, samples, spec, budget),
                                 **result,
                             }
                             sink.write(json.dumps(record) + "\n")
