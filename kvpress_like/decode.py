@@ -156,10 +156,13 @@ class StaticDecoder:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
             self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
-    def load(self, cache: CompressedCache) -> None:
+    def load(self, cache: CompressedCache, release: bool = False) -> None:
         """Copy every layer's valid entries, left-aligned per (row, head), into the buffers; the
-        next step decodes the token at ``cache.next_positions``."""
-        for buf, layer in zip(self.layers, cache.layers, strict=True):
+        next step decodes the token at ``cache.next_positions``. ``release``: drop each layer from
+        ``cache`` once copied (a cache the decode owns), so the kept entries are not held twice."""
+        for index, (buf, layer) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            if release:
+                cache.layers[index] = None
             dense = layer.dense()
             order = torch.sort(dense.valid.to(torch.int8), dim=-1, descending=True, stable=True).indices
             size = order.shape[-1]
@@ -241,7 +244,7 @@ class StaticSession:
         self.last_capacity = capacity_bucket(self.prompt_slots + max_new_tokens)
         first = capacity_bucket(self.prompt_slots + min(max_new_tokens, BUCKET))
         self.decoder = pool.get(self.batch, first, compiled)
-        self.decoder.load(cache)
+        self.decoder.load(cache, release=True)  # the call's own cache: generate cloned a caller's
         self.steps = 0
 
     def step(

@@ -96,3 +96,33 @@ def test_symbolic_batch_compiles_one_step_for_every_batch_above_one(monkeypatch,
     assert [key[0] for key in pipe._decoders.decoders] == [2, 3, 5]
     assert pipe(prompts[:1]).token_ids == pipe(prompts[:1], decode="eager").token_ids
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_static_decode_releases_the_compressed_layers_it_copied(monkeypatch):
+    """The kept entries are not held twice while decoding: each layer of the call's own cache is
+    dropped once copied into the static buffers (a caller's context is cloned and stays whole)."""
+    import weakref
+
+    from kvpress_like.decode import StaticDecoder
+
+    copied = []
+    original = StaticDecoder.load
+
+    def spy(self, cache, release=False):
+        copied.extend(weakref.ref(layer.dense().keys) for layer in cache.layers)
+        original(self, cache, release)
+        assert all(layer is None for layer in cache.layers)
+
+    monkeypatch.setattr(StaticDecoder, "load", spy)
+    pipe = pipeline(
+        tiny_model("llama"), "snapkv", retain_rate=0.5, window=4, max_new_tokens=4, decode="static"
+    )
+    prompts = random_rows([50, 37], seed=1)
+    context = pipe.compress(prompts)
+    before = [layer.dense().keys.clone() for layer in context.cache.layers]
+    out = pipe.generate(context=context)
+    assert out.token_ids == pipe.generate(context=context, decode="eager").token_ids
+    assert all(
+        torch.equal(a, layer.dense().keys) for a, layer in zip(before, context.cache.layers, strict=True)
+    )
+    assert copied and all(ref() is None for ref in copied)
