@@ -1,6 +1,6 @@
 """torch.compile artifacts in a file: a fresh process that loads them compiles the decode step from
-the saved graphs (inductor's cache hits, no misses), one that does not compiles from scratch; bad
-files are refused naming the setting; ``kvpress-like warmup`` writes the file."""
+the saved graphs (inductor's cache hits, no misses) where the process that made them compiled from
+scratch; bad files are refused naming the setting; ``kvpress-like warmup`` writes the file."""
 
 from __future__ import annotations
 
@@ -50,13 +50,11 @@ def _fresh_process(tmp_path: Path, mode: str, artifacts: Path) -> dict:
 
 def test_a_fresh_process_compiles_the_step_from_the_saved_artifacts(tmp_path):
     artifacts = tmp_path / "decode.compile"
-    saved = _fresh_process(tmp_path, "save", artifacts)
-    assert artifacts.stat().st_size > 0 and saved["misses"] >= 1
-    loaded = _fresh_process(tmp_path, "load", artifacts)
-    scratch = _fresh_process(tmp_path, "none", artifacts)
+    saved = _fresh_process(tmp_path, "save", artifacts)  # an empty inductor cache: from scratch
+    assert artifacts.stat().st_size > 0 and saved["hits"] == 0 and saved["misses"] >= 1
+    loaded = _fresh_process(tmp_path, "load", artifacts)  # another empty one, and the file
     assert loaded["hits"] >= 1 and loaded["misses"] == 0
-    assert scratch["hits"] == 0 and scratch["misses"] >= 1
-    assert loaded["tokens"] == scratch["tokens"] == saved["tokens"]
+    assert loaded["tokens"] == saved["tokens"]
 
 
 def test_a_missing_file_compiles_from_scratch_and_a_foreign_one_is_refused(tmp_path, caplog):
