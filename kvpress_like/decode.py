@@ -127,43 +127,61 @@ class StaticDecoder:
     """Static buffers for one (batch, capacity) bucket and the (optionally compiled) decode step."""
 
     def __init__(self, adapter: ModelAdapter, batch: int, capacity: int, compiled: bool) -> None:
-        info, device, dtype = adapter.info, adapter.device, adapter.dtype
-        self.adapter, self.capacity = adapter, capacity
-        shape = (batch, adapter.local_kv_heads, capacity)  # this rank's heads under tensor parallelism
-        self.layers = [
+        device = adapter.device
+        self.adapter, self.capacity, self.compiled = adapter, capacity, compiled
+        self.shape = (batch, adapter.local_kv_heads, capacity)  # this rank's heads under tensor parallelism
+        # Allocated layer by layer as the first load (or take_over) fills them, each right before
+        # its layer of the compressed cache is copied in and released: the kept entries are never
+        # held twice, not even while the buffers are made.
+        self.layers: list[StaticLayer] = []
+        self.steps_done = torch.zeros((), dtype=torch.long, device=device)
+        self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
+        self.step = (
+            torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS) if compiled else self._step
+        )
+
+    def _buffers(self, index: int) -> StaticLayer:
+        """Layer ``index``'s buffers, made now if they are the next ones to make."""
+        if index < len(self.layers):
+            return self.layers[index]
+        adapter, device, dtype = self.adapter, self.adapter.device, self.adapter.dtype
+        shape = self.shape
+        self.layers.append(
             StaticLayer(
                 torch.zeros(*shape, adapter.head_dim, dtype=dtype, device=device),
                 torch.zeros(*shape, adapter.head_dim, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=torch.long, device=device),
                 torch.zeros(shape[:2], dtype=torch.long, device=device),
             )
-            for _ in range(info.num_layers)
-        ]
-        self.steps_done = torch.zeros((), dtype=torch.long, device=device)
-        self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        self.step = self._step
-        if compiled:
-            state = [self.steps_done, self.first_positions, self.arrivals]
-            for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
-                torch._dynamo.mark_static_address(buffer)
-            if SYMBOLIC_CAPACITY:
-                for layer in self.layers:
-                    for buffer in (layer.keys, layer.values, layer.positions):
-                        torch._dynamo.mark_dynamic(buffer, 2)
-            if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
-                for buffer in state + [t for layer in self.layers for t in vars(layer).values()]:
-                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
-            self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
+        )
+        if self.compiled and len(self.layers) == adapter.info.num_layers:
+            self._mark_for_compile()
+        return self.layers[index]
+
+    def _mark_for_compile(self) -> None:
+        """Tell dynamo which buffers keep their address and which axes vary (before the first step)."""
+        state = [self.steps_done, self.first_positions, self.arrivals]
+        buffers = state + [t for layer in self.layers for t in vars(layer).values()]
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer)
+        if SYMBOLIC_CAPACITY:
+            for layer in self.layers:
+                for buffer in (layer.keys, layer.values, layer.positions):
+                    torch._dynamo.mark_dynamic(buffer, 2)
+        if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
+            for buffer in buffers:
+                torch._dynamo.maybe_mark_dynamic(buffer, 0)
 
     def load(self, cache: CompressedCache, release: bool = False) -> None:
         """Copy every layer's valid entries, left-aligned per (row, head), into the buffers; the
         next step decodes the token at ``cache.next_positions``. ``release``: drop each layer from
         ``cache`` once copied (a cache the decode owns), so the kept entries are not held twice."""
-        for index, (buf, layer) in enumerate(zip(self.layers, cache.layers, strict=True)):
+        for index in range(len(cache.layers)):
+            dense = cache.layers[index].dense()
             if release:
                 cache.layers[index] = None
-            dense = layer.dense()
+            buf = self._buffers(index)
             order = torch.sort(dense.valid.to(torch.int8), dim=-1, descending=True, stable=True).indices
             size = order.shape[-1]
             slot = order[..., None].expand(-1, -1, -1, dense.keys.shape[-1])
@@ -171,12 +189,14 @@ class StaticDecoder:
             buf.values[:, :, :size].copy_(dense.values.gather(2, slot))
             buf.positions[:, :, :size].copy_(dense.positions.gather(2, order))
             buf.kept.copy_(dense.valid.sum(dim=-1))
+            del dense
         self.steps_done.zero_()
         self.first_positions.copy_(cache.next_positions)
 
     def take_over(self, smaller: StaticDecoder) -> None:
         """Continue where ``smaller`` (same batch, lower capacity) stands: its slots and counters."""
-        for buf, old in zip(self.layers, smaller.layers, strict=True):
+        for index, old in enumerate(smaller.layers):
+            buf = self._buffers(index)
             for name in ("keys", "values", "positions"):
                 getattr(buf, name)[:, :, : smaller.capacity].copy_(getattr(old, name))
             buf.kept.copy_(old.kept)

@@ -99,21 +99,29 @@ def test_symbolic_batch_compiles_one_step_for_every_batch_above_one(monkeypatch,
 
 
 def test_static_decode_releases_the_compressed_layers_it_copied(monkeypatch):
-    """The kept entries are not held twice while decoding: each layer of the call's own cache is
-    dropped once copied into the static buffers (a caller's context is cloned and stays whole)."""
+    """The kept entries are not held twice while decoding, nor while the buffers are made: each
+    layer's buffers are made as the one before was copied in and its compressed layer dropped (a
+    caller's context is cloned and stays whole)."""
     import weakref
 
     from kvpress_like.decode import StaticDecoder
 
-    copied = []
-    original = StaticDecoder.load
+    copied, held = [], []  # held: (layers with buffers + compressed layers left) at each new buffer
+    original_load, original_buffers = StaticDecoder.load, StaticDecoder._buffers
 
-    def spy(self, cache, release=False):
+    def load(self, cache, release=False):
         copied.extend(weakref.ref(layer.dense().keys) for layer in cache.layers)
-        original(self, cache, release)
+        self.watched = cache
+        original_load(self, cache, release)
         assert all(layer is None for layer in cache.layers)
 
-    monkeypatch.setattr(StaticDecoder, "load", spy)
+    def buffers(self, index):
+        made = original_buffers(self, index)
+        held.append(len(self.layers) + sum(layer is not None for layer in self.watched.layers))
+        return made
+
+    monkeypatch.setattr(StaticDecoder, "load", load)
+    monkeypatch.setattr(StaticDecoder, "_buffers", buffers)
     pipe = pipeline(
         tiny_model("llama"), "snapkv", retain_rate=0.5, window=4, max_new_tokens=4, decode="static"
     )
@@ -126,3 +134,5 @@ def test_static_decode_releases_the_compressed_layers_it_copied(monkeypatch):
         torch.equal(a, layer.dense().keys) for a, layer in zip(before, context.cache.layers, strict=True)
     )
     assert copied and all(ref() is None for ref in copied)
+    layers = len(context.cache.layers)
+    assert held and set(held) == {layers}  # never a layer both compressed and in its buffers
