@@ -166,5 +166,10 @@ def check_device(device: str | None):
     if parsed.type == "cuda":
         count = torch.cuda.device_count()
         if not count or (parsed.index or 0) >= count:
-            raise ConfigError(f"--device: needs a CUDA device, this machine has {count} (got {device!r})")
+            rule = (
+                f"an index below {count}, the CUDA devices here"
+                if count
+                else "a CUDA device; this machine has none"
+            )
+            raise ConfigError(f"--device: must name {rule} (got {device!r})")
     return parsed

@@ -182,7 +182,7 @@ def warmup(args: argparse.Namespace) -> None:
     if output.is_dir() or not output.parent.is_dir():
         raise ConfigError(f"-o: must name a file in an existing folder (got {args.output!r})")
     device = check_device(args.device)
-    pipe = _pipeline_of(args, device, prefill=args.prefill)
+    pipe = _pipeline_of(args, device, **({"prefill": args.prefill} if args.prefill else {}))
     for batch in args.batches:
         start = time.perf_counter()
         compile_cache.warm_up(pipe, [batch], args.prompt_tokens, sampling=args.sampling)
@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where the model runs, e.g. cuda (default: where it loads, cpu)")
     p.add_argument("--batches", type=csv(bounded(int, 1)), default=[1], help="batch sizes, e.g. 1,8,32")
     p.add_argument("--prompt-tokens", type=bounded(int, 1), default=1024, help="random prompt length")
-    p.add_argument("--prefill", choices=["eager", "compiled"], default="eager", help="compile prefill too")
+    p.add_argument(
+        "--prefill", choices=["eager", "compiled"], help="prefill mode (default: the config's, else eager)"
+    )
     p.add_argument("--sampling", action="store_true", help="also the step that samples (top-k, top-p)")
     p.set_defaults(func=warmup)
 

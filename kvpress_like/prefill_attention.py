@@ -31,7 +31,11 @@ def causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, keys, values, None, False, 0.0, query.shape[2] > 1, False, scale=scaling
         )[0]
-    if query.is_cuda and keys.shape[1] != query.shape[1]:
+    if (
+        query.is_cuda
+        and keys.shape[1] != query.shape[1]
+        and query.dtype not in (torch.float16, torch.bfloat16)
+    ):
         # SDPA's fused CUDA kernels take grouped KV heads only in half precision: fp32 with
         # enable_gqa falls to the math kernel, a [B, Hq, T, T] score matrix (2.4 GiB per row at 8K
         # tokens and 9 heads). Repeated heads keep it on the memory-efficient kernel.

@@ -30,7 +30,9 @@ class Sampling:
 
     temperature: Tensor  # float32
     top_k: Tensor  # long, 0: no top-k
-    top_p: Tensor  # float32, 1: no top-p
+    # float32 1 - top_p, worked out in Python's double as transformers does (then rounded once):
+    # the cut-off top-p compares with (0: no top-p)
+    top_p_drop: Tensor
     filtered: bool
 
     @classmethod
@@ -43,32 +45,36 @@ class Sampling:
         return cls(
             torch.tensor(temperature, dtype=torch.float32, device=device),
             torch.tensor(top_k, dtype=torch.long, device=device),
-            torch.tensor(top_p, dtype=torch.float32, device=device),
+            torch.tensor(1 - top_p, dtype=torch.float32, device=device),
             top_k > 0 or top_p < 1.0,
         )
 
 
 def noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Exponential noise ``[B, V]`` as ``torch.multinomial`` draws it from ``generator``."""
-    return torch.empty(shape, device=device).exponential_(1, generator=generator)
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1, generator=generator)
+
+
+def warp(logits: Tensor, sampling: Sampling) -> Tensor:
+    """float32 scores ``[B, V]`` after temperature, top-k and top-p, as transformers' warpers leave
+    them (dropped tokens at -inf; the temperature's shift changes no probability)."""
+    scores = logits.float()
+    tiny = torch.finfo(torch.float32).tiny
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature.clamp(min=tiny)
+    if not sampling.filtered:
+        return scores
+    ascending, order = torch.sort(scores, dim=-1)
+    vocab = scores.shape[-1]
+    kth = ascending.gather(-1, (vocab - sampling.top_k.clamp(min=1, max=vocab)).expand(scores.shape[0], 1))
+    kth = torch.where(sampling.top_k > 0, kth, float("-inf"))  # top_k 0: nothing below it
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    ascending = ascending.masked_fill(ascending < kth, float("-inf"))
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= sampling.top_p_drop
+    drop[..., -1] = False  # the most likely token stays
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def choose(logits: Tensor, noise: Tensor, sampling: Sampling) -> Tensor:
     """One token per row ``[B]`` drawn from ``logits`` ``[B, V]`` under ``sampling``, with the
     exponential ``noise`` ``[B, V]`` of ``noise()``."""
-    scores = logits.float()
-    tiny = torch.finfo(torch.float32).tiny
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature.clamp(min=tiny)
-    if sampling.filtered:
-        ascending, order = torch.sort(scores, dim=-1)
-        vocab = scores.shape[-1]
-        kth = ascending.gather(
-            -1, (vocab - sampling.top_k.clamp(min=1, max=vocab)).expand(scores.shape[0], 1)
-        )
-        kth = torch.where(sampling.top_k > 0, kth, float("-inf"))  # top_k 0: nothing below it
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-        ascending = ascending.masked_fill(ascending < kth, float("-inf"))
-        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
-        drop[..., -1] = False  # the most likely token stays
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return (scores.softmax(dim=-1) / noise).argmax(dim=-1)
+    return (warp(logits, sampling).softmax(dim=-1) / noise).argmax(dim=-1)

@@ -285,7 +285,11 @@ def test_run_still_runs(cli, model_dir, files, capsys):
         (["--strategies", "snapkv:window"], "strategies: settings must be KEY=VALUE after the name"),
         (["--strategies", ","], "--strategies: must name at least one strategy"),
         (["--device", "gpu0"], "--device: must be a torch device such as cpu, cuda or cuda:1 (got 'gpu0')"),
-        *([(["--device", "cuda"], "--device: needs a CUDA device")] if not torch.cuda.is_available() else []),
+        *(
+            [(["--device", "cuda"], "--device: must name a CUDA device; this machine has none")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ],
 )
 def test_eval_refuses_bad_arguments_before_loading(cli, no_model, tmp_path, args, expected):

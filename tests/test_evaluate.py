@@ -250,6 +250,19 @@ def test_runs_split_by_strategy_merge_into_the_single_runs_records_and_summary(t
     )
     assert "records.jsonl" in capsys.readouterr().err
 
+    # A refusal from an earlier run (a bigger batch, say) gives way to a later run's computed record.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "environment.json").write_text((tmp_path / "a/environment.json").read_text())
+    lines = (tmp_path / "a/records.jsonl").read_text().splitlines()
+    refused = {**json.loads(lines[0]), "status": "skipped", "reason": "too big a batch"}
+    (early / "records.jsonl").write_text(json.dumps(refused) + "\n")
+    assert (
+        main(["eval-merge", str(early), str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    )
+    merged = [json.loads(x) for x in (tmp_path / "o/records.jsonl").read_text().splitlines()]
+    assert next(r for r in merged if r["key"] == refused["key"])["status"] == "ok"
+
 
 def test_a_rerun_with_another_sample_count_does_not_take_the_old_records(tmp_path):
     """Sample i's depth is i / (samples - 1): with 3 samples #1 sits at 0.5, with 5 at 0.25."""
@@ -260,3 +273,27 @@ def test_a_rerun_with_another_sample_count_does_not_take_the_old_records(tmp_pat
     assert (five.computed, five.reused) == (5, 0)
     assert [r["depth"] for r in three.records] == [0.0, 0.5, 1.0]
     assert [r["depth"] for r in five.records] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_batch_refused_as_a_whole_is_run_one_sample_at_a_time(tmp_path, monkeypatch):
+    """A refusal that depends on the batch (free memory for every row's new tokens) must not skip
+    samples that pass alone: here the call check refuses any call of more than one row."""
+    import importlib
+
+    from kvpress_like.settings import check_call
+
+    module = importlib.import_module("kvpress_like.pipeline")  # the package exports a function of that name
+
+    def refuse_batches(adapter, prompts, prompt_lengths, call):
+        if prompt_lengths.shape[0] > 1:
+            raise ConfigError(
+                f"generation.max_new_tokens: too much for {prompt_lengths.shape[0]} rows (got 4)"
+            )
+        check_call(adapter, prompts, prompt_lengths, call)
+
+    monkeypatch.setattr(module, "check_call", refuse_batches)
+    result = evaluate(tiny_model("llama"), CharTokenizer(), strategies=["snapkv"], budgets=[0.3],
+                      tasks=["niah_single"], lengths=[600], samples=3, batch=3, max_new_tokens=4,
+                      out=tmp_path, progress=False, plots=False)  # fmt: skip
+    assert [r["status"] for r in result.records] == ["ok"] * 3
+    assert [r["batch"] for r in result.records] == [1, 1, 1]

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from kvpress_like import pipeline
-from kvpress_like.sampling import Sampling, choose, noise
+from kvpress_like.sampling import Sampling, choose, noise, warp
 
 from conftest import tiny_model
 
@@ -103,3 +103,33 @@ def test_the_step_draws_the_eager_loops_tokens_on_every_decode_path(decode, fres
     eager = pipe(rows, decode="eager", **sample).token_ids
     assert pipe(rows, decode=decode, **sample).token_ids == eager
     assert pipe(rows, decode=decode, **{**sample, "seed": 8}).token_ids != eager
+
+
+@pytest.mark.parametrize("top_p", [0.95, 0.9, 0.8, 0.7, 0.6])
+def test_the_top_p_cut_off_keeps_what_transformers_keeps_to_the_last_bit(top_p):
+    """Two tokens, the less likely one's probability stepped across 1 - top_p one float32 ulp at a
+    time: the kept tokens are exactly the warper's (a cut-off rounded differently drops some)."""
+    cut = torch.tensor(1 - top_p, dtype=torch.float32)
+    small = cut + torch.arange(-40, 41) * torch.finfo(torch.float32).eps * cut
+    logits = torch.stack([small.log(), (1 - small).log()], dim=-1)
+    expected = TopPLogitsWarper(top_p=top_p)(None, logits.clone())
+    got = warp(logits, _settings(1.0, 0, top_p))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+    assert torch.isfinite(expected).sum() < 2 * len(small)  # the scan crosses the cut-off
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8, top_k=40, top_p=0.9), dict(top_k=0, top_p=0.5)])
+def test_the_draw_in_the_step_is_the_processor_paths_draw(settings):
+    """A no-op logits processor sends sampling between steps (transformers' warpers, then
+    torch.multinomial); without it the step draws: the same seed gives the same tokens."""
+    from transformers.generation.logits_process import LogitsProcessor
+
+    class NoOp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    pipe = pipeline(tiny_model("llama"), "snapkv", retain_rate=0.5, max_new_tokens=10, stop_on_eos=False)
+    rows = [list(range(5, 60)), list(range(70, 100))]
+    sample = dict(do_sample=True, seed=5, **settings)
+    in_step = pipe(rows, **sample).token_ids
+    assert pipe(rows, logits_processor=[NoOp()], **sample).token_ids == in_step

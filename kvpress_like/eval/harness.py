@@ -107,14 +107,16 @@ class EvalResult:
 
 
 def record_key(
-    model: str, seed: int, sample: Sample, samples: int, spec: StrategySpec, budget: float | None
+    model: str, seed: int, sample: Sample, samples: int, spec: StrategySpec, budget: float | None, steps: int
 ) -> str:
-    """The record's identity: what made its prompt and its settings. A sample's depth depends on
-    how many samples its task has (``tasks.sample_depth``), so the count is part of it."""
+    """The record's identity: what made its prompt, its settings and its tokens. A sample's depth
+    depends on how many samples its task has (``tasks.sample_depth``), so the count is part of it;
+    ``steps`` (new tokens, or fidelity's teacher-forced steps) is, when not the task's default."""
     b = "-" if budget is None else f"{budget:g}"
     hay = "" if sample.haystack == DEFAULT_HAYSTACK else f"|hay={sample.haystack}"
     where = f"{sample.task}|len={sample.target_tokens}|#{sample.index}of{samples}{hay}"
-    return f"{model}|seed={seed}|{where}|{spec.label}|b={b}"
+    tokens = "" if steps == MAX_NEW_TOKENS[sample.task] else f"|steps={steps}"
+    return f"{model}|seed={seed}|{where}|{spec.label}|b={b}{tokens}"
 
 
 def read_records(path: Path) -> dict[str, dict]:
@@ -199,7 +201,7 @@ def _stats_fields(stats, row: int) -> dict[str, Any]:
         "prompt_tokens": stats.prompt_tokens[row],
         "kv_kept_mean": statistics.fmean(kept),
         "kv_kept_share": statistics.fmean(kept) / max(1, stats.prompt_tokens[row]),
-        "prefill_seconds": stats.prefill_seconds,
+        "prefill_seconds": stats.prefill_seconds / len(stats.prompt_tokens),  # a row's share
     }
 
 
@@ -267,6 +269,27 @@ def _batch_records(
     ]
 
 
+def _group_records(
+    pipes: _Pipes,
+    spec: StrategySpec,
+    budget: float | None,
+    group: list[Sample],
+    references: dict,
+    fidelity_steps: int,
+    max_new_tokens: int | None,
+) -> list[dict]:
+    """The group's records from one call; when the call is refused (``ConfigError``), each sample
+    alone, since alone it may pass what its batch did not (the free memory for every row's new
+    tokens): a record is refused only for itself."""
+    args = (references, fidelity_steps, max_new_tokens)
+    try:
+        return _batch_records(pipes, spec, budget, group, *args)
+    except ConfigError as exc:
+        if len(group) == 1:
+            return [{"status": "skipped", "reason": str(exc)}]
+    return [_group_records(pipes, spec, budget, [sample], *args)[0] for sample in group]
+
+
 def evaluate(
     model,
     tokenizer,
@@ -295,7 +318,10 @@ def evaluate(
             raise ConfigError(f"tasks: must be among {', '.join(TASKS)} (got {task!r})")
     if batch < 1:
         raise ConfigError(f"batch: must be at least 1 (got {batch})")
-    haystack_named(haystack)  # a ValueError naming the choices
+    try:
+        haystack_named(haystack)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if plots:
         check_plotting()
     specs = [StrategySpec.parse(s) for s in strategies]
@@ -321,8 +347,10 @@ def evaluate(
                 task_samples = make_samples(tokenizer, task, length, samples, seed, haystack)
                 references: dict = {}  # fidelity: the full cache's, per sample index
                 for spec, budget in runs:
+                    steps = fidelity_steps if task == "fidelity" else max_new_tokens or MAX_NEW_TOKENS[task]
                     keys = {
-                        s.index: record_key(model_name, seed, s, samples, spec, budget) for s in task_samples
+                        s.index: record_key(model_name, seed, s, samples, spec, budget, steps)
+                        for s in task_samples
                     }
                     keys_this_run += keys.values()
                     todo = [s for s in task_samples if keys[s.index] not in done]
@@ -331,12 +359,9 @@ def evaluate(
                     bar.set_postfix_str(f"{task} {length} {spec.label} {budget}")
                     for first in range(0, len(todo), batch):
                         group = todo[first : first + batch]
-                        try:
-                            results = _batch_records(
-                                pipes, spec, budget, group, references, fidelity_steps, max_new_tokens
-                            )
-                        except ConfigError as exc:
-                            results = [{"status": "skipped", "reason": str(exc)}] * len(group)
+                        results = _group_records(
+                            pipes, spec, budget, group, references, fidelity_steps, max_new_tokens
+                        )
                         for sample, result in zip(group, results, strict=True):
                             record = {
                                 "key": keys[sample.index],

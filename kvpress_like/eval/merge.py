@@ -3,7 +3,8 @@
 Runs made apart (on several GPUs, on several days, a grid split by strategy) are merged only when
 their ``environment.json`` agree on what changes numbers (``environment.MUST_MATCH``: model,
 dtype, device type); the merged ``environment.json`` lists every source's own. A record key found
-in several runs keeps its first record (a warning counts those whose scores differ).
+in several runs keeps its first computed record over a refusal, else its first record (a warning
+counts those whose scores differ).
 """
 
 from __future__ import annotations
@@ -52,13 +53,12 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path, plots: bool = Tru
     differing = 0
     for folder in folders:
         for key, record in read_records(folder / "records.jsonl").items():
-            if key in records:
-                differing += (records[key].get("score"), records[key].get("kl")) != (
-                    record.get("score"),
-                    record.get("kl"),
-                )
-                continue
-            records[key] = record
+            kept = records.get(key)
+            if kept is None or (kept["status"] != "ok" and record["status"] == "ok"):
+                records[key] = record  # a computed record beats a refusal (made in a bigger batch)
+            elif record["status"] == "ok":
+                scores = [(r.get("score"), r.get("kl")) for r in (kept, record)]
+                differing += scores[0] != scores[1]
     if differing:
         logger.warning(
             "%d record(s) found in several runs with other scores: the first run's kept", differing

@@ -85,7 +85,8 @@ def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
         accuracy = [v for t in tasks if t != "fidelity" for v in row[t]]
         cells += [_cell(accuracy, "accuracy"), str(len(row["skipped"]))]
         lines.append("| " + " | ".join(cells) + " |")
-    n = max((r["sample"] + 1 for r in records), default=0)
+    counts = sorted({len(values) for row in rows.values() for task in tasks if (values := row[task])})
+    n = "no" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     text = f"{haystacks[0]} haystack; " if haystacks and not several else ""
     return "\n".join(lines) + (
         f"\n\n{text}Scores are means over {n} sample(s) per cell with 95% intervals (Wilson's for 0/1 "

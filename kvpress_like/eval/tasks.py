@@ -190,7 +190,7 @@ def _template_filler() -> str:
 def make_passkey(
     tokenizer, target_tokens: int, depth: float, seed: int, index: int = 0, haystack: str = DEFAULT_HAYSTACK
 ) -> Sample:
-    """The classic passkey in its own repetitive filler (``haystack`` is not used)."""
+    """The classic passkey in its own repetitive filler (``haystack`` only labels the sample)."""
     p = passkey_prompt(tokenizer, target_tokens, depth, seed)
     return Sample(
         "passkey",
@@ -201,6 +201,7 @@ def make_passkey(
         depth,
         seed,
         {"prompt_tokens": _prompt_tokens(tokenizer, p.text), "needle_offsets": [p.text.index(p.key)]},
+        haystack,  # the run's, so its records carry it (the filler is the same)
     )
 
 
