@@ -15,14 +15,13 @@ would run only code you trust.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from kvpress_like.atomic import write_atomically
 from kvpress_like.errors import ConfigError
 
 logger = logging.getLogger("kvpress_like")
@@ -60,16 +59,7 @@ def save(path: str | Path) -> int:
     data = artifacts[0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(data)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda partial: partial.write_bytes(data))
     return len(data)
 
 

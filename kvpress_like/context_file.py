@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kvpress_like.atomic import write_atomically
 from kvpress_like.cache import LayerCache, PackedLayerCache
 from kvpress_like.context_checks import assemble
 from kvpress_like.errors import ConfigError, ContextFileError, config_error_from
@@ -178,23 +178,13 @@ def save_context(context: Context, path: str | Path) -> Path:
 
 
 def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-    try:
+    def write(partial: Path) -> None:
         try:
             save_file(tensors, partial, metadata=metadata)
         except Exception as exc:  # safetensors reports a failed write (a full disk) as its own error
             raise OSError(f"{path}: the context could not be written: {exc}") from exc
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
+
+    write_atomically(path, write)
 
 
 # ---- reading ------------------------------------------------------------------------------------
