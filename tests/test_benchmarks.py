@@ -108,3 +108,19 @@ def test_tensor_parallel_benchmark_smoke_run(tmp_path):
     fastkv, full = rows
     assert fastkv["kept_cache_bytes"] < full["kept_cache_bytes"] / 5  # retain_rate 0.1, per rank
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+
+
+def test_throughput_benchmark_smoke_run(tmp_path):
+    script = SCRIPT.parent / "throughput.py"
+    command = [sys.executable, str(script), "--tiny", "--length", "80", "--batches", "1,2", "--steps", "2"]
+    command += ["--systems", "fastkv", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "throughput-80.json").read_text())
+    assert result["meta"]["complete"] and result["meta"]["allocator"] == "expandable_segments:True"
+    assert [(r["system"], r["batch"]) for r in result["records"]] == [("fastkv", 1), ("fastkv", 2)]
+    for record in result["records"]:
+        assert "error" not in record, record
+        assert record["steps"] == 2 and record["start_s"] > 0 and record["tokens_per_s"] > 0
+    assert (tmp_path / "throughput-80.png").stat().st_size > 0
+    assert "tokens/s" in done.stdout

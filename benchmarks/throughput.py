@@ -1,0 +1,219 @@
+"""Serving throughput: decode tokens/s against batch size at one context length (8B shape, random bf16).
+
+For every batch size and system: the batch's prefill seconds, decode ms/step (median of the
+measured steps) and tokens/s (rows / step time), peak GPU memory, the decode's bandwidth floor
+(weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it, and ``start_s``: the
+seconds a fresh pipeline at this batch size takes to prefill a short prompt and make its first
+two tokens (compiling or capturing its decode step). Each system runs in a process of its own,
+with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and the batch sizes in
+order: ``start_s`` of the first is a compile, of the later ones a new batch size's start. After
+the first batch that runs out of memory, larger ones are not tried. Writes
+``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
+
+    python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
+        --systems fastkv,transformers --out results/throughput          # H200
+    python benchmarks/throughput.py --length 131072 --batches 1,4,8,16 --prefill-rows 1 --out R
+    python benchmarks/throughput.py --tiny --length 96 --batches 1,2 --steps 3 --out R    # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import SYSTEMS, limits, load_model, run_transformers
+
+from kvpress_like import pipeline
+
+WARM_UP_TOKENS = 256  # a short prompt: the first call at a batch size is its decode step's start
+
+
+def run_kvpress(model, ids: torch.Tensor, steps: int, system: str, prefill_rows: int | None) -> dict:
+    """A fresh pipeline: a short call (its start), then the measured call on the whole batch."""
+    strategy, settings = SYSTEMS[system]
+    pipe = pipeline(
+        model, strategy, max_new_tokens=steps + 1, stop_on_eos=False, prefill_rows=prefill_rows, **settings
+    )
+    short = ids[:, -WARM_UP_TOKENS:]
+    begin = time.perf_counter()
+    pipe(short, max_new_tokens=2)  # returns once both tokens are on the host
+    start_s = time.perf_counter() - begin
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the measured call's peak (the short call's buffers stay)
+    stats = pipe(ids).stats
+    pipe.close()
+    return {
+        "prefill_s": stats.prefill_seconds,
+        "decode_ms": 1e3 * stats.decode_seconds_per_token,
+        "steps": len(stats.decode_step_seconds),
+        "start_s": start_s,
+        "kept_per_row": stats.cache_bytes_kept / ids.shape[0],
+    }
+
+
+def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):
+    """One record per batch size, in order; after an out-of-memory batch the larger ones are skipped."""
+    model = load_model(tiny)
+    cfg, device = model.config, model.device
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    out_of_memory = None
+    for batch in batches:
+        record = {"system": system, "length": length, "batch": batch, "device": name, "weights_gib": weights}
+        if out_of_memory is not None:
+            yield {**record, "error": f"not tried: batch {out_of_memory} ran out of memory"}
+            continue
+        print(f"{system} {length}x{batch}", flush=True)
+        ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
+        try:
+            if SYSTEMS[system] is None:
+                torch._dynamo.reset()  # transformers' compiled forward is tied to one static cache size
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                result = run_transformers(model, ids, steps)
+                result["start_s"] = result.pop("first_call_s")  # its warm-up is a whole call
+            else:
+                result = run_kvpress(model, ids, steps, system, prefill_rows)
+        except torch.OutOfMemoryError as exc:
+            out_of_memory = batch
+            result = {"error": f"OutOfMemoryError: {exc}"[:300]}
+        except Exception as exc:  # report and go on: one failing case must not hide the others
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        floors = limits(cfg, system.split("-")[0], length, batch)
+        if "decode_ms" in result:
+            result["tokens_per_s"] = 1e3 * batch / result["decode_ms"]
+            result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
+        yield {**record, "decode_floor_ms": floors["decode_floor_ms"], **result}
+        for attribute in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+            vars(model).pop(attribute, None)  # transformers keeps its static cache otherwise
+        del ids
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/throughput"))
+    parser.add_argument("--length", type=int, default=32768, help="prompt tokens per row")
+    parser.add_argument("--batches", default="1,8,16,32,64,128", help="batch sizes, comma-separated")
+    parser.add_argument("--systems", default="fastkv,transformers", help=f"among {list(SYSTEMS)}")
+    parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
+    parser.add_argument("--prefill-rows", type=int, help="kvpress_like: rows per prefill part")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # run this one system in this process
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    systems = args.systems.split(",")
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"--systems: {unknown} not among {list(SYSTEMS)}")
+    if args.system:
+        for record in measure(args.system, args.length, batches, args.steps, args.tiny, args.prefill_rows):
+            print("RECORD " + json.dumps(record), flush=True)
+        return
+
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"throughput-{args.length}.json"
+    environment = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    records: list[dict] = []
+
+    def write(complete: bool) -> None:
+        meta = {
+            "command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
+            "complete": complete,
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "allocator": environment["PYTORCH_CUDA_ALLOC_CONF"],
+            "seconds": round(time.perf_counter() - started),
+        }
+        partial = path.with_suffix(".json.partial")  # a kill mid-write must not truncate the last JSON
+        partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        partial.replace(path)
+
+    for system in systems:
+        command = [sys.executable, __file__, "--system", system, "--length", str(args.length)]
+        command += ["--batches", args.batches, "--steps", str(args.steps)]
+        command += ["--tiny"] if args.tiny else []
+        command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
+        received = set()
+        with tempfile.TemporaryFile("w+") as errors:  # a file: a full stderr pipe would block the child
+            pipes = {"stdout": subprocess.PIPE, "stderr": errors, "env": environment, "text": True}
+            child = subprocess.Popen(command, **pipes)
+            for line in child.stdout:
+                if line.startswith("RECORD "):
+                    record = json.loads(line[len("RECORD ") :])
+                    records.append(record)
+                    received.add(record["batch"])
+                    print(json.dumps(record)[:300], flush=True)
+                    write(complete=False)
+                else:
+                    print(f"[{time.perf_counter() - started:5.0f} s] {line.rstrip()}", flush=True)
+            errors.seek(0)
+            error = f"exit status {child.wait()}: " + errors.read()[-500:]
+        missed = [b for b in batches if b not in received]  # what the process died before measuring
+        records.extend({"system": system, "length": args.length, "batch": b, "error": error} for b in missed)
+    write(complete=True)
+    print_table(records)
+    plot(records, path.with_suffix(".png"))
+
+
+def print_table(records: list[dict]) -> None:
+    print(
+        f"\n{'system':>14} {'batch':>6} {'prefill s':>10} {'decode ms':>10} {'tokens/s':>9} "
+        f"{'floor ms':>9} {'/floor':>7} {'peak GiB':>9} {'start s':>8}"
+    )
+    for r in records:
+        if "decode_ms" not in r:
+            print(f"{r['system']:>14} {r['batch']:>6}  {r.get('error', '')[:90]}")
+            continue
+        print(
+            f"{r['system']:>14} {r['batch']:>6} {r['prefill_s']:>10.2f} {r['decode_ms']:>10.2f} "
+            f"{r['tokens_per_s']:>9.0f} {r['decode_floor_ms']:>9.2f} {r['decode_vs_floor']:>7.2f} "
+            f"{r.get('peak_gib', 0):>9.1f} {r['start_s']:>8.1f}"
+        )
+
+
+def plot(records: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in dict.fromkeys(r["system"] for r in records):
+        done = [r for r in records if r["system"] == system and "decode_ms" in r]
+        if done:
+            speed.plot([r["batch"] for r in done], [r["tokens_per_s"] for r in done], "o-", label=system)
+            memory.plot([r["batch"] for r in done], [r.get("peak_gib", 0) for r in done], "o-", label=system)
+    length = records[0]["length"] // 1024 if records else 0
+    for ax, label in ((speed, "decode tokens/s"), (memory, "peak GPU memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (rows)")
+        ax.set_title(f"{label}, {length}K context")
+        ax.grid(alpha=0.3)
+    speed.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
