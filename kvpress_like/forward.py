@@ -1,10 +1,10 @@
 """One forward pass over the decoder layers: the state transformers' attention calls are routed to.
 
 ``Forward.attend`` receives each layer's post-RoPE queries, keys and values (``adapter.py``),
-attends (``prefill_attention.py``), asks the strategy's hooks what the layer keeps and which
-tokens go on (``contracts.HookRunner``, prefill only) and stores the layer's cache. The pipeline
-walks the layers and, when ``propagate`` answered, moves on to the propagated tokens
-(``take_propagated``).
+asks the strategy's hooks what the layer keeps and which tokens go on (``contracts.HookRunner``,
+prefill only), stores the layer's cache and attends (``prefill_attention.py``; where ``propagate``
+answered, only the propagated queries). The pipeline walks the layers and, when ``propagate``
+answered, moves on to the propagated tokens (``take_propagated``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from torch import Tensor
 from kvpress_like.cache import CompressedCache, LayerCache
 from kvpress_like.contracts import Check, HookRunner
 from kvpress_like.hookspecs import LayerView
-from kvpress_like.prefill_attention import causal_attention, chunk_attention
+from kvpress_like.prefill_attention import (
+    causal_attention,
+    chunk_attention,
+    selected_attention_serves,
+    selected_causal_attention,
+)
 
 
 class Forward:
@@ -30,6 +35,7 @@ class Forward:
         hooks: HookRunner | None,
         contiguous: bool = True,
         chunk: int | None = None,
+        propagation_layer: int | None = None,
     ) -> None:
         self.cache, self.hooks = cache, hooks
         self.positions, self.valid = positions, valid  # [B, T] of the tokens now in flight
@@ -42,12 +48,18 @@ class Forward:
         self.chunk = chunk  # tokens per chunk of a chunked prefill layer (None: whole layers)
         self.in_flight: slice | None = None  # the chunk of tokens now in the layer
         self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
+        # The strategy's hint (Strategy.propagation_layer): that layer runs whole, so that its
+        # attention can be restricted to the propagated queries. Only a hint: attend restricts
+        # wherever propagate answers in a whole layer.
+        self.propagation_layer = propagation_layer
 
     def runs_in_chunks(self, layer_idx: int, layer_type: str, seq: int) -> bool:
         """Whether this layer runs in chunks: a fresh full-attention layer longer than a chunk, in
-        an unpadded batch (causal by index then equals causal by position)."""
+        an unpadded batch (causal by index then equals causal by position), other than the layer
+        the strategy expects to propagate at."""
         return (
             self.chunk is not None
+            and layer_idx != self.propagation_layer
             and seq > self.chunk
             and layer_type == "full_attention"
             and self.all_valid
@@ -70,9 +82,17 @@ class Forward:
             layer = LayerCache(key, value, self.positions[:, None], self.valid[:, None])
         else:
             layer = past.extended(key, value, self.positions, self.valid)
-        out = self._attention(query, layer.dense(), scaling, sliding_window, fresh=past is None)
-        self._store(layer_idx, query, layer, scaling, sliding_window, fresh=past is None)
-        return out
+        if past is not None or self.hooks is None:
+            out = self._attention(query, layer.dense(), scaling, sliding_window, fresh=past is None)
+            self._store(layer_idx, query, layer, scaling, sliding_window, fresh=past is None)
+            return out
+        # The hooks need the queries and keys, not the attention, so they are asked first: where
+        # propagate answers, only the propagated tokens' outputs are used (the others are dropped
+        # after this layer) and only those are computed; after a restart none is used.
+        self._store(layer_idx, query, layer, scaling, sliding_window, fresh=True)
+        if self.restart:
+            return query.new_zeros(query.shape)
+        return self._attention(query, layer, scaling, sliding_window, fresh=True, only=self.propagated)
 
     def _attend_chunk(self, layer_idx, query, key, value, scaling) -> torch.Tensor:
         """Attention of the chunk in flight over the layer's keys so far; the last chunk completes
@@ -110,20 +130,33 @@ class Forward:
             layer = layer.select((self.valid & reachable)[:, None].expand_as(layer.valid))
         self.cache.layers[layer_idx] = layer
 
-    def _attention(self, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> torch.Tensor:
+    def _attention(
+        self, query, layer: LayerCache, scaling, sliding_window, fresh: bool, only: Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's attention ``[B, Hq, T, D]``; with ``only`` ``[B, T]`` (where plain causal
+        attention applies and its kernels serve) just those queries' rows, the others zeros."""
         seq = query.shape[2]
         within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
         if fresh and within_window:
+            restrict = only is not None and selected_attention_serves(query)
+            selected = only & self.valid if restrict else None
+
+            def causal(part: tuple[slice, ...]) -> Tensor:
+                q, k, v = query[part], layer.keys[part], layer.values[part]
+                if selected is None:
+                    return causal_attention(q, k, v, scaling)
+                return selected_causal_attention(q, k, v, scaling, selected[part[0], part[2]])
+
             # Positions sorted along the row: plain causal attention, on the fast kernels.
             if self.all_valid:
-                return causal_attention(query, layer.keys, layer.values, scaling)
+                return causal((slice(None),) * 3)
             # Left-padded rows (prefill keeps each row's valid tokens last): one causal call per
             # row on its valid tokens, rather than a mask that would push SDPA off its fast kernels.
             out = query.new_zeros(query.shape)
             for row, n in enumerate(self.valid.sum(dim=-1).tolist()):
                 if n:
                     part = (slice(row, row + 1), slice(None), slice(seq - n, seq))
-                    out[part] = causal_attention(query[part], layer.keys[part], layer.values[part], scaling)
+                    out[part] = causal(part)
             return out
         mask = layer.attention_mask(self.positions, self.valid, sliding_window)
         if mask.shape[1] > 1:

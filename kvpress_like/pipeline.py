@@ -240,7 +240,8 @@ class Pipeline:
                 self.adapter.dtype,
                 self.adapter.device,
             )
-        fwd = Forward(cache, positions, valid, self._hooks, chunk=chunk)
+        hint = self.strategy.propagation_layer()
+        fwd = Forward(cache, positions, valid, self._hooks, chunk=chunk, propagation_layer=hint)
         try:
             logits, restart_ids = self._run_layers(ids, fwd, compiled)
         except Exception:

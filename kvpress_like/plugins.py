@@ -51,6 +51,15 @@ class Strategy:
     def check_prompt(self, prompt_lengths: list[int]) -> None:
         """Raise ConfigError if the settings cannot serve prompts of these lengths (before prefill)."""
 
+    def propagation_layer(self) -> int | None:
+        """The layer at which ``propagate`` is expected to answer, or None: a hint for prefill.
+
+        That layer then runs whole, not in chunks (``prefill_chunk``), so that its attention can
+        be computed for the propagated tokens only (the others are dropped after it). A wrong hint
+        costs memory and time (a layer run whole, an attention computed in full), never correctness.
+        """
+        return None
+
 
 def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -324,3 +324,30 @@ def test_new_batch_sizes_reuse_the_compiled_step_and_sampling_runs_inside_it(mon
     assert counters["stats"]["unique_graphs"] == 1
     sample = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=3)
     assert pipe(prompts[:4], **sample).token_ids == pipe(prompts[:4], decode="eager", **sample).token_ids
+
+
+@pytest.mark.parametrize(
+    ("seq", "block", "picks"),
+    [(300, 64, [0, 5, 64, 65, 130, 299]), (129, 64, [128]), (200, 1000, [*range(0, 200, 3), 199])],
+)
+def test_selected_causal_attention_on_cudnn_is_as_close_to_the_truth_as_the_causal_kernel(seq, block, picks):
+    """bf16 through cuDNN (a last block of one key, a block with one selected query): the selected
+    rows are no further from a float64 reference than the plain causal kernel's rows."""
+    from kvpress_like.prefill_attention import causal_attention, selected_causal_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    like = dict(device="cuda", generator=gen, dtype=torch.bfloat16)
+    query = torch.randn(2, 8, seq, 64, **like)
+    keys, values = (torch.randn(2, 4, seq, 64, **like) for _ in "kv")
+    selected = torch.zeros(2, seq, dtype=torch.bool, device="cuda")
+    selected[0, picks], selected[1, seq - 1] = True, True
+    out = selected_causal_attention(query, keys, values, 0.125, selected, block)
+    truth = torch.nn.functional.scaled_dot_product_attention(
+        query.double(), keys.double().repeat_interleave(2, 1), values.double().repeat_interleave(2, 1),
+        is_causal=True, scale=0.125,
+    )  # fmt: skip
+    rows = selected[:, None, :, None].expand_as(out)
+    causal = causal_attention(query, keys, values, 0.125)
+    ours, theirs = ((t[rows].double() - truth[rows]).abs().max().item() for t in (out, causal))
+    assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+    assert not out[~rows].any()

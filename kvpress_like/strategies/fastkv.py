@@ -35,6 +35,9 @@ class FastKV(WindowScoreStrategy):
         super().__init__(config, model)
         self.tsp_layer = self.layer_setting("tsp_layer", DEFAULT_TSP_DEPTH)
 
+    def propagation_layer(self) -> int | None:
+        return self.tsp_layer
+
     @hookimpl
     def retain(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
         return None if scores is None else self.keep_best(scores, layer, "retain")

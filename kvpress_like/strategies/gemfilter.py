@@ -78,6 +78,9 @@ class GemFilter(BudgetStrategy):
         super().__init__(config, model)
         self.filter_layer = self.layer_setting("filter_layer", DEFAULT_FILTER_DEPTH)
 
+    def propagation_layer(self) -> int | None:
+        return self.filter_layer  # restarts there: the layer's attention is skipped
+
     @hookimpl
     def propagate(self, layer: LayerView, scores: torch.Tensor | None) -> torch.Tensor | None:
         if layer.layer_idx != self.filter_layer:
