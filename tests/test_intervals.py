@@ -92,3 +92,37 @@ def test_fidelity_cells_get_the_bootstrap_even_when_every_value_is_0_or_1():
         "1.00 [1.00, 1.00]",
         "0.0000 [0.0000, 0.0000]",
     ]
+
+
+def test_summary_rows_group_strategies_with_budgets_and_lengths_ascending_in_any_record_order():
+    """Runs merged from workers interleave strategies and lengths; the table does not."""
+    from kvpress_like.eval.report import summary_table
+
+    cells = [("snapkv", 0.2, 2048), ("full", None, 2048), ("snapkv", 0.1, 1024), ("snapkv", 0.2, 1024),
+             ("full", None, 1024), ("snapkv", 0.1, 2048)]  # fmt: skip
+    base = {"status": "ok", "task": "passkey", "sample": 0, "score": 1.0}
+    records = [{**base, "strategy": s, "budget": b, "length": n} for s, b, n in cells]
+    rows = [line.split(" | ")[:3] for line in summary_table(records).splitlines()[2:8]]
+    assert rows == [
+        ["| snapkv", "0.1", "1024"],
+        ["| snapkv", "0.1", "2048"],
+        ["| snapkv", "0.2", "1024"],
+        ["| snapkv", "0.2", "2048"],
+        ["| full", "—", "1024"],
+        ["| full", "—", "2048"],
+    ]
+
+
+def test_a_resumed_run_keeps_the_environment_of_the_records_before_it(tmp_path, monkeypatch):
+    from kvpress_like.eval import environment
+
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    first = json.loads((tmp_path / "environment.json").read_text())
+    _run(tmp_path, model)  # the same environment: nothing to keep
+    assert json.loads((tmp_path / "environment.json").read_text()) == first
+    monkeypatch.setattr(environment, "_commit", lambda: "another")
+    (tmp_path / "records.jsonl").write_text("")  # records to compute again, with the other library
+    _run(tmp_path, model)
+    now = json.loads((tmp_path / "environment.json").read_text())
+    assert now["commit"] == "another" and now["earlier"] == [first]

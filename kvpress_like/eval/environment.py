@@ -62,7 +62,8 @@ def environment(model: Any, model_name: str) -> dict[str, str]:
 
 def record_environment(out: Path, current: dict[str, str]) -> None:
     """Write ``environment.json``; refuse to add records to a folder whose records were made with
-    another model, dtype or device type; log when only the library differs."""
+    another model, dtype or device type; log when only the library differs. A resumed run whose
+    environment differs otherwise keeps the earlier one(s) under ``earlier``."""
     path = out / "environment.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -79,4 +80,9 @@ def record_environment(out: Path, current: dict[str, str]) -> None:
         if before.get("commit") != current["commit"]:
             logger.warning("%s: records so far came from kvpress_like %s, this run is %s",
                            out, before.get("commit"), current["commit"])  # fmt: skip
+        earlier = before.pop("earlier", [])
+        if before != current:  # what made the records so far stays on record, oldest first
+            current = {**current, "earlier": [*earlier, before]}
+        elif earlier:
+            current = {**current, "earlier": earlier}
     path.write_text(json.dumps(current, indent=1) + "\n")

@@ -71,7 +71,14 @@ def summary_table(records: list[dict], budgets: Sequence[float] = ()) -> str:
         "skipped",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (haystack, strategy, budget, length), row in rows.items():
+    strategies = list(dict.fromkeys(r["strategy"] for r in records))
+
+    def order(key: tuple) -> tuple:  # grouped by strategy, budgets then lengths ascending, whatever
+        haystack, strategy, budget, length = key  # order the records came in (merged runs)
+        return haystacks.index(haystack), strategies.index(strategy), budget or 0.0, length
+
+    for haystack, strategy, budget, length in sorted(rows, key=order):
+        row = rows[(haystack, strategy, budget, length)]
         cells = [
             *([haystack] if several else []),
             strategy,
