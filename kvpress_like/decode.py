@@ -18,6 +18,7 @@ captured graphs serve one sequence of steps.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 from kvpress_like.sampling import Sampling, choose
+
+logger = logging.getLogger("kvpress_like")
 
 BUCKET = 1024  # capacity granularity: prompts within one bucket share buffers and graphs
 # Static decoders (buffers + captured step) kept per pipeline for reuse; the least recently used
@@ -221,23 +224,64 @@ class StaticDecoder:
         return logits, logits.argmax(dim=-1) if sampling is None else choose(logits, noise, sampling)
 
 
+def decoder_bytes(adapter: ModelAdapter, batch: int, capacity: int) -> int:
+    """Bytes of a ``StaticDecoder``'s buffers: keys, values, int64 slot positions and kept counts."""
+    heads = batch * adapter.local_kv_heads
+    per_layer = heads * capacity * (2 * adapter.head_dim * adapter.dtype.itemsize + 8) + 8 * heads
+    return adapter.info.num_layers * per_layer
+
+
 class DecoderPool:
     """A pipeline's static decoders by (batch, capacity bucket, compiled), least recently used
-    dropped first; ``session`` hands them to one decode at a time."""
+    dropped first; ``session`` hands them to one decode at a time.
+
+    Idle decoders are kept for reuse only while memory allows: when a call's prefill or a new
+    decoder needs more than the device has free, idle ones are dropped, least recently used first
+    (at 32K x 128 rows one decoder holds 65 GiB; two would not fit an H200 beside a prefill)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.lock = threading.Lock()
         self.decoders: OrderedDict[tuple[int, int, bool], StaticDecoder] = OrderedDict()
 
-    def get(self, batch: int, capacity: int, compiled: bool) -> StaticDecoder:
+    def get(
+        self, batch: int, capacity: int, compiled: bool, in_use: StaticDecoder | None = None
+    ) -> StaticDecoder:
+        """The bucket's decoder, made if need be (``in_use``: the decoder a growing decode still
+        reads from, never dropped to make room). Called with the lock held."""
         key = (batch, capacity, compiled)
         if key not in self.decoders:  # buffers and captured graphs are reused within a bucket
             while len(self.decoders) >= KEPT_DECODERS:  # bounded: each holds a whole static cache
                 self.decoders.popitem(last=False)
+            self._make_room(decoder_bytes(self.adapter, batch, capacity), in_use)
             self.decoders[key] = StaticDecoder(self.adapter, *key)
         self.decoders.move_to_end(key)
         return self.decoders[key]
+
+    def make_room(self, needed: int) -> None:
+        """Before a prefill: drop idle decoders until ``needed`` bytes are free. Skipped while a
+        decode holds the pool (its decoders are not idle, and a prefill must not wait for it)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._make_room(needed)
+            finally:
+                self.lock.release()
+
+    def _make_room(self, needed: int, in_use: StaticDecoder | None = None) -> None:
+        free = self.adapter.free_memory()
+        idle = [key for key, decoder in self.decoders.items() if decoder is not in_use]
+        if free is None or free >= needed or not idle:
+            return
+        dropped = 0
+        for key in idle:  # least recently used first
+            dropped += decoder_bytes(self.adapter, key[0], key[1])
+            del self.decoders[key]
+            if free + dropped >= needed:
+                break
+        logger.info(
+            "dropped idle static decoders (%.2f GiB of buffers) for %.2f GiB needed, %.2f GiB free",
+            dropped / 2**30, needed / 2**30, free / 2**30,
+        )  # fmt: skip
 
     @contextmanager
     def session(self, cache: CompressedCache, max_new_tokens: int, compiled: bool) -> Iterator[StaticSession]:
@@ -273,7 +317,7 @@ class StaticSession:
         """As ``StaticDecoder.step``; step ``t`` writes slot ``kept + t``, so it needs one more slot."""
         if self.prompt_slots + self.steps >= self.decoder.capacity:
             capacity = min(self.last_capacity, 2 * self.decoder.capacity)
-            bigger = self.pool.get(self.batch, capacity, self.compiled)
+            bigger = self.pool.get(self.batch, capacity, self.compiled, in_use=self.decoder)
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1

@@ -220,6 +220,7 @@ class Pipeline:
 
     def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, engine: EngineConfig) -> Context:
         """All rows at once, or ``engine.prefill_rows`` at a time, joined (``batching.py``)."""
+        self._decoders.make_room(ids.numel() * self.adapter.cache_bytes_per_token())  # a full cache's
         parts = split_rows(ids, valid, engine.prefill_rows)
         if len(parts) == 1:
             return self._prefill_rows(ids, valid, engine)

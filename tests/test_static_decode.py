@@ -136,3 +136,40 @@ def test_static_decode_releases_the_compressed_layers_it_copied(monkeypatch):
     assert copied and all(ref() is None for ref in copied)
     layers = len(context.cache.layers)
     assert held and set(held) == {layers}  # never a layer both compressed and in its buffers
+
+
+def test_idle_decoders_make_room_for_a_prefill_least_recently_used_first(monkeypatch):
+    """On a device short of memory, a prefill drops idle decoders, the least recently used first,
+    until the call's full cache would fit, and a new decoder drops the rest; tokens are unchanged."""
+    import gc
+    import weakref
+
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="static")
+    prompt = CONTEXT[:40]
+    expected = pipe([prompt] * 3, decode="eager").token_ids
+    pipe([prompt])
+    pipe([prompt] * 2)
+    oldest = weakref.ref(pipe._decoders.decoders[(1, BUCKET, False)])
+    per_token = pipe.adapter.cache_bytes_per_token()
+    monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 3 * 40 * per_token - 1)  # a byte short
+    pipe.compress([prompt] * 3)
+    assert list(pipe._decoders.decoders) == [(2, BUCKET, False)]  # dropping the oldest was enough
+    gc.collect()
+    assert oldest() is None
+    # The new tokens' cache fits (the call is not refused), a new decoder's buffers do not.
+    monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 3 * 3 * per_token)
+    assert pipe([prompt] * 3).token_ids == expected
+    assert list(pipe._decoders.decoders) == [(3, BUCKET, False)]
+
+
+def test_a_growing_decode_keeps_the_decoder_it_reads_from_under_memory_pressure(monkeypatch):
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "BUCKET", 16)  # buckets of 16 slots: this decode grows 32 -> 48
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=40, stop_on_eos=False, decode="static")
+    prompt = CONTEXT[:4]
+    expected = pipe([prompt], decode="eager").token_ids
+    per_token = pipe.adapter.cache_bytes_per_token()
+    monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 40 * per_token)  # 48 slots do not fit
+    assert pipe([prompt]).token_ids == expected
+    assert list(pipe._decoders.decoders) == [(1, 32, False), (1, 48, False)]
