@@ -165,16 +165,17 @@ class Pipeline:
             ids, valid = self._prompts.encode(prompts, "prompt", call.engine.chat_template)
             lengths = valid.sum(dim=-1)
             self.strategy.check_prompt(lengths.tolist())
-            check_call(self.adapter, self._prompts, lengths, call)
+            self._check_call(lengths, call)
             with torch.inference_mode():
                 return self._decode(self._prefill(ids, valid, call.engine), call)
         if prompts is None:
             self._check_context(context)
-            check_call(self.adapter, self._prompts, context.cache.next_positions, call)
+            self._check_call(context.cache.next_positions, call)
             context = context.clone()  # decoding grows the cache it is given, never the caller's
         else:
             ids, valid = self._continuation(context, prompts)
-            check_call(self.adapter, self._prompts, context.cache.next_positions + valid.sum(dim=-1), call)
+            lengths = context.cache.next_positions + valid.sum(dim=-1)
+            self._check_call(lengths, call)
             with torch.inference_mode():
                 context = self._extend(context.clone(), ids, valid, call.engine.prefill == "compiled")
         with torch.inference_mode():
@@ -212,6 +213,9 @@ class Pipeline:
         if ids.shape[0] != rows:
             raise ConfigError(f"prompts: must have one row per context row ({rows}) (got {ids.shape[0]})")
         return ids, valid
+
+    def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
+        check_call(self.adapter, self._prompts, prompt_lengths, call, self._decoders.make_room)
 
     def _check_context(self, context: Any) -> None:
         check_context(context, self.source)

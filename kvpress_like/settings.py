@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -224,11 +224,16 @@ def call_settings(
 
 
 def check_call(
-    adapter: ModelAdapter, prompts: PromptEncoder, prompt_lengths: torch.Tensor, call: CallSettings
+    adapter: ModelAdapter,
+    prompts: PromptEncoder,
+    prompt_lengths: torch.Tensor,
+    call: CallSettings,
+    make_room: Callable[[int], None] = lambda needed: None,
 ) -> None:
     """Refuse a ``max_new_tokens`` that the model's positions or the free memory cannot hold,
     before any allocation; warn, as transformers does, when prompt and new tokens together
-    pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one."""
+    pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one.
+    ``make_room(bytes)`` frees what can be freed (idle decoders) before the memory is read."""
     rows = prompt_lengths.shape[0]
     if "streamer" in call.options and rows > 1:
         raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
@@ -255,6 +260,7 @@ def check_call(
             limit,
         )
     needed = rows * wanted * adapter.cache_bytes_per_token()
+    make_room(needed)
     free = adapter.free_memory()
     if free is not None and needed > free:
         raise ConfigError(

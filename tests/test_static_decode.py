@@ -173,3 +173,21 @@ def test_a_growing_decode_keeps_the_decoder_it_reads_from_under_memory_pressure(
     monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 40 * per_token)  # 48 slots do not fit
     assert pipe([prompt]).token_ids == expected
     assert list(pipe._decoders.decoders) == [(1, 32, False), (1, 48, False)]
+
+
+def test_a_call_the_idle_decoders_would_crowd_out_is_served_not_refused(monkeypatch):
+    """A device whose memory only the pool's decoders use: with two idle decoders the new tokens'
+    cache does not fit, so the call would be refused; dropping the older one makes room."""
+    from kvpress_like.decode import decoder_bytes
+
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=600, stop_on_eos=False, decode="static")
+    prompt = CONTEXT[:40]
+    expected = pipe([prompt], decode="eager").token_ids
+    pipe([prompt], max_new_tokens=3)
+    pipe([prompt] * 2, max_new_tokens=3)
+    held = lambda: sum(decoder_bytes(pipe.adapter, *key[:2]) for key in pipe._decoders.decoders)  # noqa: E731
+    per_token = pipe.adapter.cache_bytes_per_token()
+    device = held() + 300 * per_token  # the 600 new tokens' cache fits only without an idle decoder
+    monkeypatch.setattr(pipe.adapter, "free_memory", lambda: device - held())
+    assert pipe([prompt]).token_ids == expected
+    assert list(pipe._decoders.decoders) == [(2, BUCKET, False), (1, BUCKET, False)]
