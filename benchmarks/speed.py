@@ -225,12 +225,35 @@ def measure(
                 **floors,
                 **result,
             }
-            # transformers keeps its static cache and sizes the next one to at least this one.
-            for attribute in ("_cache", "_previous_max_cache_length", "_compiled_call"):
-                vars(model).pop(attribute, None)
-            gc.collect()  # the pipeline and its decoders (whole static caches) go here
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_between_cases(model)
+
+
+def free_between_cases(model) -> None:
+    """Drop what a case left: transformers' static cache (it would size the next one to at least
+    this one) and, through the collector, a pipeline's decoders (whole static caches)."""
+    for attribute in ("_cache", "_previous_max_cache_length", "_compiled_call"):
+        vars(model).pop(attribute, None)
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_child(command: list[str], started: float, receive, env: dict | None = None) -> str:
+    """Run a measuring process: each ``RECORD <json>`` line it prints is printed and given to
+    ``receive``, other lines are echoed with the seconds since ``started``. Returns its exit
+    status and the end of its stderr (why it stopped, if it stopped early)."""
+    with tempfile.TemporaryFile("w+") as errors:  # a file: a full stderr pipe would block the child
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        for line in child.stdout:
+            if line.startswith("RECORD "):
+                record = json.loads(line[len("RECORD ") :])
+                print(json.dumps(record)[:300], flush=True)
+                receive(record)
+            else:
+                print(f"[{time.perf_counter() - started:5.0f} s] {line.rstrip()}", flush=True)
+        status = child.wait()
+        errors.seek(0)
+        return f"exit status {status}: " + errors.read()[-500:]
 
 
 def main() -> None:
@@ -298,6 +321,11 @@ def main() -> None:
         partial.replace(args.out / "speed.json")
         return meta
 
+    def receive(record: dict) -> None:
+        kernels.update(record.pop("prefill_attention_kernels", []))
+        records.append(record)
+        write(complete=False)
+
     systems = args.systems.split(",")
     if args.process_per_system:
         groups = [[system] for system in systems]
@@ -307,34 +335,12 @@ def main() -> None:
             group for group in (["transformers"] if "transformers" in systems else [], kvpress) if group
         ]
     for group in groups:
-        command = [
-            sys.executable,
-            __file__,
-            "--group",
-            ",".join(group),
-            "--cases",
-            args.cases,
-            "--steps",
-            str(args.steps),
-        ]
+        command = [sys.executable, __file__, "--group", ",".join(group), "--cases", args.cases]
+        command += ["--steps", str(args.steps)]
         command += ["--tiny"] if args.tiny else []
         command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
-        received: set[tuple] = set()
-        with tempfile.TemporaryFile("w+") as errors:
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
-            for line in child.stdout:
-                if line.startswith("RECORD "):
-                    record = json.loads(line[len("RECORD ") :])
-                    kernels.update(record.pop("prefill_attention_kernels", []))
-                    records.append(record)
-                    received.add((record["system"], record["length"], record["batch"]))
-                    print(json.dumps(record)[:300], flush=True)
-                    write(complete=False)
-                else:
-                    print(f"[{time.perf_counter() - started:5.0f} s] {line.rstrip()}", flush=True)
-            child.wait()
-            errors.seek(0)
-            error = f"exit status {child.returncode}: " + errors.read()[-500:]
+        error = run_child(command, started, receive)
+        received = {(r["system"], r["length"], r["batch"]) for r in records}
         for length, batch in cases:  # what the process died before measuring
             for system in group:
                 if (system, length, batch) not in received:

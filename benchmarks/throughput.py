@@ -19,19 +19,16 @@ the first batch that runs out of memory, larger ones are not tried. Writes
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import SYSTEMS, limits, load_model, run_transformers
+from speed import SYSTEMS, free_between_cases, limits, load_model, run_child, run_transformers
 
 from kvpress_like import pipeline
 
@@ -99,12 +96,8 @@ def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool
             result["tokens_per_s"] = 1e3 * batch / result["decode_ms"]
             result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
         yield {**record, "decode_floor_ms": floors["decode_floor_ms"], **result}
-        for attribute in ("_cache", "_previous_max_cache_length", "_compiled_call"):
-            vars(model).pop(attribute, None)  # transformers keeps its static cache otherwise
         del ids
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_between_cases(model)
 
 
 def main() -> None:
@@ -149,26 +142,17 @@ def main() -> None:
         partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         partial.replace(path)
 
+    def receive(record: dict) -> None:
+        records.append(record)
+        write(complete=False)
+
     for system in systems:
         command = [sys.executable, __file__, "--system", system, "--length", str(args.length)]
         command += ["--batches", args.batches, "--steps", str(args.steps)]
         command += ["--tiny"] if args.tiny else []
         command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
-        received = set()
-        with tempfile.TemporaryFile("w+") as errors:  # a file: a full stderr pipe would block the child
-            pipes = {"stdout": subprocess.PIPE, "stderr": errors, "env": environment, "text": True}
-            child = subprocess.Popen(command, **pipes)
-            for line in child.stdout:
-                if line.startswith("RECORD "):
-                    record = json.loads(line[len("RECORD ") :])
-                    records.append(record)
-                    received.add(record["batch"])
-                    print(json.dumps(record)[:300], flush=True)
-                    write(complete=False)
-                else:
-                    print(f"[{time.perf_counter() - started:5.0f} s] {line.rstrip()}", flush=True)
-            errors.seek(0)
-            error = f"exit status {child.wait()}: " + errors.read()[-500:]
+        error = run_child(command, started, receive, environment)
+        received = {r["batch"] for r in records if r["system"] == system}
         missed = [b for b in batches if b not in received]  # what the process died before measuring
         records.extend({"system": system, "length": args.length, "batch": b, "error": error} for b in missed)
     write(complete=True)
