@@ -4,10 +4,15 @@
 asks the strategy's hooks what the layer keeps and which tokens go on (``contracts.HookRunner``,
 prefill only), stores the layer's cache and attends (``prefill_attention.py``; where ``propagate``
 answered, only the propagated queries). The pipeline walks the layers and, when ``propagate``
-answered, moves on to the propagated tokens (``take_propagated``).
+answered, moves on to the propagated tokens (``take_propagated``). The strategy's propagation
+layer, when it runs in chunks, runs in two passes (``chunked_prefill.py``): a first one in which
+``attend`` only gathers (``gather_only``, then ``LayerGathered``), and a second one on the
+propagated tokens whose attention is already known (``second_pass``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,12 @@ from kvpress_like.prefill_attention import (
     selected_attention_serves,
     selected_causal_attention,
 )
+
+
+class LayerGathered(Exception):
+    """Raised by ``Forward.attend`` in the first pass of a propagation layer once the chunk's
+    queries, keys and values are gathered: nothing after attention is needed there, so the
+    decoder layer stops (``chunked_prefill.run_propagation_layer`` catches it)."""
 
 
 class Forward:
@@ -48,22 +59,37 @@ class Forward:
         self.chunk = chunk  # tokens per chunk of a chunked prefill layer (None: whole layers)
         self.in_flight: slice | None = None  # the chunk of tokens now in the layer
         self.gathered: tuple[Tensor, Tensor, Tensor | None] | None = None  # its keys, values, queries
-        # The strategy's hint (Strategy.propagation_layer): that layer runs whole, so that its
-        # attention can be restricted to the propagated queries. Only a hint: attend restricts
-        # wherever propagate answers in a whole layer.
+        # The strategy's hint (Strategy.propagation_layer): where that layer would run in chunks
+        # it runs in two passes (runs_in_two_passes), so that only the propagated queries attend.
+        # Only a hint: attend restricts wherever propagate answers in a whole layer.
         self.propagation_layer = propagation_layer
+        # The two passes (chunked_prefill.run_propagation_layer): in the first, attend gathers the
+        # chunk and stops the layer, the last chunk storing the layer and keeping its queries,
+        # keys, values and scaling in ``held``; in the second, ``second_pass(query, part)`` is the
+        # attention, nothing is stored and no hook asked.
+        self.gather_only = False
+        self.held: tuple[Tensor, Tensor, Tensor, float] | None = None
+        self.second_pass: Callable[[Tensor, slice], Tensor] | None = None
 
     def runs_in_chunks(self, layer_idx: int, layer_type: str, seq: int) -> bool:
         """Whether this layer runs in chunks: a fresh full-attention layer longer than a chunk, in
-        an unpadded batch (causal by index then equals causal by position), other than the layer
-        the strategy expects to propagate at."""
+        an unpadded batch (causal by index then equals causal by position)."""
         return (
             self.chunk is not None
-            and layer_idx != self.propagation_layer
             and seq > self.chunk
             and layer_type == "full_attention"
             and self.all_valid
             and self.cache.layers[layer_idx] is None
+        )
+
+    def runs_in_two_passes(self, layer_idx: int, layer_type: str, seq: int) -> bool:
+        """Whether this is the layer the strategy expects to propagate at, in a prefill that would
+        run it in chunks: it then runs in chunks up to attention, and once more on the propagated
+        tokens (``chunked_prefill.run_propagation_layer``)."""
+        return (
+            layer_idx == self.propagation_layer
+            and self.hooks is not None
+            and self.runs_in_chunks(layer_idx, layer_type, seq)
         )
 
     def attend(
@@ -75,6 +101,8 @@ class Forward:
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
+        if self.second_pass is not None:  # the propagation layer again: its attention is known
+            return self.second_pass(query, self.in_flight)
         if self.in_flight is not None:  # runs_in_chunks: a full-attention layer, no window
             return self._attend_chunk(layer_idx, query, key, value, scaling)
         past = self.cache.layers[layer_idx]
@@ -96,7 +124,8 @@ class Forward:
 
     def _attend_chunk(self, layer_idx, query, key, value, scaling) -> torch.Tensor:
         """Attention of the chunk in flight over the layer's keys so far; the last chunk completes
-        the layer (the strategy sees all its queries and keys, as without chunks)."""
+        the layer (the strategy sees all its queries and keys, as without chunks). In the first
+        pass of a propagation layer (``gather_only``) nothing attends: the layer stops here."""
         part, seq = self.in_flight, self.positions.shape[1]
         if part.start == 0:
             batch, heads, _, dim = query.shape
@@ -111,12 +140,21 @@ class Forward:
         if queries is not None:
             queries[:, :, part] = query
         end = part.start + query.shape[2]
+        if self.gather_only:
+            if end == seq:
+                self._store_gathered(layer_idx, scaling)
+                self.held = (queries, keys, values, scaling)
+            raise LayerGathered
         out = chunk_attention(query, keys[:, :, :end], values[:, :, :end], part.start, scaling)
         if end == seq:
-            self.gathered = None
-            layer = LayerCache(keys, values, self.positions[:, None], self.valid[:, None])
-            self._store(layer_idx, queries, layer, scaling, sliding_window=None, fresh=True)
+            self._store_gathered(layer_idx, scaling)
         return out
+
+    def _store_gathered(self, layer_idx, scaling) -> None:
+        keys, values, queries = self.gathered
+        self.gathered = None
+        layer = LayerCache(keys, values, self.positions[:, None], self.valid[:, None])
+        self._store(layer_idx, queries, layer, scaling, sliding_window=None, fresh=True)
 
     def _store(self, layer_idx, query, layer: LayerCache, scaling, sliding_window, fresh: bool) -> None:
         """Compress the layer's entries (prefill only, when a strategy runs) and keep them."""

@@ -25,6 +25,7 @@ from kvpress_like import compile_cache
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.batching import join_contexts, split_rows
 from kvpress_like.cache import CompressedCache
+from kvpress_like.chunked_prefill import run_in_chunks, run_propagation_layer
 from kvpress_like.config import EngineConfig, StrategyConfig, load_config
 from kvpress_like.contracts import HookRunner
 from kvpress_like.decode import DecoderPool
@@ -285,8 +286,13 @@ class Pipeline:
         for idx, layer_type in enumerate(self.adapter.layer_types):
             if layer_type not in rotary:
                 rotary[layer_type] = self.adapter.rotary(hidden, fwd.positions, layer_type)
-            if fwd.runs_in_chunks(idx, layer_type, hidden.shape[1]):
-                hidden = self._run_layer_in_chunks(idx, hidden, rotary[layer_type], fwd, compiled)
+            positions, seq = fwd.positions, hidden.shape[1]
+            if fwd.runs_in_two_passes(idx, layer_type, seq):  # may move on to the propagated tokens
+                hidden = run_propagation_layer(
+                    self.adapter, idx, layer_type, hidden, rotary[layer_type], fwd, compiled
+                )
+            elif fwd.runs_in_chunks(idx, layer_type, seq):
+                hidden = run_in_chunks(self.adapter, idx, hidden, rotary[layer_type], fwd, compiled)
             else:
                 hidden = self.adapter.run_layer(idx, hidden, rotary[layer_type], fwd.positions, fwd, compiled)
             if fwd.propagated is not None:
@@ -294,24 +300,9 @@ class Pipeline:
                 if fwd.restart:
                     return None, ids.gather(1, order)
                 hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+            if fwd.positions is not positions:  # moved on to the propagated tokens
                 rotary.clear()
         return self.adapter.logits(hidden[:, -1]), None
-
-    def _run_layer_in_chunks(
-        self, idx: int, hidden: Tensor, rotary: tuple, fwd: Forward, compiled: bool
-    ) -> Tensor:
-        """One decoder layer ``fwd.chunk`` tokens at a time: transformers' per-token work and its
-        activations stay chunk-sized; ``fwd.attend`` gathers the layer's keys as they come. Each
-        chunk's output replaces its input in place: later chunks need only the keys gathered."""
-        for start in range(0, hidden.shape[1], fwd.chunk):
-            part = slice(start, start + fwd.chunk)
-            fwd.in_flight = part
-            rotary_part = tuple(t[:, part] for t in rotary)
-            hidden[:, part] = self.adapter.run_layer(
-                idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled
-            )
-        fwd.in_flight = None
-        return hidden
 
     def _decode(self, context: Context, call: CallSettings) -> Generation:
         mode = call.engine.decode

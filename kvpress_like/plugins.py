@@ -54,9 +54,14 @@ class Strategy:
     def propagation_layer(self) -> int | None:
         """The layer at which ``propagate`` is expected to answer, or None: a hint for prefill.
 
-        That layer then runs whole, not in chunks (``prefill_chunk``), so that its attention can
-        be computed for the propagated tokens only (the others are dropped after it). A wrong hint
-        costs memory and time (a layer run whole, an attention computed in full), never correctness.
+        Only the propagated tokens go on after that layer, so only their queries attend there.
+        Where the layer would run in chunks (``prefill_chunk``) it runs in two passes
+        (``chunked_prefill.py``): in chunks up to attention only, the hooks being asked after the
+        last chunk, then on the propagated tokens alone; run whole, it asks the hooks before
+        attending. Any layer where ``propagate`` answers restricts its attention when run whole.
+        A wrong hint costs time, never correctness: in chunks, the hinted layer's norm and
+        query/key/value projections run twice (the hooks are asked once), and the layer that does
+        propagate attends with every query.
         """
         return None
 

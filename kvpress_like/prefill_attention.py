@@ -83,10 +83,18 @@ def selected_attention_serves(query: Tensor) -> bool:
 
 
 def selected_causal_attention(
-    query: Tensor, keys: Tensor, values: Tensor, scaling: float, selected: Tensor, block: int | None = None
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    scaling: float,
+    selected: Tensor,
+    block: int | None = None,
+    packed: bool = False,
 ) -> Tensor:
     """Causal attention ``[B, Hq, T, D]`` (as ``causal_attention``) of only the queries where
-    ``selected`` ``[B, T]`` is True; the other rows are zeros.
+    ``selected`` ``[B, T]`` is True; the other rows are zeros. ``packed``: the selected rows only,
+    ``[B, Hq, S, D]`` with ``S`` the most any row selects, each row's in query order and
+    right-aligned, zeros before (the order of ``Forward.take_propagated``).
 
     The queries go in blocks of ``block`` (default ``SELECTED_BLOCK``): all of a block's queries
     over its own keys (causal, a square, cheap), of which the selected rows are kept and attend
@@ -95,13 +103,15 @@ def selected_causal_attention(
     products instead of ``T * T / 2``, on the fused kernels, with no mask. Rows select different
     queries, so each row goes on its own (two host syncs per row: prefill, one layer)."""
     block = block or SELECTED_BLOCK
-    out = query.new_zeros(query.shape)
     seq = query.shape[2]
+    picks = [row.nonzero().flatten() for row in selected]  # query indices, ascending
+    size = max(p.numel() for p in picks) if packed else seq
+    out = query.new_zeros(*query.shape[:2], size, query.shape[3])
     starts = torch.arange(0, seq, block, device=selected.device)
-    for row in range(query.shape[0]):
-        picked = selected[row].nonzero().flatten()  # query indices, ascending
+    for row, picked in enumerate(picks):
         cuts = [*torch.searchsorted(picked, starts).tolist(), picked.numel()]
         q, k, v = (t[row : row + 1] for t in (query, keys, values))
+        offset = size - picked.numel()  # packed rows are right-aligned
         for start, first, last in zip(starts.tolist(), cuts[:-1], cuts[1:], strict=True):
             if first == last:
                 continue  # no selected query in this block
@@ -117,7 +127,10 @@ def selected_causal_attention(
                     causal=False,
                 )  # fmt: skip
                 own = merge_by_lse(own, lse, earlier, earlier_lse)
-            out[row].index_copy_(1, rows + start, own[0])
+            if packed:
+                out[row, :, offset + first : offset + last] = own[0]
+            else:
+                out[row].index_copy_(1, rows + start, own[0])
     return out
 
 

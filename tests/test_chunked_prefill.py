@@ -62,8 +62,9 @@ def test_chunk_attention_equals_causal_attention(end, chunk, groups, seed):
 
 
 # Chunked layers per prefill of 70 tokens in chunks of 16 (5 chunks each): llama's and qwen3's
-# layers but FastKV's TSP layer (2 by default, of 4: it runs whole, see test_tsp_layer_*), gemma3's
-# 2 full-attention layers (its TSP layer is a sliding one), none of mistral's (all sliding-window).
+# layers but FastKV's TSP layer (2 by default, of 4: its two passes call no chunk_attention, see
+# test_propagated_prefill.py), gemma3's 2 full-attention layers (its TSP layer is a sliding one),
+# none of mistral's (all sliding-window).
 @pytest.mark.parametrize(
     ("family", "chunked_layers"), [("llama", 3), ("qwen3", 3), ("gemma3", 2), ("mistral", 0)]
 )

@@ -3,7 +3,9 @@
 References are independent of the code under test: plain SDPA in float64 with repeated KV heads
 for the kernel; transformers' own decoder layers for the pipeline (every token up to the TSP
 layer, then the propagated tokens alone at their original positions); and the path that attends
-every query at the TSP layer (a FastKV without the hint, whose TSP layer runs in chunks).
+every query at the TSP layer (a FastKV without the hint, whose TSP layer runs in chunks). In
+chunks the TSP layer runs in two passes (``chunked_prefill.py``): ``Forward.attend`` is wrapped,
+not replaced, to count each pass's calls and queries.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from kvpress_like import hookimpl, hookspecs, pipeline
 from kvpress_like.cache import CompressedCache
 from kvpress_like.contracts import HookRunner
-from kvpress_like.forward import Forward
+from kvpress_like.forward import Forward, LayerGathered
 from kvpress_like.prefill_attention import selected_causal_attention
 from kvpress_like.strategies.fastkv import FastKV
 
@@ -53,6 +55,18 @@ def assert_selected_rows_exact(out, query, keys, values, selected, scaling=0.3) 
     assert not out[~rows].any()
 
 
+def assert_packed_rows_exact(packed, query, keys, values, selected, scaling=0.3) -> None:
+    """``packed=True``: each row's selected rows of the float64 causal reference, in query order,
+    right-aligned to the most any row selects; zeros before them."""
+    expected = reference_causal(query, keys, values, scaling)
+    counts = selected.sum(dim=-1).tolist()
+    assert packed.shape == (*query.shape[:2], max(counts), query.shape[3])
+    for row, n in enumerate(counts):
+        picked, before = selected[row].nonzero().flatten(), packed.shape[2] - n
+        torch.testing.assert_close(packed[row, :, before:].double(), expected[row, :, picked], **FP32)
+        assert not packed[row, :, :before].any()
+
+
 def _mask(seq: int, picks: list[int]) -> list[bool]:
     return [i in picks for i in range(seq)]
 
@@ -76,6 +90,9 @@ def test_selected_rows_equal_causal_attention(seq, block, picks, groups):
     out = selected_causal_attention(query, keys, values, 0.3, selected, block)
     assert out.shape == query.shape and out.dtype == query.dtype
     assert_selected_rows_exact(out, query, keys, values, selected)
+    packed = selected_causal_attention(query, keys, values, 0.3, selected, block, packed=True)
+    assert packed.dtype == query.dtype
+    assert_packed_rows_exact(packed, query, keys, values, selected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -92,6 +109,8 @@ def test_random_selections_equal_causal_attention(batch, seq, block, share, seed
     selected[:, -1] = True  # as the pipeline: the last token always goes on
     out = selected_causal_attention(query, keys, values, 0.3, selected, block)
     assert_selected_rows_exact(out, query, keys, values, selected)
+    packed = selected_causal_attention(query, keys, values, 0.3, selected, block, packed=True)
+    assert_packed_rows_exact(packed, query, keys, values, selected)
 
 
 class Propagate:
@@ -156,13 +175,18 @@ def test_forward_skips_attention_when_the_strategy_restarts():
 
 
 @pytest.fixture
-def attends(monkeypatch) -> list[tuple[int, int, torch.Tensor]]:
-    """(layer, queries, output) of every ``Forward.attend`` call: the real method, wrapped."""
-    calls: list[tuple[int, int, torch.Tensor]] = []
+def attends(monkeypatch) -> list[tuple[int, int, torch.Tensor | None]]:
+    """(layer, queries, output) of every ``Forward.attend`` call, the real method wrapped; the
+    output is None where the call stopped the layer (a propagation layer's first pass)."""
+    calls: list[tuple[int, int, torch.Tensor | None]] = []
     original = Forward.attend
 
     def recorded(self, layer_idx, query, *args):
-        out = original(self, layer_idx, query, *args)
+        try:
+            out = original(self, layer_idx, query, *args)
+        except LayerGathered:
+            calls.append((layer_idx, query.shape[2], None))
+            raise
         calls.append((layer_idx, query.shape[2], out))
         return out
 
@@ -170,18 +194,42 @@ def attends(monkeypatch) -> list[tuple[int, int, torch.Tensor]]:
     return calls
 
 
+@pytest.fixture
+def stores(monkeypatch) -> list[int]:
+    """The layer of every ``Forward._store`` call (the real method, wrapped): a layer's cache kept."""
+    layers: list[int] = []
+    original = Forward._store
+
+    def recorded(self, layer_idx, *args, **kwargs):
+        layers.append(layer_idx)
+        return original(self, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(Forward, "_store", recorded)
+    return layers
+
+
 def calls_per_layer(calls) -> list[int]:
     return [sum(1 for layer, _, _ in calls if layer == idx) for idx in range(4)]
 
 
+def passes(calls, layer: int) -> tuple[list[int], list[int]]:
+    """Queries per ``attend`` call at ``layer``: of the calls that stopped it, of those that attended."""
+    stopped = [seq for idx, seq, out in calls if idx == layer and out is None]
+    attended = [seq for idx, seq, out in calls if idx == layer and out is not None]
+    return stopped, attended
+
+
 class RecordPropagation:
-    """Observes (does not change) what ``propagate`` answered, through a pluggy wrapper."""
+    """Observes (does not change) where ``propagate`` was asked and what it answered, through a
+    pluggy wrapper."""
 
     def __init__(self) -> None:
         self.chosen: torch.Tensor | None = None
+        self.asked: list[int] = []
 
     @hookimpl(wrapper=True)
     def propagate(self, layer, scores):
+        self.asked.append(layer.layer_idx)
         chosen = yield
         if chosen is not None:
             self.chosen = chosen
@@ -215,26 +263,47 @@ def kept_positions(context) -> list[torch.Tensor]:
     return [layer.positions[layer.valid] for layer in context.cache.layers]
 
 
-@pytest.mark.parametrize("prefill", ["eager", "compiled"])
-def test_tsp_layer_runs_whole_and_attends_only_the_propagated_queries(prefill, attends, monkeypatch):
-    """FastKV with layers in chunks of 16: the TSP layer (1) runs whole, its attention rows of
-    dropped tokens are zeros; the logits equal transformers' layers on the propagated tokens, and
-    tokens, kept entries and logits equal those of the path that attends every query there."""
+# (prefill, chunk, attend calls per layer), 90 tokens per row, 45 propagated at the TSP layer (1).
+# In chunks that layer runs in two passes: its 90 tokens a chunk at a time, each call stopping the
+# layer at attention, then its 45 propagated tokens (chunks of 16: 3 calls; of 50: 1). Whole
+# (no chunks): one call, the hooks asked before attention.
+TSP_LAYER_CASES = [
+    ("eager", 16, [6, 6 + 3, 3, 3]),
+    ("compiled", 16, [6, 6 + 3, 3, 3]),
+    ("eager", 50, [2, 2 + 1, 1, 1]),
+    ("eager", None, [1, 1, 1, 1]),
+]
+
+
+@pytest.mark.parametrize(("prefill", "chunk", "calls"), TSP_LAYER_CASES)
+def test_only_the_propagated_queries_attend_at_the_tsp_layer(
+    prefill, chunk, calls, attends, stores, monkeypatch
+):
+    """FastKV, two unpadded rows: at the TSP layer only the propagated tokens' queries attend; the
+    logits equal transformers' layers on the propagated tokens; tokens, kept entries and logits
+    equal those of the path that attends every query there; each layer is stored once and its
+    hooks asked once."""
     monkeypatch.setattr(prefill_attention, "SELECTED_BLOCK", 16)  # several blocks at 90 tokens
     model = tiny_model("llama")
     rows = random_rows([90, 90])
     recorder = RecordPropagation()
-    gen = dict(max_new_tokens=6, stop_on_eos=False, prefill_chunk=16, prefill=prefill)
+    gen = dict(max_new_tokens=6, stop_on_eos=False, prefill_chunk=chunk, prefill=prefill)
     pipe = pipeline(model, "fastkv", plugins=[recorder], **gen, **TINY_FASTKV)
     assert pipe.strategy.propagation_layer() == TINY_FASTKV["tsp_layer"] == 1
     context = pipe.compress(rows)
-    # 90 tokens in 6 chunks at layer 0; the TSP layer whole; 45 tokens in 3 chunks after it.
-    assert calls_per_layer(attends) == [6, 1, 3, 3]
-    (out,) = [out for layer, _, out in attends if layer == 1]
+    assert calls_per_layer(attends) == calls
+    assert stores == recorder.asked == [0, 1, 2, 3]  # nothing stored (or asked) twice
     chosen = recorder.chosen
     assert chosen.sum(dim=-1).tolist() == [45, 45]
-    assert not out[~chosen[:, None].expand(-1, out.shape[1], -1)].any()  # dropped: not computed
-    assert out[chosen[:, None].expand(-1, out.shape[1], -1)].abs().min() > 0
+    stopped, attended = passes(attends, 1)
+    if chunk is None:  # whole: the rows of dropped tokens are not computed
+        assert (stopped, attended) == ([], [90])
+        (out,) = [out for layer, _, out in attends if layer == 1]
+        picked = chosen[:, None].expand(-1, out.shape[1], -1)
+        assert not out[~picked].any() and out[picked].abs().min() > 0
+    else:  # every token, a chunk at a time, up to attention; then the propagated tokens
+        assert sum(stopped) == 90 and max(stopped) == chunk
+        assert sum(attended) == 45 and max(attended) <= chunk
     for row, ids in enumerate(rows):
         expected = transformers_logits(model, ids, chosen[row], tsp_layer=1)
         torch.testing.assert_close(context.last_logits[row : row + 1], expected, **LOGITS)
@@ -242,7 +311,8 @@ def test_tsp_layer_runs_whole_and_attends_only_the_propagated_queries(prefill, a
     attends.clear()
     everyone = pipeline(model, NoHint, **gen, **TINY_FASTKV)
     theirs = everyone.compress(rows)
-    assert calls_per_layer(attends) == [6, 6, 3, 3]  # the TSP layer in chunks, every query attended
+    if chunk is not None:  # the TSP layer in chunks, every query attended
+        assert passes(attends, 1) == ([], [chunk] * (90 // chunk) + [90 % chunk])
     for mine, ref in zip(kept_positions(context), kept_positions(theirs), strict=True):
         assert torch.equal(mine, ref)
     for mine, ref in zip(context.cache.layers, theirs.cache.layers, strict=True):
@@ -250,6 +320,55 @@ def test_tsp_layer_runs_whole_and_attends_only_the_propagated_queries(prefill, a
     torch.testing.assert_close(context.last_logits, theirs.last_logits, **LOGITS)
     assert context.stats.tokens_per_layer == theirs.stats.tokens_per_layer == [[90, 90]] * 2 + [[45, 45]] * 2
     assert pipe(rows).token_ids == everyone(rows).token_ids
+
+
+def test_the_tsp_layer_in_chunks_stays_chunk_sized(attends):
+    """Three unpadded rows of 90 tokens in chunks of 16: every query tensor ``attend`` receives at
+    the TSP layer is chunk-sized, and that layer's MLP (observed through a hook on the model's
+    own module) runs on the propagated tokens only, a chunk at a time: the first pass stops at
+    attention. Without chunks the layer runs whole."""
+    model = tiny_model("llama")
+    mlp_tokens: list[int] = []
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda _, args: mlp_tokens.append(args[0].shape[1]))
+    rows = random_rows([90, 90, 90], seed=5)
+    pipeline(model, "fastkv", prefill_chunk=16, **TINY_FASTKV).compress(rows)
+    assert passes(attends, 1) == ([16] * 5 + [10], [16, 16, 13])
+    assert mlp_tokens == [16, 16, 13]
+
+    attends.clear(), mlp_tokens.clear()
+    pipeline(model, "fastkv", prefill_chunk=None, **TINY_FASTKV).compress(rows)
+    assert passes(attends, 1) == ([], [90]) and mlp_tokens == [90]
+
+
+class PropagateAt:
+    """Answers ``propagate`` at one layer only, with a fixed mask."""
+
+    def __init__(self, layer: int, mask: torch.Tensor) -> None:
+        self.layer, self.mask = layer, mask
+
+    @hookimpl
+    def propagate(self, layer, scores):
+        return self.mask if layer.layer_idx == self.layer else None
+
+
+@pytest.mark.parametrize("chunk", [16, None])
+def test_rows_propagating_different_numbers_of_tokens(chunk):
+    """A plugin propagating 20, 45 and 7 tokens of three unpadded rows at FastKV's TSP layer (the
+    shorter rows then carry invalid slots first): each row's logits equal transformers' layers on
+    its own propagated tokens, in two passes as whole."""
+    model = tiny_model("llama")
+    rows = random_rows([90, 90, 90], seed=8)
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.zeros(3, 90, dtype=torch.bool)
+    for row, n in enumerate([20, 45, 7]):
+        mask[row, torch.randperm(89, generator=gen)[: n - 1]] = True
+    mask[:, -1] = True  # as the pipeline: the last token always goes on
+    pipe = pipeline(model, "fastkv", prefill_chunk=chunk, plugins=[PropagateAt(1, mask)], **TINY_FASTKV)
+    context = pipe.compress(rows)
+    assert context.stats.tokens_per_layer[2] == [20, 45, 7]
+    for row, ids in enumerate(rows):
+        expected = transformers_logits(model, ids, mask[row], tsp_layer=1)
+        torch.testing.assert_close(context.last_logits[row : row + 1], expected, **LOGITS)
 
 
 class HintAt(FastKV):
@@ -261,39 +380,48 @@ class HintAt(FastKV):
         return self.hint
 
 
-@pytest.mark.parametrize("hint", [0, 3])
-def test_a_mistaken_hint_costs_nothing_but_a_whole_layer(hint, attends):
-    """The hinted layer runs whole (and attends every query); the TSP layer runs in chunks; the
-    results equal the whole-layer prefill's."""
+# (hint, chunk, attend calls per layer). A hinted layer that does not propagate, in chunks: its
+# first pass (chunks stopped at attention), then the layer again over every token in chunks; the
+# TSP layer in chunks, every query attending. Whole layers: one call each.
+MISTAKEN_HINTS = [(0, 16, [6 + 6, 6, 3, 3]), (3, 16, [6, 6, 3, 3 + 3]), (0, None, [1, 1, 1, 1])]
+
+
+@pytest.mark.parametrize(("hint", "chunk", "calls"), MISTAKEN_HINTS)
+def test_a_mistaken_hint_costs_time_never_correctness(hint, chunk, calls, attends, stores):
+    """Three unpadded rows: the results equal the whole-layer prefill's; the hinted layer is stored
+    once and its hooks asked once."""
     model = tiny_model("llama")
     rows = random_rows([90, 90, 90], seed=4)
     gen = dict(max_new_tokens=5, stop_on_eos=False)
     mistaken = type("Mistaken", (HintAt,), {"hint": hint})
-    chunked = pipeline(model, mistaken, prefill_chunk=16, **gen, **TINY_FASTKV)
-    ours = chunked.compress(rows)
-    expected = {0: [1, 6, 3, 3], 3: [6, 6, 3, 1]}[hint]
-    assert calls_per_layer(attends) == expected
+    recorder = RecordPropagation()
+    hinted = pipeline(model, mistaken, prefill_chunk=chunk, plugins=[recorder], **gen, **TINY_FASTKV)
+    ours = hinted.compress(rows)
+    assert calls_per_layer(attends) == calls
+    assert stores == recorder.asked == [0, 1, 2, 3]
+    if chunk is not None:
+        stopped, attended = passes(attends, hint)
+        assert sum(stopped) == sum(attended) == (90 if hint == 0 else 45)
     whole = pipeline(model, "fastkv", prefill_chunk=None, **gen, **TINY_FASTKV)
     theirs = whole.compress(rows)
     for mine, ref in zip(kept_positions(ours), kept_positions(theirs), strict=True):
         assert torch.equal(mine, ref)
     torch.testing.assert_close(ours.last_logits, theirs.last_logits, **LOGITS)
-    assert chunked(rows).token_ids == whole(rows).token_ids
+    assert hinted(rows).token_ids == whole(rows).token_ids
 
 
 def test_gemfilter_skips_the_filter_layers_attention_in_a_chunked_prefill(attends):
-    """GemFilter, unpadded rows in chunks of 8: the filter layer (1) runs whole and attends nothing
-    (its output is discarded for the second pass); the logits equal transformers' forward over the
-    selected tokens at their original positions."""
+    """GemFilter, unpadded rows in chunks of 8: the filter layer (1) runs its first pass only (every
+    chunk stopped at attention, nothing attends; the pipeline restarts, so no second pass); the
+    logits equal transformers' forward over the selected tokens at their original positions."""
     model = tiny_model("llama")
     rows = random_rows([40, 40], seed=6)
     recorder = RecordPropagation()
     pipe = pipeline(model, "gemfilter", filter_layer=1, retain_rate=0.25, prefill_chunk=8, plugins=[recorder])
     context = pipe.compress(rows)
-    # First pass: layer 0 in 5 chunks, the filter layer whole; second pass: 10 tokens, 2 chunks.
-    assert calls_per_layer(attends) == [5 + 2, 1 + 2, 2, 2]
-    (out,) = [out for layer, seq, out in attends if layer == 1 and seq == 40]
-    assert not out.any()
+    # First pass: layer 0 in 5 chunks, the filter layer's 5 stopped; second pass: 10 tokens, 2 chunks.
+    assert calls_per_layer(attends) == [5 + 2, 5 + 2, 2, 2]
+    assert passes(attends, 1) == ([8] * 5, [8, 2])
     for row, ids in enumerate(rows):
         positions = recorder.chosen[row].nonzero().flatten()
         with torch.no_grad():
