@@ -63,7 +63,8 @@ class EngineConfig(StrictModel):
         description="prefill full-attention layers this many tokens at a time (attention over all keys "
         "so far), which bounds their activations on a long prompt (H200, 128K: peak 19.9 vs 22.3 GiB, "
         "2.5% faster); None: whole layers. Sliding-window layers, padded batches and fp32 on CUDA run "
-        "whole layers",
+        "whole layers; the strategy's propagation layer (FastKV's TSP layer, where only the propagated "
+        "queries attend) runs in chunks up to attention, then on the propagated tokens",
     )
     prefill_rows: int | None = Field(
         None,
