@@ -284,12 +284,12 @@ def test_a_batch_refused_as_a_whole_is_run_one_sample_at_a_time(tmp_path, monkey
 
     module = importlib.import_module("kvpress_like.pipeline")  # the package exports a function of that name
 
-    def refuse_batches(adapter, prompts, prompt_lengths, call):
+    def refuse_batches(adapter, prompts, prompt_lengths, call, *rest):
         if prompt_lengths.shape[0] > 1:
             raise ConfigError(
                 f"generation.max_new_tokens: too much for {prompt_lengths.shape[0]} rows (got 4)"
             )
-        check_call(adapter, prompts, prompt_lengths, call)
+        check_call(adapter, prompts, prompt_lengths, call, *rest)
 
     monkeypatch.setattr(module, "check_call", refuse_batches)
     result = evaluate(tiny_model("llama"), CharTokenizer(), strategies=["snapkv"], budgets=[0.3],
