@@ -24,7 +24,7 @@ from kvpress_like.hookspecs import LayerView
 from kvpress_like.prefill_attention import (
     causal_attention,
     chunk_attention,
-    selected_attention_serves,
+    lse_kernel_serves,
     selected_causal_attention,
 )
 
@@ -176,7 +176,7 @@ class Forward:
         seq = query.shape[2]
         within_window = sliding_window is None or (self.contiguous and seq <= sliding_window)
         if fresh and within_window:
-            restrict = only is not None and selected_attention_serves(query)
+            restrict = only is not None and lse_kernel_serves(query)
             selected = only & self.valid if restrict else None
 
             def causal(part: tuple[slice, ...]) -> Tensor:

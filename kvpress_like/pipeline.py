@@ -175,8 +175,7 @@ class Pipeline:
             context = context.clone()  # decoding grows the cache it is given, never the caller's
         else:
             ids, valid = self._continuation(context, prompts)
-            lengths = context.cache.next_positions + valid.sum(dim=-1)
-            self._check_call(lengths, call)
+            self._check_call(context.cache.next_positions + valid.sum(dim=-1), call)
             with torch.inference_mode():
                 context = self._extend(context.clone(), ids, valid, call.engine.prefill == "compiled")
         with torch.inference_mode():

@@ -76,10 +76,10 @@ def merge_by_lse(out: Tensor, lse: Tensor, other: Tensor, other_lse: Tensor) -> 
     return merged.to(out.dtype)
 
 
-def selected_attention_serves(query: Tensor) -> bool:
-    """Whether ``selected_causal_attention`` has its fused kernels for these queries: the CPU flash
-    kernel, or cuDNN's on CUDA (as ``chunk_kernels_available``)."""
-    return query.device.type == "cpu" or (query.is_cuda and cudnn_serves(query))
+def lse_kernel_serves(tensor: Tensor) -> bool:
+    """Whether ``attention_with_lse`` (under ``chunk_attention`` and ``selected_causal_attention``)
+    has its fused kernel for inputs like ``tensor``: the CPU flash kernel, or cuDNN's on CUDA."""
+    return tensor.device.type == "cpu" or (tensor.is_cuda and cudnn_serves(tensor))
 
 
 def selected_causal_attention(
@@ -169,8 +169,6 @@ def cudnn_serves(tensor: Tensor) -> bool:
 
 
 def chunk_kernels_available(adapter: ModelAdapter) -> bool:
-    """Whether ``_attention_with_lse`` has its fused kernel here: always on CPU; on CUDA cuDNN's
-    (checked once per prefill, never per chunk; without it the layers run whole)."""
-    if adapter.device.type != "cuda":
-        return adapter.device.type == "cpu"
-    return cudnn_serves(torch.empty(0, adapter.head_dim, dtype=adapter.dtype, device=adapter.device))
+    """Whether ``attention_with_lse`` has its fused kernel for this model's layers (checked once per
+    prefill, never per chunk; without it the layers run whole)."""
+    return lse_kernel_serves(torch.empty(0, adapter.head_dim, dtype=adapter.dtype, device=adapter.device))
