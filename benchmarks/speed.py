@@ -413,7 +413,8 @@ def print_targets(rows: list[dict]) -> None:
         print(f"  {row['target'] + ' ' + row['rule']:<48} reached {row['reached']:8.2f}  {status}")
 
 
-def plot(records: list[dict], path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None (saying so) without matplotlib."""
     try:
         import matplotlib
 
@@ -421,6 +422,13 @@ def plot(records: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
+def plot(records: list[dict], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in records if "prefill_s" in r]
     cases = sorted({(r["length"], r["batch"]) for r in ok})

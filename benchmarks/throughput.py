@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import SYSTEMS, free_between_cases, limits, load_model, run_child, run_transformers
+from speed import SYSTEMS, free_between_cases, limits, load_model, pyplot, run_child, run_transformers
 
 from kvpress_like import pipeline
 
@@ -177,13 +177,8 @@ def print_table(records: list[dict]) -> None:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for system in dict.fromkeys(r["system"] for r in records):
