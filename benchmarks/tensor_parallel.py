@@ -79,7 +79,7 @@ def weight_bytes(model) -> int:
     return sum(local_shard(p).nbytes for p in model.parameters())
 
 
-def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str) -> dict:
+def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str, profiled: bool) -> dict:
     settings = FASTKV if system == "fastkv" else {}
     pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, decode=decode, **settings)
     pipe.generate(ids[:, :512], max_new_tokens=4)  # warm-up: kernels, the compiled step
@@ -89,12 +89,32 @@ def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str) 
     _sync()
     prefill = time.perf_counter() - start
     out = pipe.generate(context=context)
-    return {
+    row = {
         "prefill_s": prefill,
         "decode_ms": 1e3 * out.stats.decode_seconds_per_token,
         "kept_cache_bytes": context.stats.cache_bytes_kept,
         "tokens": out.token_ids[0][:8],
     }
+    if profiled:  # one more prefill, under the profiler: where this rank's time goes
+        del context
+        row["prefill_profile"] = profile_prefill(lambda: pipe.compress(ids))
+    return row
+
+
+def profile_prefill(run) -> dict:
+    """Wall and kernel seconds of ``run()`` and its top kernels (``profile_fastkv.kernel_table``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_fastkv import kernel_table
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        _sync()
+        wall = time.perf_counter() - start
+    table, kernel_ms = kernel_table(prof, 25)
+    return {"wall_s": wall, "kernel_s": kernel_ms / 1e3, "kernels": table}
 
 
 @torch.inference_mode()
@@ -128,6 +148,7 @@ def main() -> None:
     parser.add_argument("--decode", default="compiled", help="kvpress_like's decode mode")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", action="store_true", help="profile one more prefill per system")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -156,7 +177,7 @@ def main() -> None:
             if system == "transformers":
                 row = run_transformers(model, ids, args.steps)
             else:
-                row = run_kvpress(model, system, ids, args.steps, args.decode)
+                row = run_kvpress(model, system, ids, args.steps, args.decode, args.profile)
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
             if mesh is not None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
