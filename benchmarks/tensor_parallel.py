@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpress_like import pipeline
+from kvpress_like import decode, pipeline
 from kvpress_like.parallel import local_shard, shard_model
 
 SHAPES = {
@@ -79,10 +79,13 @@ def weight_bytes(model) -> int:
     return sum(local_shard(p).nbytes for p in model.parameters())
 
 
-def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, decode: str, profiled: bool) -> dict:
+def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, mode: str, profiled: bool) -> dict:
     settings = FASTKV if system == "fastkv" else {}
-    pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, decode=decode, **settings)
+    pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, decode=mode, **settings)
     pipe.generate(ids[:, :512], max_new_tokens=4)  # warm-up: kernels, the compiled step
+    # and a prefill at the measured length: the first one there ran 1.5 s (1 GPU) and 2.4 s
+    # (2 GPUs) slower than the next (8B, 128K, H200 pair): kernel plans for new shapes, the allocator
+    pipe.compress(ids)
     _sync()
     start = time.perf_counter()
     context = pipe.compress(ids)
@@ -119,7 +122,7 @@ def profile_prefill(run) -> dict:
 
 @torch.inference_mode()
 def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
-    model(ids[:, :512], use_cache=True, logits_to_keep=1)  # warm-up
+    model(ids, use_cache=True, logits_to_keep=1)  # warm-up at the measured length, as for kvpress
     _sync()
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
@@ -149,8 +152,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile one more prefill per system")
+    parser.add_argument(
+        "--all-reduce", choices=("one-shot", "nccl"), default="one-shot",
+        help="the compiled decode step's all-reduces (decode.ONE_SHOT_ALL_REDUCE)",
+    )  # fmt: skip
     args = parser.parse_args()
 
+    decode.ONE_SHOT_ALL_REDUCE = args.all_reduce == "one-shot"
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mesh = None
@@ -183,6 +191,7 @@ def main() -> None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             floor_ms = 1e3 * (weights + row["kept_cache_bytes"]) / PEAK_BYTES
             row.update(shape=args.shape, gpus=world, length=length, system=system, floor_ms=floor_ms,
+                       all_reduce=args.all_reduce if world > 1 and system != "transformers" else None,
                        peak_gib_max_rank=float(peak), weights_gib_per_rank=weights / 2**30,
                        decode_vs_floor=row["decode_ms"] / floor_ms)  # fmt: skip
             rows.append(row)
