@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpress_like import decode, pipeline
+from kvpress_like import pipeline
 from kvpress_like.parallel import local_shard, shard_model
 
 SHAPES = {
@@ -49,8 +49,9 @@ FASTKV = dict(tsp_rate=0.2, retain_rate=0.1)  # tsp_layer: the strategy's defaul
 PEAK_BYTES = 4.22e12  # measured H200 copy bandwidth (benchmarks/ceilings.py, docs/performance.md)
 
 
-def build(shape: str, device: torch.device, mesh) -> LlamaForCausalLM:
+def build(shape: str, device: torch.device, mesh, layers: int | None = None) -> LlamaForCausalLM:
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 17, rope_theta=500000.0)
+    config.num_hidden_layers = layers or config.num_hidden_layers
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     if mesh is not None:
@@ -98,14 +99,16 @@ def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, mode: str, pr
         "kept_cache_bytes": context.stats.cache_bytes_kept,
         "tokens": out.token_ids[0][:8],
     }
-    if profiled:  # one more prefill, under the profiler: where this rank's time goes
+    if profiled:  # one more prefill and a few steps under the profiler: where this rank's time goes
+        row["decode_profile"] = profiled_run(lambda: pipe.generate(context=context, max_new_tokens=8))
         del context
-        row["prefill_profile"] = profile_prefill(lambda: pipe.compress(ids))
+        row["prefill_profile"] = profiled_run(lambda: pipe.compress(ids))
     return row
 
 
-def profile_prefill(run) -> dict:
-    """Wall and kernel seconds of ``run()`` and its top kernels (``profile_fastkv.kernel_table``)."""
+def profiled_run(run) -> dict:
+    """Wall and kernel seconds of ``run()``, its top kernels (``profile_fastkv.kernel_table``) and
+    the host calls that took the most time (graph launches or kernel launches?)."""
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,7 +120,10 @@ def profile_prefill(run) -> dict:
         _sync()
         wall = time.perf_counter() - start
     table, kernel_ms = kernel_table(prof, 25)
-    return {"wall_s": wall, "kernel_s": kernel_ms / 1e3, "kernels": table}
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    host_calls = [{"name": e.key[:80], "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                  for e in host]  # fmt: skip
+    return {"wall_s": wall, "kernel_s": kernel_ms / 1e3, "kernels": table, "host": host_calls}
 
 
 @torch.inference_mode()
@@ -152,13 +158,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile one more prefill per system")
-    parser.add_argument(
-        "--all-reduce", choices=("one-shot", "nccl"), default="one-shot",
-        help="the compiled decode step's all-reduces (decode.ONE_SHOT_ALL_REDUCE)",
-    )  # fmt: skip
+    parser.add_argument("--layers", type=int, help="fewer layers than the shape has (quick checks)")
     args = parser.parse_args()
 
-    decode.ONE_SHOT_ALL_REDUCE = args.all_reduce == "one-shot"
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mesh = None
@@ -170,7 +172,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     start = time.perf_counter()
-    model = build(args.shape, device, mesh)
+    model = build(args.shape, device, mesh, args.layers)
     rows, build_s = [], time.perf_counter() - start
     weights = weight_bytes(model)
     for length in args.lengths:
@@ -190,8 +192,8 @@ def main() -> None:
             if mesh is not None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             floor_ms = 1e3 * (weights + row["kept_cache_bytes"]) / PEAK_BYTES
-            row.update(shape=args.shape, gpus=world, length=length, system=system, floor_ms=floor_ms,
-                       all_reduce=args.all_reduce if world > 1 and system != "transformers" else None,
+            row.update(shape=args.shape, layers=model.config.num_hidden_layers, gpus=world, length=length,
+                       system=system, floor_ms=floor_ms,
                        peak_gib_max_rank=float(peak), weights_gib_per_rank=weights / 2**30,
                        decode_vs_floor=row["decode_ms"] / floor_ms)  # fmt: skip
             rows.append(row)

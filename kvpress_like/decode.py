@@ -57,12 +57,6 @@ SYMBOLIC_CAPACITY = True
 # CUDA graphs, a new capture of the same code) instead of compiling again. Batch 1 compiles its
 # own step (dynamo specialises sizes 0 and 1), every larger batch shares one.
 SYMBOLIC_BATCH = True
-# Under tensor parallelism the step all-reduces twice per layer one token's hidden state (8-16 KB
-# at batch 1). H200 pair, in a CUDA graph (benchmarks/collectives.py): NCCL 11.8 us, the one-shot
-# kernel over symmetric memory 6.3 us. Inductor lowers the step's all-reduces to it when asked
-# (``_collective.auto_select``) for tensors up to 128 KB. Its size check cannot take a symbolic
-# batch, so a sharded step compiles once per batch size.
-ONE_SHOT_ALL_REDUCE = True
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -146,10 +140,9 @@ class StaticDecoder:
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        options, self.symbolic_batch = COMPILE_OPTIONS, SYMBOLIC_BATCH
-        if compiled and ONE_SHOT_ALL_REDUCE and adapter.parallel.symmetric_memory():
-            options, self.symbolic_batch = {**options, "_collective.auto_select": True}, False
-        self.step = torch.compile(self._step, fullgraph=True, options=options) if compiled else self._step
+        self.step = (
+            torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS) if compiled else self._step
+        )
 
     def _buffers(self, index: int) -> StaticLayer:
         """Layer ``index``'s buffers, made now if they are the next ones to make."""
@@ -179,7 +172,7 @@ class StaticDecoder:
             for layer in self.layers:
                 for buffer in (layer.keys, layer.values, layer.positions):
                     torch._dynamo.mark_dynamic(buffer, 2)
-        if self.symbolic_batch:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
+        if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
             for buffer in buffers:
                 torch._dynamo.maybe_mark_dynamic(buffer, 0)
 
@@ -328,7 +321,7 @@ class StaticSession:
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1
-        if self.compiled and self.decoder.symbolic_batch:  # per-call inputs: their batch axis is the buffers'
+        if self.compiled and SYMBOLIC_BATCH:  # per-call inputs: their batch axis is the buffers'
             for tensor in (tokens, noise):
                 if tensor is not None:
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
