@@ -29,6 +29,7 @@ import torch
 
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
+from kvpress_like.graph_step import GraphedStep
 from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 from kvpress_like.sampling import Sampling, choose
 
@@ -57,6 +58,16 @@ SYMBOLIC_CAPACITY = True
 # CUDA graphs, a new capture of the same code) instead of compiling again. Batch 1 compiles its
 # own step (dynamo specialises sizes 0 and 1), every larger batch shares one.
 SYMBOLIC_BATCH = True
+# A sharded model's step replays CUDA graphs of our own (graph_step.py), not cudagraph trees,
+# whose per-call host work outgrew the GPU's step under tensor parallelism.
+OWN_GRAPHS_SHARDED = True
+# ... and all-reduces one token's hidden state (8-16 KB at batch 1) twice per layer. H200 pair, in
+# a CUDA graph (benchmarks/collectives.py): NCCL 11.8 us, the one-shot kernel over symmetric memory
+# (peer loads, no NVLink multicast) 6.3 us. Inductor lowers the step's all-reduces of up to 128 KB
+# to it when asked (``_collective.auto_select``); its size check cannot take a symbolic batch, so
+# that step compiles once per batch size. Its buffers must be allocated outside any capture: with
+# cudagraph trees they landed in the trees' pool, which refused them (torch 2.11).
+ONE_SHOT_ALL_REDUCE = True
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -140,9 +151,18 @@ class StaticDecoder:
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        self.step = (
-            torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS) if compiled else self._step
-        )
+        self.symbolic_batch = SYMBOLIC_BATCH
+        self.step = self._step
+        if not compiled:
+            return
+        if OWN_GRAPHS_SHARDED and adapter.parallel.size > 1 and device.type == "cuda":
+            options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}
+            if ONE_SHOT_ALL_REDUCE and adapter.parallel.symmetric_memory():
+                options["_collective.auto_select"], self.symbolic_batch = True, False
+            compiled_step = torch.compile(self._step, fullgraph=True, options=options)
+            self.step = GraphedStep(compiled_step, self.steps_done)
+        else:
+            self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
 
     def _buffers(self, index: int) -> StaticLayer:
         """Layer ``index``'s buffers, made now if they are the next ones to make."""
@@ -172,7 +192,7 @@ class StaticDecoder:
             for layer in self.layers:
                 for buffer in (layer.keys, layer.values, layer.positions):
                     torch._dynamo.mark_dynamic(buffer, 2)
-        if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
+        if self.symbolic_batch:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
             for buffer in buffers:
                 torch._dynamo.maybe_mark_dynamic(buffer, 0)
 
@@ -321,7 +341,7 @@ class StaticSession:
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1
-        if self.compiled and SYMBOLIC_BATCH:  # per-call inputs: their batch axis is the buffers'
+        if self.compiled and self.decoder.symbolic_batch:  # per-call inputs: their batch axis is the buffers'
             for tensor in (tokens, noise):
                 if tensor is not None:
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)

@@ -114,6 +114,20 @@ class TensorParallel:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def symmetric_memory(self) -> bool:
+        """Set up symmetric memory for this group, so that compiled code may all-reduce small
+        tensors with the one-shot kernel (each rank loads its peers' buffers; no NVLink
+        multicast); whether it could (CUDA ranks whose GPUs all reach each other)."""
+        if self.size == 1 or not torch.cuda.is_available() or dist.get_backend(self.group) != "nccl":
+            return False
+        gpus = range(torch.cuda.device_count())
+        if not all(torch.cuda.can_device_access_peer(a, b) for a in gpus for b in gpus if a != b):
+            return False
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        enable_symm_mem_for_group(self.group.group_name)
+        return True
+
     def agree(self, mask: torch.Tensor) -> bool:
         """Whether every rank holds the same bool ``mask`` (two all-reduces and one host sync)."""
         if self.size == 1:
