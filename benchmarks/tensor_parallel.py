@@ -147,6 +147,45 @@ def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
             "kept_cache_bytes": kept}  # fmt: skip
 
 
+COLUMNS = ("shape", "GPUs", "tokens", "system", "prefill s", "decode ms/token", "floor ms", "decode / floor",
+           "peak GiB (max rank)", "weights GiB/rank")  # fmt: skip
+
+
+def report(folder: Path) -> str:
+    """A markdown table of the rows of every ``tp-*.json`` in ``folder``, smaller models first,
+    and their plot beside them (``tp.png``: decode against its floor, prefill)."""
+    rows = [row for path in folder.glob("tp-*.json") for row in json.loads(path.read_text())["rows"]]
+    rows.sort(key=lambda r: (r["weights_gib_per_rank"] * r["gpus"], r["gpus"], r["length"], r["system"]))
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        values = (r["shape"], r["gpus"], r["length"], r["system"], f"{r['prefill_s']:.2f}",
+                  f"{r['decode_ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['decode_vs_floor']:.2f}x",
+                  f"{r['peak_gib_max_rank']:.1f}", f"{r['weights_gib_per_rank']:.1f}")  # fmt: skip
+        lines.append("| " + " | ".join(map(str, values)) + " |")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import pyplot
+
+    plt = pyplot()
+    if plt is not None and rows:
+        labels = [f"{r['shape']} {r['length'] // 1024}K\n{r['gpus']} GPU {r['system']}" for r in rows]
+        at = range(len(rows))
+        fig, (decode, prefill) = plt.subplots(1, 2, figsize=(12, 4.5))
+        decode.bar(at, [r["decode_ms"] for r in rows], label="decode")
+        floors = [r["floor_ms"] for r in rows]
+        decode.scatter(at, floors, color="black", marker="_", s=400, label="floor", zorder=3)
+        decode.set_yscale("log")
+        decode.set_title("decode ms/token (log) against its bandwidth floor")
+        decode.legend()
+        prefill.bar(at, [r["prefill_s"] for r in rows])
+        prefill.set_title("prefill s")
+        for ax in (decode, prefill):
+            ax.set_xticks(list(at), labels, fontsize=7)
+            ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(folder / "tp.png", dpi=120)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,7 +198,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile one more prefill per system")
     parser.add_argument("--layers", type=int, help="fewer layers than the shape has (quick checks)")
+    parser.add_argument("--report", type=Path, help="only tabulate and plot the results in this folder")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))

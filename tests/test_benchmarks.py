@@ -108,6 +108,14 @@ def test_tensor_parallel_benchmark_smoke_run(tmp_path):
     fastkv, full = rows
     assert fastkv["kept_cache_bytes"] < full["kept_cache_bytes"] / 5  # retain_rate 0.1, per rank
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+    table = subprocess.run(
+        [sys.executable, str(script), "--report", str(tmp_path)], capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr[-2000:]
+    body = [line for line in table.stdout.splitlines() if line.startswith("| tiny")]
+    assert [line.split(" | ")[3] for line in body] == ["fastkv", "transformers"]
+    assert [float(line.split(" | ")[5]) for line in body] == [round(r["decode_ms"], 2) for r in rows]
+    assert (tmp_path / "tp.png").stat().st_size > 0
 
 
 def test_throughput_benchmark_smoke_run(tmp_path):
