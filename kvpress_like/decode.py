@@ -58,9 +58,10 @@ SYMBOLIC_CAPACITY = True
 # CUDA graphs, a new capture of the same code) instead of compiling again. Batch 1 compiles its
 # own step (dynamo specialises sizes 0 and 1), every larger batch shares one.
 SYMBOLIC_BATCH = True
-# A sharded model's step replays CUDA graphs of our own (graph_step.py), not cudagraph trees,
-# whose per-call host work outgrew the GPU's step under tensor parallelism.
-OWN_GRAPHS_SHARDED = True
+# Which compiled steps replay CUDA graphs of our own (graph_step.py) instead of cudagraph trees,
+# whose per-call host work outgrew the GPU's step under tensor parallelism: "sharded" models',
+# "always" (tests, measurements) or "never".
+OWN_GRAPHS = "sharded"
 # ... and all-reduces one token's hidden state (8-16 KB at batch 1) twice per layer. H200 pair, in
 # a CUDA graph (benchmarks/collectives.py): NCCL 11.8 us, the one-shot kernel over symmetric memory
 # (peer loads, no NVLink multicast) 6.3 us. Inductor lowers the step's all-reduces of up to 128 KB
@@ -155,7 +156,8 @@ class StaticDecoder:
         self.step = self._step
         if not compiled:
             return
-        if OWN_GRAPHS_SHARDED and adapter.parallel.size > 1 and device.type == "cuda":
+        sharded = adapter.parallel.size > 1
+        if device.type == "cuda" and (OWN_GRAPHS == "always" or (OWN_GRAPHS == "sharded" and sharded)):
             options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}
             if ONE_SHOT_ALL_REDUCE and adapter.parallel.symmetric_memory():
                 options["_collective.auto_select"], self.symbolic_batch = True, False

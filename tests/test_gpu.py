@@ -326,6 +326,24 @@ def test_new_batch_sizes_reuse_the_compiled_step_and_sampling_runs_inside_it(mon
     assert pipe(prompts[:4], **sample).token_ids == pipe(prompts[:4], decode="eager", **sample).token_ids
 
 
+def test_a_step_on_own_cuda_graphs_decodes_as_the_eager_loop(monkeypatch, fresh_dynamo):
+    """The compiled step replayed from graph_step.py's graphs (a sharded model's path, here on one
+    GPU): greedy, sampled and sampled with top-k/top-p, two calls in a row on the same decoder,
+    give the eager loop's tokens."""
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "OWN_GRAPHS", "always")
+    model = _gpu_model("llama", torch.float32)
+    pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False, decode="compiled")
+    prompts = random_rows([90, 61, 120, 77], seed=5)
+    for asked in ({}, dict(do_sample=True, temperature=0.7, seed=1),
+                  dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=3)):  # fmt: skip
+        for rows in (prompts[:2], prompts[2:]):
+            assert pipe(rows, **asked).token_ids == pipe(rows, decode="eager", **asked).token_ids
+    (decoder,) = pipe._decoders.decoders.values()
+    assert isinstance(decoder.step, decode.GraphedStep) and len(decoder.step.graphs) == 3
+
+
 @pytest.mark.parametrize(
     ("seq", "block", "picks"),
     [(300, 64, [0, 5, 64, 65, 130, 299]), (129, 64, [128]), (200, 1000, [*range(0, 200, 3), 199])],
