@@ -80,9 +80,9 @@ def weight_bytes(model) -> int:
     return sum(local_shard(p).nbytes for p in model.parameters())
 
 
-def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, mode: str, profiled: bool) -> dict:
+def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, modes: dict, profiled: bool) -> dict:
     settings = FASTKV if system == "fastkv" else {}
-    pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, decode=mode, **settings)
+    pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, **modes, **settings)
     pipe.generate(ids[:, :512], max_new_tokens=4)  # warm-up: kernels, the compiled step
     # and a prefill at the measured length: the first one there ran 1.5 s (1 GPU) and 2.4 s
     # (2 GPUs) slower than the next (8B, 128K, H200 pair): kernel plans for new shapes, the allocator
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072])
     parser.add_argument("--systems", default="fastkv,full")
     parser.add_argument("--decode", default="compiled", help="kvpress_like's decode mode")
+    parser.add_argument("--prefill", default="eager", help="kvpress_like's prefill mode (eager, compiled)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile one more prefill per system")
@@ -230,13 +231,15 @@ def main() -> None:
             if system == "transformers":
                 row = run_transformers(model, ids, args.steps)
             else:
-                row = run_kvpress(model, system, ids, args.steps, args.decode, args.profile)
+                modes = dict(decode=args.decode, prefill=args.prefill)
+                row = run_kvpress(model, system, ids, args.steps, modes, args.profile)
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
             if mesh is not None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             floor_ms = 1e3 * (weights + row["kept_cache_bytes"]) / PEAK_BYTES
             row.update(shape=args.shape, layers=model.config.num_hidden_layers, gpus=world, length=length,
-                       system=system, floor_ms=floor_ms,
+                       system=system, prefill=args.prefill if system != "transformers" else "eager",
+                       floor_ms=floor_ms,
                        peak_gib_max_rank=float(peak), weights_gib_per_rank=weights / 2**30,
                        decode_vs_floor=row["decode_ms"] / floor_ms)  # fmt: skip
             rows.append(row)

@@ -43,6 +43,16 @@ def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
     assert [c["tokens"] for c in reports[0]["cases"]] == [c["tokens"] for c in reports[1]["cases"]]
 
 
+def test_compiled_prefill_traces_the_sharded_layers_and_keeps_the_same_tokens(tmp_path):
+    """``prefill="compiled"`` on the sharded model (torch.compile through DTensor) against the
+    unsharded model's eager prefill: same tokens, same kept positions per KV head."""
+    args = ("--families", "llama", "--strategies", "fastkv,adakv", "--decode", "eager")
+    for report in run_worker(tmp_path, *args, "--prefill", "compiled"):
+        assert [c["strategy"] for c in report["cases"]] == ["fastkv", "adakv"]
+        for case in report["cases"]:
+            assert case["tokens_equal"] and case["kept_equal"], case
+
+
 def test_a_plan_that_does_not_split_heads_is_refused():
     with pytest.raises(UnsupportedModelError, match="colwise_gather_output"):
         tensor_parallel_plan(tiny_model("phi3"))

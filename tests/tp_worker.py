@@ -53,8 +53,8 @@ def kept_positions(context) -> list[list[list[list[int]]]]:
     return out
 
 
-def run(model, strategy: str, decode: list[str], device: str) -> dict:
-    pipe = pipeline(model, strategy, max_new_tokens=6, stop_on_eos=False, **CASES[strategy])
+def run(model, strategy: str, decode: list[str], prefill: str) -> dict:
+    pipe = pipeline(model, strategy, max_new_tokens=6, stop_on_eos=False, prefill=prefill, **CASES[strategy])
     rows = random_rows(LENGTHS, seed=11)
     result = {"kept": kept_positions(pipe.compress(rows))}
     for mode in decode:
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--families", default="llama,qwen3")
     parser.add_argument("--decode", default="eager,static")
     parser.add_argument("--strategies", default=",".join(CASES))
+    parser.add_argument("--prefill", default="eager", help="the sharded run's prefill mode")
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -101,9 +102,9 @@ def main() -> None:
     for family in args.families.split(","):
         for strategy in args.strategies.split(","):
             model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
-            reference = run(model, strategy, decode, args.device)
+            reference = run(model, strategy, decode, "eager")
             shard_model(model, init_device_mesh(args.device, (world,)))
-            sharded = run(model, strategy, decode, args.device)
+            sharded = run(model, strategy, decode, args.prefill)
             heads = len(sharded["kept"][0][0])
             mine = slice(rank * heads, (rank + 1) * heads)
             expected_kept = [[row[mine] for row in layer] for layer in reference["kept"]]
