@@ -62,7 +62,7 @@ SYMBOLIC_BATCH = True
 # whose per-call host work outgrew the GPU's step under tensor parallelism: "sharded" models',
 # "always" (tests, measurements) or "never".
 OWN_GRAPHS = "sharded"
-# ... and all-reduces one token's hidden state (8-16 KB at batch 1) twice per layer. H200 pair, in
+# A sharded step all-reduces one token's hidden state (8-16 KB at batch 1) twice per layer. H200 pair, in
 # a CUDA graph (benchmarks/collectives.py): NCCL 11.8 us, the one-shot kernel over symmetric memory
 # (peer loads, no NVLink multicast) 6.3 us. Inductor lowers the step's all-reduces of up to 128 KB
 # to it when asked (``_collective.auto_select``); its size check cannot take a symbolic batch, so
