@@ -85,7 +85,7 @@ def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, modes: dict, 
     pipe = pipeline(model, system, max_new_tokens=steps, stop_on_eos=False, **modes, **settings)
     pipe.generate(ids[:, :512], max_new_tokens=4)  # warm-up: kernels, the compiled step
     # and a prefill at the measured length: the first one there ran 1.5 s (1 GPU) and 2.4 s
-    # (2 GPUs) slower than the next (8B, 128K, H200 pair): kernel plans for new shapes, the allocator
+    # (2 GPUs) slower than the next (8B, 128K, H200 pair; not yet attributed, docs/tensor_parallel.md)
     pipe.compress(ids)
     _sync()
     start = time.perf_counter()
