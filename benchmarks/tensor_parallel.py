@@ -152,38 +152,63 @@ COLUMNS = ("shape", "GPUs", "tokens", "system", "prefill s", "decode ms/token", 
 
 
 def report(folder: Path) -> str:
-    """A markdown table of the rows of every ``tp-*.json`` in ``folder``, smaller models first,
-    and their plot beside them (``tp.png``: decode against its floor, prefill)."""
+    """Markdown tables of the rows of every ``tp-*.json`` in ``folder`` (smaller models first) and
+    of each sharded row's speed-up over the same case on one GPU, and their plot (``tp.png``)."""
     rows = [row for path in folder.glob("tp-*.json") for row in json.loads(path.read_text())["rows"]]
     rows.sort(key=lambda r: (r["weights_gib_per_rank"] * r["gpus"], r["gpus"], r["length"], r["system"]))
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [_row(COLUMNS), "|" + "---|" * len(COLUMNS)]
     for r in rows:
         values = (r["shape"], r["gpus"], r["length"], r["system"], f"{r['prefill_s']:.2f}",
                   f"{r['decode_ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['decode_vs_floor']:.2f}x",
                   f"{r['peak_gib_max_rank']:.1f}", f"{r['weights_gib_per_rank']:.1f}")  # fmt: skip
-        lines.append("| " + " | ".join(map(str, values)) + " |")
+        lines.append(_row(values))
+    _plot(rows, folder / "tp.png")
+    return "\n".join([*lines, "", *_scaling(rows)])
+
+
+def _row(values) -> str:
+    return "| " + " | ".join(map(str, values)) + " |"
+
+
+def _scaling(rows: list[dict]) -> list[str]:
+    """Speed-up on N GPUs over one, and the scaling efficiency (speed-up / N), per case."""
+    single = {(r["shape"], r["length"], r["system"]): r for r in rows if r["gpus"] == 1}
+    columns = ("shape", "tokens", "system", "GPUs", "prefill speed-up", "decode speed-up",
+               "efficiency (prefill / decode)")  # fmt: skip
+    lines = [_row(columns), "|" + "---|" * len(columns)]
+    for r in rows:
+        one = single.get((r["shape"], r["length"], r["system"]))
+        if r["gpus"] > 1 and one is not None:
+            prefill, decode = one["prefill_s"] / r["prefill_s"], one["decode_ms"] / r["decode_ms"]
+            efficiency = f"{prefill / r['gpus']:.0%} / {decode / r['gpus']:.0%}"
+            lines.append(_row((r["shape"], r["length"], r["system"], r["gpus"], f"{prefill:.2f}x",
+                               f"{decode:.2f}x", efficiency)))  # fmt: skip
+    return lines if len(lines) > 2 else []
+
+
+def _plot(rows: list[dict], path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from speed import pyplot
 
     plt = pyplot()
-    if plt is not None and rows:
-        labels = [f"{r['shape']} {r['length'] // 1024}K\n{r['gpus']} GPU {r['system']}" for r in rows]
-        at = range(len(rows))
-        fig, (decode, prefill) = plt.subplots(1, 2, figsize=(12, 4.5))
-        decode.bar(at, [r["decode_ms"] for r in rows], label="decode")
-        floors = [r["floor_ms"] for r in rows]
-        decode.scatter(at, floors, color="black", marker="_", s=400, label="floor", zorder=3)
-        decode.set_yscale("log")
-        decode.set_title("decode ms/token (log) against its bandwidth floor")
-        decode.legend()
-        prefill.bar(at, [r["prefill_s"] for r in rows])
-        prefill.set_title("prefill s")
-        for ax in (decode, prefill):
-            ax.set_xticks(list(at), labels, fontsize=7)
-            ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(folder / "tp.png", dpi=120)
-    return "\n".join(lines)
+    if plt is None or not rows:
+        return
+    labels = [f"{r['shape']} {r['length'] // 1024}K\n{r['gpus']} GPU {r['system']}" for r in rows]
+    at = range(len(rows))
+    fig, (decode, prefill) = plt.subplots(1, 2, figsize=(12, 4.5))
+    decode.bar(at, [r["decode_ms"] for r in rows], label="decode")
+    floors = [r["floor_ms"] for r in rows]
+    decode.scatter(at, floors, color="black", marker="_", s=400, label="floor", zorder=3)
+    decode.set_yscale("log")
+    decode.set_title("decode ms/token (log) against its bandwidth floor")
+    decode.legend()
+    prefill.bar(at, [r["prefill_s"] for r in rows])
+    prefill.set_title("prefill s")
+    for ax in (decode, prefill):
+        ax.set_xticks(list(at), labels, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:

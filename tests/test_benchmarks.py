@@ -94,11 +94,13 @@ def test_contexts_benchmark_smoke_run(tmp_path):
 
 
 def test_tensor_parallel_benchmark_smoke_run(tmp_path):
-    """Two gloo ranks on a tiny shape: kvpress_like and transformers' own sharded forward."""
+    """Two gloo ranks on a tiny shape: kvpress_like and transformers' own sharded forward; one
+    process; the report's tables from both."""
     script = SCRIPT.with_name("tensor_parallel.py")
-    args = ["--shape", "tiny", "--lengths", "128", "--systems", "fastkv,transformers", "--decode", "static"]
+    case = ["--shape", "tiny", "--lengths", "128", "--decode", "static", "--steps", "3"]
+    case += ["--out", str(tmp_path)]
     done = subprocess.run(
-        [*torchrun(2), str(script), *args, "--steps", "3", "--out", str(tmp_path)],
+        [*torchrun(2), str(script), *case, "--systems", "fastkv,transformers"],
         capture_output=True,
         text=True,
     )
@@ -108,13 +110,23 @@ def test_tensor_parallel_benchmark_smoke_run(tmp_path):
     fastkv, full = rows
     assert fastkv["kept_cache_bytes"] < full["kept_cache_bytes"] / 5  # retain_rate 0.1, per rank
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+    one = subprocess.run(  # the same case in one process: the report's speed-up over one GPU
+        [sys.executable, str(script), *case, "--systems", "fastkv"],
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    (single,) = json.loads((tmp_path / "tp-tiny-1gpu.json").read_text())["rows"]
     table = subprocess.run(
         [sys.executable, str(script), "--report", str(tmp_path)], capture_output=True, text=True
     )
     assert table.returncode == 0, table.stderr[-2000:]
-    body = [line for line in table.stdout.splitlines() if line.startswith("| tiny")]
-    assert [line.split(" | ")[3] for line in body] == ["fastkv", "transformers"]
-    assert [float(line.split(" | ")[5]) for line in body] == [round(r["decode_ms"], 2) for r in rows]
+    cells = [line.split(" | ") for line in table.stdout.splitlines() if line.startswith("| tiny")]
+    results, scaling = cells[:3], cells[3:]
+    assert [(c[1], c[3]) for c in results] == [("1", "fastkv"), ("2", "fastkv"), ("2", "transformers")]
+    assert [float(c[5]) for c in results] == [round(r["decode_ms"], 2) for r in (single, *rows)]
+    (speedup,) = scaling  # fastkv on 2 ranks against 1
+    assert float(speedup[5].rstrip("x")) == round(single["decode_ms"] / fastkv["decode_ms"], 2)
     assert (tmp_path / "tp.png").stat().st_size > 0
 
 
