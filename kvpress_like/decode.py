@@ -65,9 +65,10 @@ OWN_GRAPHS = "sharded"
 # A sharded step all-reduces one token's hidden state (8-16 KB at batch 1) twice per layer. H200 pair, in
 # a CUDA graph (benchmarks/collectives.py): NCCL 11.8 us, the one-shot kernel over symmetric memory
 # (peer loads, no NVLink multicast) 6.3 us. Inductor lowers the step's all-reduces of up to 128 KB
-# to it when asked (``_collective.auto_select``); its size check cannot take a symbolic batch, so
-# that step compiles once per batch size. Its buffers must be allocated outside any capture: with
-# cudagraph trees they landed in the trees' pool, which refused them (torch 2.11).
+# to it when asked (``_collective.auto_select``), but its size check cannot take a symbolic batch:
+# only the batch-1 step, compiled on its own anyway, asks; larger batches keep one compiled step
+# for all (NCCL). Its buffers must be allocated outside any capture: with cudagraph trees they
+# landed in the trees' pool, which refused them (torch 2.11).
 ONE_SHOT_ALL_REDUCE = True
 
 
@@ -152,15 +153,14 @@ class StaticDecoder:
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        self.symbolic_batch = SYMBOLIC_BATCH
         self.step = self._step
         if not compiled:
             return
         sharded = adapter.parallel.size > 1
         if device.type == "cuda" and (OWN_GRAPHS == "always" or (OWN_GRAPHS == "sharded" and sharded)):
             options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}
-            if ONE_SHOT_ALL_REDUCE and adapter.parallel.symmetric_memory():
-                options["_collective.auto_select"], self.symbolic_batch = True, False
+            if ONE_SHOT_ALL_REDUCE and batch == 1 and adapter.parallel.symmetric_memory():
+                options["_collective.auto_select"] = True
             compiled_step = torch.compile(self._step, fullgraph=True, options=options)
             self.step = GraphedStep(compiled_step, self.steps_done)
         else:
@@ -194,7 +194,7 @@ class StaticDecoder:
             for layer in self.layers:
                 for buffer in (layer.keys, layer.values, layer.positions):
                     torch._dynamo.mark_dynamic(buffer, 2)
-        if self.symbolic_batch:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
+        if SYMBOLIC_BATCH:  # "maybe": a batch of 1 is specialised (dynamo's 0/1 rule)
             for buffer in buffers:
                 torch._dynamo.maybe_mark_dynamic(buffer, 0)
 
@@ -343,7 +343,7 @@ class StaticSession:
             bigger.take_over(self.decoder)
             self.decoder = bigger
         self.steps += 1
-        if self.compiled and self.decoder.symbolic_batch:  # per-call inputs: their batch axis is the buffers'
+        if self.compiled and SYMBOLIC_BATCH:  # per-call inputs: their batch axis is the buffers'
             for tensor in (tokens, noise):
                 if tensor is not None:
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
