@@ -53,6 +53,20 @@ def test_compiled_prefill_traces_the_sharded_layers_and_keeps_the_same_tokens(tm
             assert case["tokens_equal"] and case["kept_equal"], case
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("lengths", ["61,37", "61"])
+def test_two_nccl_ranks_match_the_unsharded_model_in_every_decode_mode(tmp_path, lengths):
+    """Two GPUs, NCCL: eager, static and compiled decode (the step on its own CUDA graphs; at
+    batch 1 its all-reduces on the one-shot kernel) give the unsharded model's tokens."""
+    args = ("--device", "cuda", "--families", "llama", "--strategies", "fastkv,adakv")
+    reports = run_worker(tmp_path, *args, "--decode", "eager,static,compiled", "--lengths", lengths)
+    for report in reports:
+        for case in report["cases"]:
+            assert case["tokens_equal"] and case["kept_equal"], case
+    assert [c["tokens"] for c in reports[0]["cases"]] == [c["tokens"] for c in reports[1]["cases"]]
+
+
 def test_a_plan_that_does_not_split_heads_is_refused():
     with pytest.raises(UnsupportedModelError, match="colwise_gather_output"):
         tensor_parallel_plan(tiny_model("phi3"))

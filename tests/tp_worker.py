@@ -36,7 +36,7 @@ CASES = {  # strategy -> settings small enough for the tiny models' prompts
     "streamingllm": dict(retain_rate=0.4, window=4, sink_tokens=2),
     "full": {},
 }
-LENGTHS = [61, 37]  # batch 2, different lengths
+LENGTHS = [61, 37]  # batch 2, different lengths (--lengths: others)
 
 
 def kept_positions(context) -> list[list[list[list[int]]]]:
@@ -53,9 +53,9 @@ def kept_positions(context) -> list[list[list[list[int]]]]:
     return out
 
 
-def run(model, strategy: str, decode: list[str], prefill: str) -> dict:
+def run(model, strategy: str, decode: list[str], prefill: str, lengths: list[int]) -> dict:
     pipe = pipeline(model, strategy, max_new_tokens=6, stop_on_eos=False, prefill=prefill, **CASES[strategy])
-    rows = random_rows(LENGTHS, seed=11)
+    rows = random_rows(lengths, seed=11)
     result = {"kept": kept_positions(pipe.compress(rows))}
     for mode in decode:
         result[mode] = pipe(rows, decode=mode).token_ids
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--decode", default="eager,static")
     parser.add_argument("--strategies", default=",".join(CASES))
     parser.add_argument("--prefill", default="eager", help="the sharded run's prefill mode")
+    parser.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=LENGTHS)
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -102,9 +103,9 @@ def main() -> None:
     for family in args.families.split(","):
         for strategy in args.strategies.split(","):
             model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
-            reference = run(model, strategy, decode, "eager")
+            reference = run(model, strategy, decode, "eager", args.lengths)
             shard_model(model, init_device_mesh(args.device, (world,)))
-            sharded = run(model, strategy, decode, args.prefill)
+            sharded = run(model, strategy, decode, args.prefill, args.lengths)
             heads = len(sharded["kept"][0][0])
             mine = slice(rank * heads, (rank + 1) * heads)
             expected_kept = [[row[mine] for row in layer] for layer in reference["kept"]]
