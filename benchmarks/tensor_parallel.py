@@ -8,6 +8,11 @@ Launch one process per GPU (a single process is the 1-GPU run)::
     torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --shape 70b --lengths 32768,131072 \\
         --systems fastkv,transformers --out R
     torchrun --nproc-per-node 2 benchmarks/tensor_parallel.py --shape tiny --lengths 256   # CPU smoke
+    python benchmarks/tensor_parallel.py --report R     # the tables of R's results, and tp.png
+
+``--profile`` adds where one more prefill and a few decode steps spend their time (kernels and
+host calls), ``--prefill compiled`` runs kvpress_like's compiled prefill, ``--layers`` cuts the
+shape short for quick checks.
 
 Random bf16 weights are built on the meta device, sharded by the model's own plan
 (``kvpress_like.parallel.shard_model``) and only then materialised, each rank its own shards: a
@@ -29,10 +34,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress_like import pipeline
 from kvpress_like.parallel import local_shard, shard_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_fastkv import kernel_table
+from speed import pyplot
 
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,
@@ -109,11 +119,6 @@ def run_kvpress(model, system: str, ids: torch.Tensor, steps: int, modes: dict, 
 def profiled_run(run) -> dict:
     """Wall and kernel seconds of ``run()``, its top kernels (``profile_fastkv.kernel_table``) and
     the host calls that took the most time (graph launches or kernel launches?)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from profile_fastkv import kernel_table
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         run()
@@ -187,9 +192,6 @@ def _scaling(rows: list[dict]) -> list[str]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import pyplot
-
     plt = pyplot()
     if plt is None or not rows:
         return
