@@ -120,8 +120,10 @@ class TensorParallel:
         multicast); whether it could (CUDA ranks whose GPUs all reach each other)."""
         if self.size == 1 or not torch.cuda.is_available() or dist.get_backend(self.group) != "nccl":
             return False
-        gpus = range(torch.cuda.device_count())
-        if not all(torch.cuda.can_device_access_peer(a, b) for a in gpus for b in gpus if a != b):
+        gpus = range(torch.cuda.device_count())  # a rank that sees fewer GPUs cannot tell: NCCL then
+        if len(gpus) < self.size or not all(
+            torch.cuda.can_device_access_peer(a, b) for a in gpus for b in gpus if a != b
+        ):
             return False
         from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
