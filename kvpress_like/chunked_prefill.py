@@ -42,11 +42,7 @@ def run_in_chunks(
     """One decoder layer ``fwd.chunk`` tokens at a time. Each chunk's output replaces its input in
     place: later chunks need only the keys gathered."""
     for part in _chunks(hidden.shape[1], fwd.chunk):
-        fwd.in_flight = part
-        rotary_part = tuple(t[:, part] for t in rotary)
-        hidden[:, part] = adapter.run_layer(
-            idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled
-        )
+        hidden[:, part] = _run_part(adapter, idx, hidden, rotary, fwd, compiled, part)
     fwd.in_flight = None
     return hidden
 
@@ -66,10 +62,8 @@ def run_propagation_layer(
     output for every token."""
     fwd.gather_only = True
     for part in _chunks(hidden.shape[1], fwd.chunk):
-        fwd.in_flight = part
-        rotary_part = tuple(t[:, part] for t in rotary)
         try:
-            adapter.run_layer(idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled)
+            _run_part(adapter, idx, hidden, rotary, fwd, compiled, part)
         except LayerGathered:
             continue
         raise RuntimeError(f"layer {idx}: attention was not reached in the first pass")
@@ -99,13 +93,19 @@ def _second_pass(adapter, idx, hidden, rotary, fwd: Forward, compiled, attention
 
 def _causal(keys: Tensor, values: Tensor, scaling: float, query: Tensor, part: slice) -> Tensor:
     """The chunk's queries at ``part`` over the keys up to them, as in a chunked layer."""
-    end = part.start + query.shape[2]
-    return chunk_attention(query, keys[:, :, :end], values[:, :, :end], part.start, scaling)
+    return chunk_attention(query, keys, values, part.start, scaling)
 
 
 def _rows(attention: Tensor, query: Tensor, part: slice) -> Tensor:
     """The chunk's rows of the attention computed after the first pass."""
     return attention[:, :, part]
+
+
+def _run_part(adapter: ModelAdapter, idx, hidden, rotary, fwd: Forward, compiled, part: slice) -> Tensor:
+    """The layer on the tokens at ``part`` (the chunk in flight)."""
+    fwd.in_flight = part
+    rotary_part = tuple(t[:, part] for t in rotary)
+    return adapter.run_layer(idx, hidden[:, part], rotary_part, fwd.positions[:, part], fwd, compiled)
 
 
 def _chunks(seq: int, chunk: int) -> list[slice]:

@@ -157,14 +157,17 @@ class StaticDecoder:
         if not compiled:
             return
         sharded = adapter.parallel.size > 1
-        if device.type == "cuda" and (OWN_GRAPHS == "always" or (OWN_GRAPHS == "sharded" and sharded)):
-            options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}
+        own_graphs = device.type == "cuda" and (
+            OWN_GRAPHS == "always" or (OWN_GRAPHS == "sharded" and sharded)
+        )
+        options = COMPILE_OPTIONS
+        if own_graphs:
+            options = {**options, "triton.cudagraphs": False}
             if ONE_SHOT_ALL_REDUCE and batch == 1 and adapter.parallel.symmetric_memory():
                 options["_collective.auto_select"] = True
-            compiled_step = torch.compile(self._step, fullgraph=True, options=options)
-            self.step = GraphedStep(compiled_step, self.steps_done)
-        else:
-            self.step = torch.compile(self._step, fullgraph=True, options=COMPILE_OPTIONS)
+        self.step = torch.compile(self._step, fullgraph=True, options=options)
+        if own_graphs:
+            self.step = GraphedStep(self.step, self.steps_done)
 
     def _buffers(self, index: int) -> StaticLayer:
         """Layer ``index``'s buffers, made now if they are the next ones to make."""

@@ -145,7 +145,7 @@ class Forward:
                 self._store_gathered(layer_idx, scaling)
                 self.held = (queries, keys, values, scaling)
             raise LayerGathered
-        out = chunk_attention(query, keys[:, :, :end], values[:, :, :end], part.start, scaling)
+        out = chunk_attention(query, keys, values, part.start, scaling)
         if end == seq:
             self._store_gathered(layer_idx, scaling)
         return out

@@ -56,9 +56,10 @@ def causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float
 
 def chunk_attention(query: Tensor, keys: Tensor, values: Tensor, start: int, scaling: float) -> Tensor:
     """Causal attention ``[B, Hq, C, D]`` of the ``C`` queries at indices ``start..`` over the keys
-    ``0 .. start + C``: the chunk's own keys (causal, a square) and the earlier ones (all seen) on
-    the fast kernels, merged by their log-sum-exps."""
-    out, lse = attention_with_lse(query, keys[:, :, start:], values[:, :, start:], scaling, causal=True)
+    ``0 .. start + C`` (later keys, gathered or not yet, are ignored): the chunk's own keys (causal,
+    a square) and the earlier ones (all seen) on the fast kernels, merged by their log-sum-exps."""
+    end = start + query.shape[2]
+    out, lse = attention_with_lse(query, keys[:, :, start:end], values[:, :, start:end], scaling, causal=True)
     if start == 0:
         return out
     earlier, earlier_lse = attention_with_lse(
