@@ -4,12 +4,17 @@ The decode step's matrix-vector kernels are tuned when it compiles, and the pick
 compile to the next (docs/performance.md). This measures that: ``--runs`` fresh processes, each
 compiling the batch-1 step in an empty inductor cache, then ``--runs`` processes that each load the
 first one's saved compile artifacts (``kvpress_like.compile_cache``, what ``kvpress-like warmup``
-writes) into an empty cache instead of tuning again. Each process decodes from a context of
-``--entries`` kept entries per layer: 13,107 is FastKV's (KV 0.1) at 128K, and the step reads the
-same buffers whichever strategy kept them, so the full cache of a 13,107-token prompt stands in for
-a 128K prefill. Writes ``compile-spread.json`` under ``--out`` and prints each group's spread.
+writes) into an empty cache instead of tuning again (``--groups``). ``--paths`` names the step's
+projections: ``one-row`` (the default: the fixed-tile one-row kernel, ``decode.ONE_ROW_KERNEL``),
+``inductor`` (inductor's tuned reductions, the path before it) and ``one-row-untuned`` (the
+one-row kernel, inductor's tuning off for the rest); each path runs every group.
+Each process decodes from a context of ``--entries`` kept entries per layer: 13,107 is FastKV's
+(KV 0.1) at 128K, and the step reads the same buffers whichever strategy kept them, so the full
+cache of a 13,107-token prompt stands in for a 128K prefill. Writes ``compile-spread.json`` under
+``--out`` and prints each group's spread and first-call seconds.
 
-    python benchmarks/compile_spread.py --runs 5 --out results/spread            # H200, ~12 min
+    python benchmarks/compile_spread.py --runs 5 --out results/spread
+    python benchmarks/compile_spread.py --runs 2 --paths one-row,inductor --groups fresh --out R
     python benchmarks/compile_spread.py --tiny --runs 2 --steps 4 --entries 64 --out R   # smoke
 """
 
@@ -29,12 +34,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import load_model, run_child
 
-from kvpress_like import compile_cache, pipeline
+from kvpress_like import compile_cache, decode, pipeline
 
 FASTKV_128K_ENTRIES = round(131072 * 0.1)
 
 
+GROUPS = {"fresh": "fresh compile", "loaded": "loaded artifacts"}
+PATHS = ("one-row", "inductor", "one-row-untuned")
+
+
 def child(args: argparse.Namespace) -> dict:
+    decode.ONE_ROW_KERNEL = args.paths != "inductor"
+    if args.paths == "one-row-untuned":  # what inductor still tunes: the output head, norms, RoPE
+        decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "coordinate_descent_tuning": False}
     if args.load:
         compile_cache.load(args.load)
     model = load_model(args.tiny)
@@ -58,10 +70,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
     parser.add_argument("--entries", type=int, default=FASTKV_128K_ENTRIES, help="kept entries per layer")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--groups", default="fresh,loaded", help=f"comma-separated, of {list(GROUPS)}")
+    parser.add_argument("--paths", default="one-row", help=f"comma-separated, of {list(PATHS)}")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    groups, paths = [GROUPS[g] for g in args.groups.split(",")], args.paths.split(",")
+    if set(paths) - set(PATHS):
+        parser.error(f"--paths: each must be one of {list(PATHS)} (got {args.paths!r})")
+    if groups[0] != GROUPS["fresh"]:
+        parser.error(
+            f"--groups: must start with fresh, whose first run saves the artifacts (got {args.groups!r})"
+        )
     if args.child:
         print("RECORD " + json.dumps(child(args)), flush=True)
         return
@@ -70,30 +91,48 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
-        artifacts = str(Path(scratch) / "decode.compile")
-        for group in ("fresh compile", "loaded artifacts"):
-            for run in range(args.runs):
-                cache_dir = Path(scratch) / f"{group.split()[0]}-{run}"  # empty: nothing from before
-                command = [sys.executable, __file__, "--child", "--steps", str(args.steps)]
-                command += ["--entries", str(args.entries)] + (["--tiny"] if args.tiny else [])
-                if group == "fresh compile" and run == 0:
-                    command += ["--save", artifacts]
-                elif group == "loaded artifacts":
-                    command += ["--load", artifacts]
-                environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
-                received: list[dict] = []
-                error = run_child(command, started, received.append, environment)
-                records.append(
-                    {"group": group, "run": run, **(received[0] if received else {"error": error})}
-                )
+        for path in paths:
+            artifacts = str(Path(scratch) / f"{path}.compile")
+            for group in groups:
+                for run in range(args.runs):
+                    cache_dir = (
+                        Path(scratch) / f"{path}-{group.split()[0]}-{run}"
+                    )  # empty: nothing from before
+                    command = [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "--steps",
+                        str(args.steps),
+                        "--paths",
+                        path,
+                    ]
+                    command += ["--entries", str(args.entries)] + (["--tiny"] if args.tiny else [])
+                    if group == "fresh compile" and run == 0:
+                        command += ["--save", artifacts]
+                    elif group == "loaded artifacts":
+                        command += ["--load", artifacts]
+                    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+                    received: list[dict] = []
+                    error = run_child(command, started, received.append, environment)
+                    record = received[0] if received else {"error": error}
+                    records.append({"path": path, "group": group, "run": run, **record})
     summary = {}
-    for group in ("fresh compile", "loaded artifacts"):
-        decode = [r["decode_ms"] for r in records if r["group"] == group and "decode_ms" in r]
-        if decode:
-            spread = (max(decode) - min(decode)) / min(decode)
-            summary[group] = {"decode_ms": decode, "median": statistics.median(decode), "spread": spread}
+    for path in paths:
+        for group in groups:
+            found = [r for r in records if (r["path"], r["group"]) == (path, group) and "decode_ms" in r]
+            if not found:
+                continue
+            decode_ms = [r["decode_ms"] for r in found]
+            first = [r["first_call_s"] for r in found]
+            spread = (max(decode_ms) - min(decode_ms)) / min(decode_ms)
+            summary[f"{path}, {group}"] = {
+                "decode_ms": decode_ms, "median": statistics.median(decode_ms), "spread": spread,
+                "first_call_s": first,
+            }  # fmt: skip
             print(
-                f"{group:>17}: decode ms {', '.join(f'{d:.3f}' for d in decode)}; spread {100 * spread:.1f}%"
+                f"{path:>8}, {group:>17}: decode ms {', '.join(f'{d:.3f}' for d in decode_ms)}; spread "
+                f"{100 * spread:.1f}%; first call s {', '.join(f'{s:.1f}' for s in first)}"
             )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     meta = {

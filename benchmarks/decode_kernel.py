@@ -51,6 +51,17 @@ def time_graph(fn: Callable[[], torch.Tensor], replays: int) -> tuple[float, tor
     return statistics.median(s.elapsed_time(e) for s, e in events), out
 
 
+def write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    """``rows`` and the run's device, torch version and arguments as JSON at ``args.out``."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        args={**vars(args), "out": str(args.out)},
+    )
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+
 def bench(b: int, cap: int, args: argparse.Namespace) -> list[dict]:
     hq, hkv, d, dtype = args.hq, args.hkv, args.head_dim, torch.bfloat16
     length = max(1, round(args.fill * cap))
@@ -107,13 +118,7 @@ def main() -> None:
             f"{r['impl']:<14}{r['B']:>3}{r['C']:>8}{r['length']:>8}{r['ms'] * 1e3:>10.1f}"
             f"{r['GBps']:>9.0f}{r['max_err']:>10.2e}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        args={**vars(args), "out": str(args.out)},
-    )
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    write_rows(args, rows)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from kvpress_like.errors import ConfigError, UnsupportedModelError
+from kvpress_like.one_row import one_row_forwards
 from kvpress_like.parallel import TensorParallel
 from kvpress_like.plugins import ModelInfo
 
@@ -132,11 +133,24 @@ def _routed_config(config: Any) -> Any:
     return routed
 
 
-def _layer_twin(layer: nn.Module, configs: dict[int, Any]) -> nn.Module:
-    """A decoder layer whose attention is routed to kvpress_like and whose MLP runs in slices."""
+def _one_row_children(module: nn.Module) -> dict[str, nn.Module]:
+    """Twins of ``module``'s linear children whose forwards run the one-row kernel."""
+    twins = {}
+    for name, forward in one_row_forwards(module).items():
+        twins[name] = _twin(getattr(module, name))
+        vars(twins[name])["forward"] = forward
+    return twins
+
+
+def _layer_twin(layer: nn.Module, configs: dict[int, Any], one_row: bool = False) -> nn.Module:
+    """A decoder layer whose attention is routed to kvpress_like and whose MLP runs in slices, or
+    (``one_row``) whose projections run the one-row kernel, for batch-1 decode steps."""
     attn, mlp = layer.self_attn, layer.mlp
     if id(attn.config) not in configs:
         configs[id(attn.config)] = _routed_config(attn.config)
+    if one_row:
+        attn_twin = _twin(attn, config=configs[id(attn.config)], **_one_row_children(attn))
+        return _twin(layer, self_attn=attn_twin, mlp=_twin(mlp, **_one_row_children(mlp)))
     mlp_twin = _twin(mlp)
     vars(mlp_twin)["forward"] = _chunked(type(mlp).forward.__get__(mlp_twin))
     return _twin(layer, self_attn=_twin(attn, config=configs[id(attn.config)]), mlp=mlp_twin)
@@ -195,9 +209,17 @@ class ModelAdapter:
         self.config = config
         # Twins of the decoder layers, built once: a compiled decode step guards on their identity.
         routed_configs: dict[int, Any] = {}
-        self.layers = [
-            _layer_twin(layer, routed_configs) for layer in list(base.layers)[: config.num_hidden_layers]
-        ]
+        decoder_layers = list(base.layers)[: config.num_hidden_layers]
+        self.layers = [_layer_twin(layer, routed_configs) for layer in decoder_layers]
+        # Sharded over ranks (parallel.py): the heads this rank computes and caches.
+        self.parallel = TensorParallel.of(model)
+        # Batch-1 decode steps: the projections in the one-row kernel (sharded weights are DTensors,
+        # which it does not take).
+        self.one_row_layers = None
+        if self.parallel.size == 1:
+            self.one_row_layers = [
+                _layer_twin(layer, routed_configs, one_row=True) for layer in decoder_layers
+            ]
         if getattr(config, "layer_types", None):
             self.layer_types = tuple(config.layer_types[: len(self.layers)])
         else:
@@ -205,8 +227,6 @@ class ModelAdapter:
             self.layer_types = ("sliding_attention" if sliding else "full_attention",) * len(self.layers)
         self._rotary_by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.head_dim = self.layers[0].self_attn.head_dim
-        # Sharded over ranks (parallel.py): the heads this rank computes and caches.
-        self.parallel = TensorParallel.of(model)
         self.local_kv_heads = config.num_key_value_heads // self.parallel.size
         self.info = ModelInfo(
             num_layers=len(self.layers),
@@ -262,12 +282,16 @@ class ModelAdapter:
         positions: torch.Tensor,
         router: AttentionRouter,
         compiled: bool = False,
+        one_row: bool = False,
     ) -> torch.Tensor:
         """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``. ``compiled``
-        runs the layer's own work through torch.compile, the router's ``attend`` staying eager."""
+        runs the layer's own work through torch.compile, the router's ``attend`` staying eager;
+        ``one_row`` (``hidden`` of one token, ``one_row_layers`` built) runs its projections in the
+        one-row kernel."""
         if compiled:
             return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _EagerRouter(router))
-        return _call_layer(self.layers[idx], hidden, rotary, positions, router)
+        layer = self.one_row_layers[idx] if one_row else self.layers[idx]
+        return _call_layer(layer, hidden, rotary, positions, router)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits ``[B, V]`` for final-position hidden states ``[B, H]``."""

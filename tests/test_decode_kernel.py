@@ -1,5 +1,5 @@
 """The split-K decode-attention kernel against the plain-PyTorch reference, and the reference against
-an independent per-(row, head) loop.
+an independent per-(row, head) loop; the one-row matrix-product kernel against ``F.linear``.
 
 Without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below before the
 kernels are built; ``_interpreter_fixes`` holds two interpreter workarounds). Without triton (CPU builds
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ except (ImportError, ValueError):
 if HAS_TRITON and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvpress_like.kernels import decode_attention, decode_attention_reference
+from kvpress_like.kernels import decode_attention, decode_attention_reference, matvec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODULE_PATH = Path(__file__).parents[1] / "kvpress_like" / "kernels" / "decode_attention.py"
@@ -263,3 +264,27 @@ def test_kernel_merging_in_its_last_split_under_cuda_graph_replays(num_splits):
         ref = decode_attention_reference(q.float(), k, v, lengths, 0.1)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
         assert not arrivals.any()
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.integers(1, 700),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    bias=st.booleans(),
+    block=st.sampled_from([(1, 128), (4, 256), (8, 64)]),
+    seed=st.integers(0, 1000),
+)
+def test_the_one_row_kernel_matches_linear_in_float64(k, sizes, bias, block, seed):
+    """kernels/matvec.py: one launch over one to three weights, with or without biases, ragged K
+    and N (masked tails), fp32 (the interpreter's dtype here; bf16 runs in tests/test_gpu.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, k, generator=gen).to(DEVICE)
+    weights = [torch.randn(n, k, generator=gen).to(DEVICE) for n in sizes]
+    biases = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes] if bias else None
+    assert matvec.serves(x, weights)
+    outs = matvec.matvec(x, weights, biases, tile=matvec.Tile(block[0], block[1], 4, 1))
+    for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
+        ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-4 * k**0.5)

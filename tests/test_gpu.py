@@ -336,7 +336,7 @@ def test_a_step_on_own_cuda_graphs_decodes_as_the_eager_loop(monkeypatch, fresh_
     model = _gpu_model("llama", torch.float32)
     pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False, decode="compiled")
     prompts = random_rows([90, 61, 120, 77], seed=5)
-    for asked in ({}, dict(do_sample=True, temperature=0.7, seed=1),
+    for asked in ({}, dict(do_sample=True, temperature=0.7, top_k=0, seed=1),  # top_k: 50 by default
                   dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=3)):  # fmt: skip
         for rows in (prompts[:2], prompts[2:]):
             assert pipe(rows, **asked).token_ids == pipe(rows, decode="eager", **asked).token_ids
@@ -369,3 +369,37 @@ def test_selected_causal_attention_on_cudnn_is_as_close_to_the_truth_as_the_caus
     ours, theirs = ((t[rows].double() - truth[rows]).abs().max().item() for t in (out, causal))
     assert ours <= 2 * theirs + 1e-3, (ours, theirs)
     assert not out[~rows].any()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_batch_one_steps_run_the_one_row_kernel_and_decode_as_the_eager_loop(family, fresh_dynamo):
+    """Batch-1 static and compiled decode run their projections in kernels/matvec.py (q, k, v in one
+    launch; qwen2 with biases; phi3's fused projections alone) and give the eager loop's tokens."""
+    model = _gpu_model(family, torch.float32)
+    pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=8, stop_on_eos=False)
+    for lengths in ([90], [150]):
+        context = pipe.compress(random_rows(lengths, seed=4))
+        eager = pipe.generate(context=context, decode="eager").token_ids
+        assert pipe.generate(context=context, decode="static").token_ids == eager
+        assert pipe.generate(context=context, decode="compiled").token_ids == eager
+    assert all(decoder.one_row for decoder in pipe._decoders.decoders.values())
+
+
+def test_the_one_row_kernel_in_bf16_is_as_close_to_float64_as_cublas():
+    """The 8B shapes (q, k, v in one launch; gate and up; down) in bf16: no further from a float64
+    product than cuBLAS's bf16 F.linear is (plus a bf16 rounding of the output)."""
+    import torch.nn.functional as F
+
+    from kvpress_like.kernels.matvec import matvec
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for sizes, k in (((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((4096,), 14336)):
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        weights = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for n in sizes
+        ]
+        for out, w in zip(matvec(x, weights), weights, strict=True):
+            truth = x.double() @ w.double().T
+            theirs = (F.linear(x, w).double() - truth).abs().max().item()
+            ours = (out.double() - truth).abs().max().item()
+            assert ours <= 2 * theirs + 1e-2, (sizes, ours, theirs)

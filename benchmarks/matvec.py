@@ -1,0 +1,167 @@
+"""Decode's one-row matrix products on one GPU: the fixed-tile Triton kernel against cuBLAS and inductor.
+
+For each weight shape of a model (``--model 8b``: the Llama-3.1-8B projections and output head, or
+the same sharded over ``--tp`` ranks), and each group of weights read from one input (q, k and v;
+gate and up), it times ``y = x @ W.T`` for one row x (a batch-1 decode step) as one call among
+``copies`` back to back in a CUDA graph, each on its own copy of the weights (together over 1 GB,
+so that no weight is read from L2), and reports microseconds per call and the weights' bytes over
+that time:
+
+- ``cublas``: ``F.linear`` per weight;
+- ``triton``: ``kvpress_like.kernels.matvec`` with its fixed tile, one launch per group, and
+  ``--sweep`` every tile of a grid (the best is printed per shape);
+- ``inductor``: ``torch.compile`` with coordinate-descent tuning (the decode step's options), which
+  lowers a one-row product to a tuned reduction; ``--inductor-runs N`` compiles it in N fresh
+  processes, each with an empty inductor cache, to show how far apart the tuning's picks land.
+
+    python benchmarks/matvec.py --sweep --inductor-runs 3 --out R/matvec.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.decode_kernel import time_graph, write_rows
+from kvpress_like.kernels import matvec as matvec_module
+
+MODELS = {  # (hidden, q heads * head_dim, kv heads * head_dim, mlp, vocab)
+    "8b": (4096, 4096, 1024, 14336, 128256),
+    "70b": (8192, 8192, 1024, 28672, 128256),
+}
+
+
+def groups(model: str, tp: int) -> dict[str, list[tuple[int, int]]]:
+    """(N, K) of the weights each one-row product reads on one of ``tp`` ranks (column-parallel N,
+    row-parallel K split); groups of several are the products over one input (one launch)."""
+    hidden, q, kv, mlp, vocab = MODELS[model]
+    return {
+        "q": [(q // tp, hidden)],
+        "kv": [(kv // tp, hidden)],
+        "qkv": [(q // tp, hidden), (kv // tp, hidden), (kv // tp, hidden)],
+        "o": [(hidden, q // tp)],
+        "gate": [(mlp // tp, hidden)],
+        "gate_up": [(mlp // tp, hidden), (mlp // tp, hidden)],
+        "down": [(hidden, mlp // tp)],
+        "head": [(vocab, hidden)],
+    }
+
+
+def sweep_tiles() -> list[matvec_module.Tile]:
+    grid = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8), (1, 3))
+    # The fp32 accumulator [BLOCK_N, BLOCK_K] stays in registers.
+    return [matvec_module.Tile(*t) for t in grid if t[0] * t[1] <= 8192 and t[1] >= 32 * t[2]]
+
+
+def operands(group: list[tuple[int, int]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """A row and enough copies of the group's weights to read over 1 GB per pass."""
+    nbytes = sum(n * k * 2 for n, k in group)
+    copies = max(2, math.ceil(2**30 / nbytes))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = group[0][1]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sets = [
+        [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for n, k in group]
+        for _ in range(copies)
+    ]
+    return x, sets
+
+
+def measure(fn, x: torch.Tensor, sets: list[list[torch.Tensor]], replays: int) -> tuple[float, float]:
+    """(microseconds per call, max |error| against fp64) for ``fn(x, weights)`` over every copy."""
+    ms, outs = time_graph(lambda: [fn(x, weights) for weights in sets], replays)
+    err = max(
+        (out.double() - x.double() @ w.double().T).abs().max().item()
+        for out, w in zip(outs[0], sets[0], strict=True)
+    )
+    return ms * 1e3 / len(sets), err
+
+
+def one_by_one(linear):
+    return lambda x, weights: [linear(x, w) for w in weights]
+
+
+def inductor_rows(args: argparse.Namespace) -> list[dict]:
+    from kvpress_like.decode import COMPILE_OPTIONS
+
+    options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}
+    rows = []
+    for name, group in groups(args.model, args.tp).items():
+        x, sets = operands(group)
+        compiled = torch.compile(one_by_one(F.linear), options=options, dynamic=False)
+        us, err = measure(compiled, x, sets, args.replays)
+        rows.append(dict(impl="inductor", shape=name, group=group, us=us, err=err))
+        del x, sets
+        torch._dynamo.reset()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(MODELS), default="8b")
+    parser.add_argument("--tp", type=int, default=1, help="the shapes of one of this many ranks")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="time every tile of the grid")
+    parser.add_argument("--inductor-runs", type=int, default=1)
+    parser.add_argument("--only-inductor", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only_inductor:
+        args.out.write_text(json.dumps(inductor_rows(args)))
+        return
+    rows = []
+    for run in range(args.inductor_runs):
+        with tempfile.TemporaryDirectory() as cache:
+            part = Path(cache) / "rows.json"
+            argv = [sys.executable, __file__, "--only-inductor", "--out", str(part), "--model", args.model,
+                    "--tp", str(args.tp), "--replays", str(args.replays)]  # fmt: skip
+            subprocess.run(argv, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            rows += [dict(r, run=run) for r in json.loads(part.read_text())]
+    tiles = sweep_tiles() if args.sweep else []
+    for name, group in groups(args.model, args.tp).items():
+        x, sets = operands(group)
+        us, err = measure(one_by_one(F.linear), x, sets, args.replays)
+        rows.append(dict(impl="cublas", shape=name, group=group, us=us, err=err))
+        us, err = measure(matvec_module.matvec, x, sets, args.replays)
+        tile = matvec_module.tile_for(group[0][1])
+        rows.append(dict(impl="triton", shape=name, group=group, us=us, err=err, tile=vars(tile)))
+        for tile in tiles:
+            try:
+                us, err = measure(lambda a, w, t=tile: matvec_module.matvec(a, w, tile=t), x, sets, 10)
+            except Exception as exc:  # a tile the compiler refuses (registers, shared memory)
+                print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            rows.append(dict(impl="sweep", shape=name, group=group, us=us, err=err, tile=vars(tile)))
+        del x, sets
+    for row in rows:
+        row["GBps"] = sum(n * k * 2 for n, k in row["group"]) / row["us"] / 1e3
+    print(f"{'shape':<8}  {'impl':<10}{'us':>9}{'GB/s':>7}  tile")
+    best = {}
+    for row in rows:
+        if row["impl"] == "sweep":
+            if row["shape"] not in best or row["us"] < best[row["shape"]]["us"]:
+                best[row["shape"]] = row
+            continue
+        print(
+            f"{row['shape']:<8}  {row['impl']:<10}{row['us']:>9.1f}{row['GBps']:>7.0f}  {row.get('tile', '')}"
+        )
+    for shape, row in best.items():
+        print(f"{shape:<8}  {'best':<10}{row['us']:>9.1f}{row['GBps']:>7.0f}  {row['tile']}")
+    write_rows(args, rows)
+
+
+if __name__ == "__main__":
+    main()

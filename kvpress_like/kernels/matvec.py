@@ -1,0 +1,159 @@
+"""One-row matrix products for decode: ``y_i = x @ W_i.T (+ b_i)`` for up to three weights at once.
+
+Shapes: x ``[..., K]`` holding one row (a batch-1 decode step's hidden state); each weight
+``[N_i, K]`` (an ``nn.Linear`` weight, row-major), bias ``[N_i]`` or None; each out ``[..., N_i]``
+in x's dtype, accumulated in fp32. A batch-1 decode step is a chain of such products, each
+reading its whole weight once, so each is bound by how fast the weights stream from memory.
+
+``matvec`` launches one Triton kernel for all the weights given (a layer's q, k and v projections
+read the same input: one launch streams all three), each program streaming ``BLOCK_N`` rows of
+one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the once-read weights
+from displacing the rest of L2. The tile is fixed (``TILE``, from an H200 sweep,
+docs/performance.md), so two processes always run the same kernels: inductor's coordinate-descent
+tuning of the same products picks different configurations from compile to compile, 4% apart per
+layer. Launch parameters come from static shapes only (no host sync, CUDA-graph capturable).
+Without CUDA or triton, or for more rows, it is ``torch.nn.functional.linear`` per weight.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # CPU builds of torch ship without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# H200 sweep of 114 tiles over the Llama-3.1-8B projections (benchmarks/matvec.py): this one was the
+# best, or within 0.1 us of it, for q, o, q+k+v, gate+up and down (10.1, 10.1, 14.0, 54.4 and 28.9
+# us: 3.3-4.3 TB/s); four rows of 2048 columns give each program 16 KB of loads in flight.
+TILE = Tile(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+
+
+def tile_for(k: int) -> Tile:
+    """``TILE``, its columns cut to the reduced axis ``k`` where that is shorter."""
+    return Tile(TILE.block_n, min(TILE.block_k, max(32 * TILE.num_warps, triton.next_power_of_2(k))),
+                TILE.num_warps, TILE.num_stages)  # fmt: skip
+
+
+def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """Y[rows of ``block``] = W[rows] @ X (+ B[rows])."""
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_n < N
+    w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
+    x_ptr = X + offs_k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr)
+        else:
+            cols = k0 + offs_k < K
+            w = tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr, mask=cols, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptr += BLOCK_K
+        x_ptr += BLOCK_K
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(B + offs_n, mask=rows, other=0.0).to(tl.float32)
+    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=rows)
+
+
+def _matvec_kernel(
+    X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, N0, N1, N2, K, sw0, sw1, sw2, BLOCKS0, BLOCKS01,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # Programs [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2.
+    pid = tl.program_id(0)
+    if pid < BLOCKS0:
+        _rows_block(X, W0, B0, Y0, pid, N0, K, sw0, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+    elif pid < BLOCKS01:
+        _rows_block(X, W1, B1, Y1, pid - BLOCKS0, N1, K, sw1, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        _rows_block(X, W2, B2, Y2, pid - BLOCKS01, N2, K, sw2, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+if triton is not None:  # a device function of the kernel below (jitted now: it is looked up by name)
+    _rows_block = triton.jit(_rows_block)
+
+
+@functools.cache
+def _jit(interpret: bool):
+    """The kernel; ``interpret`` only keys the cache, triton.jit reads TRITON_INTERPRET."""
+    return triton.jit(_matvec_kernel)
+
+
+def serves(x: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight)."""
+    return (
+        triton is not None
+        and (x.is_cuda or triton.knobs.runtime.interpret)
+        and x.numel() == x.shape[-1]
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and 1 <= len(weights) <= 3
+        and all(w.dim() == 2 and w.stride(-1) == 1 and w.dtype == x.dtype and w.shape[1] == x.shape[-1]
+                for w in weights)
+    )  # fmt: skip
+
+
+def matvec(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None = None,
+    tile: Tile | None = None,
+) -> list[Tensor]:
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a one-row x (see the module
+    docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep)."""
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if not serves(x, weights) or any(b is not None for b in biases) != all(b is not None for b in biases):
+        return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    k = x.shape[-1]
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    sizes = [w.shape[0] for w in weights]
+    tile = tile or tile_for(k)
+    outs = [torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) for n in sizes]
+    blocks = [triton.cdiv(n, tile.block_n) for n in sizes]
+    pad = 3 - len(weights)  # unused slots repeat the first weight; no program reaches them
+    ws, ys = list(weights) + [weights[0]] * pad, outs + [outs[0]] * pad
+    has_bias = biases[0] is not None
+    bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
+    _jit(triton.knobs.runtime.interpret)[(sum(blocks),)](
+        row, *ws, *bs, *ys, *(sizes + [0] * pad), k, *(w.stride(0) for w in ws),
+        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return outs
+
+
+# An opaque op to torch.compile (as the decode attention): the launch stays out of the traced graph
+# and the CUDA graph captures it like any other kernel.
+@torch.library.custom_op("kvpress_like::matvec", mutates_args=())
+def matvec_op(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> list[Tensor]:
+    """``matvec`` with ``biases`` empty for none."""
+    return matvec(x, weights, biases or None)
+
+
+@matvec_op.register_fake
+def _(x, weights, biases):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
