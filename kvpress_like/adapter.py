@@ -133,10 +133,15 @@ def _routed_config(config: Any) -> Any:
     return routed
 
 
+# Linear children (by attribute name) that read one input, where a family has them apart: a
+# batch-1 step computes each group in one launch (one_row.py).
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _one_row_children(module: nn.Module) -> dict[str, nn.Module]:
     """Twins of ``module``'s linear children whose forwards run the one-row kernel."""
     twins = {}
-    for name, forward in one_row_forwards(module).items():
+    for name, forward in one_row_forwards(module, PROJECTION_GROUPS).items():
         twins[name] = _twin(getattr(module, name))
         vars(twins[name])["forward"] = forward
     return twins
@@ -213,13 +218,8 @@ class ModelAdapter:
         self.layers = [_layer_twin(layer, routed_configs) for layer in decoder_layers]
         # Sharded over ranks (parallel.py): the heads this rank computes and caches.
         self.parallel = TensorParallel.of(model)
-        # Batch-1 decode steps: the projections in the one-row kernel (sharded weights are DTensors,
-        # which it does not take).
-        self.one_row_layers = None
-        if self.parallel.size == 1:
-            self.one_row_layers = [
-                _layer_twin(layer, routed_configs, one_row=True) for layer in decoder_layers
-            ]
+        # Batch-1 decode steps: the projections in the one-row kernel (one_row.py).
+        self.one_row_layers = [_layer_twin(layer, routed_configs, one_row=True) for layer in decoder_layers]
         if getattr(config, "layer_types", None):
             self.layer_types = tuple(config.layer_types[: len(self.layers)])
         else:
@@ -286,8 +286,9 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``. ``compiled``
         runs the layer's own work through torch.compile, the router's ``attend`` staying eager;
-        ``one_row`` (``hidden`` of one token, ``one_row_layers`` built) runs its projections in the
-        one-row kernel."""
+        ``one_row`` (``hidden`` of one token) runs its projections in the one-row kernel."""
+        if compiled and one_row:
+            raise ValueError("run_layer: one_row is a decode step's path, not compiled prefill's")
         if compiled:
             return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _EagerRouter(router))
         layer = self.one_row_layers[idx] if one_row else self.layers[idx]

@@ -159,9 +159,7 @@ class StaticDecoder:
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        self.one_row = (
-            ONE_ROW_KERNEL and batch == 1 and device.type == "cuda" and adapter.one_row_layers is not None
-        )
+        self.one_row = ONE_ROW_KERNEL and batch == 1 and device.type == "cuda"
         self.step = self._step
         if not compiled:
             return

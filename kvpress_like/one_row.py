@@ -1,26 +1,38 @@
 """Projections of batch-1 decode steps on the one-row kernel (kernels/matvec.py).
 
-``one_row_forwards(module)`` gives, for each ``nn.Linear`` child of an attention or MLP module,
-a forward that runs the kernel (the adapter puts it on a twin of the child). Linears that read
-one input (``GROUPS``: a layer's q, k and v projections; gate and up) share one launch: a call
-whose result is pending takes it, any other call computes the whole group afresh and leaves the
-other members' results pending. transformers' attention and MLP forwards call the members on one
-``hidden_states``, in a fixed order, every step, so the first-called member recomputes the group
-each step and no result outlives its step.
+``one_row_forwards(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
+module that the kernel can run, a forward that runs it (the adapter puts it on a twin of the
+child). Linears that read one input (``groups``, named by the adapter: a layer's q, k and v
+projections; gate and up) share one launch: a call whose result is pending takes it, any other
+call computes the whole group afresh and leaves the other members' results pending.
+transformers' attention and MLP forwards call the members on one ``hidden_states``, in a fixed
+order, every step, so the first-called member recomputes the group each step and no result
+outlives its step. A forward pre-hook may hand each member an input of its own, so a group
+forms only of members without pre-hooks (beyond a sharded model's one, below), and once any is
+added (or a global one), every member computes alone from the input it is given.
+
+Left to their own forwards: subclasses of ``nn.Linear`` (PEFT, quantized layers), linears with a
+forward of their own (accelerate's hooks), weights of a tensor subclass.
+
+Sharded models (tensor parallelism, parallel.py) keep their plan: each linear's DTensor hooks still
+turn its input into a DTensor and its output back. In between, the kernel runs on this rank's
+shards, and the result becomes a DTensor placed as ``F.linear`` would place it: a column-parallel
+weight (``Shard(0)``) gives the output's last axis sharded, a row-parallel one (``Shard(1)``) a
+partial sum that the output hook all-reduces. A linear sharded otherwise, or row-parallel with a
+bias (which must be added once, after the sum), keeps its own forward.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from kvpress_like.kernels.matvec import matvec_op
-
-# Linear children (by attribute name) that read one input, where a family has them separately.
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+from kvpress_like.parallel import local_shard, sharded_possible
 
 
 class _Group:
@@ -29,31 +41,93 @@ class _Group:
     def __init__(self, linears: dict[str, nn.Linear]) -> None:
         self.linears = linears
         self.pending: dict[str, torch.Tensor] = {}
+        # Decided once (a model's sharding does not change): None for plain weights.
+        self.placement = _output_placement(next(iter(linears.values())).weight)
+        self.pre_hooks = self._pre_hooks()
+
+    def _pre_hooks(self) -> list[int]:
+        return [len(linear._forward_pre_hooks) for linear in self.linears.values()]
 
     def forward(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """``linears[name](hidden)`` for ``hidden`` ``[..., K]`` of one row: ``[..., N_name]``."""
-        if name in self.pending:
-            return self.pending.pop(name)
-        linears = list(self.linears.values())
-        biases = [linear.bias for linear in linears] if linears[0].bias is not None else []
-        outs = matvec_op(hidden, [linear.weight for linear in linears], biases)
-        self.pending = dict(zip(self.linears, outs, strict=True))
+        if len(self.linears) > 1 and (
+            module_hooks._global_forward_pre_hooks or self._pre_hooks() != self.pre_hooks
+        ):
+            self.pending = {}  # a pre-hook added since: this member's own input, alone
+            return self._compute({name: self.linears[name]}, hidden)[name]
+        if name not in self.pending:
+            self.pending = self._compute(self.linears, hidden)
         return self.pending.pop(name)
 
+    def _compute(self, linears: dict[str, nn.Linear], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        weights = [linear.weight for linear in linears.values()]
+        first = next(iter(linears.values()))
+        biases = [linear.bias for linear in linears.values()] if first.bias is not None else []
+        if self.placement is None:
+            outs = matvec_op(hidden, weights, biases)
+        else:  # this rank's shards through the kernel, the result placed as F.linear places it
+            from torch.distributed.tensor import DTensor
 
-def one_row_forwards(module: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """A one-row-kernel forward for each of ``module``'s ``nn.Linear`` children, by attribute name."""
-    linears = {name: child for name, child in module.named_children() if type(child) is nn.Linear}
-    groups = []
-    for names in GROUPS:
+            local = matvec_op(
+                local_shard(hidden), [local_shard(w) for w in weights], [local_shard(b) for b in biases]
+            )
+            mesh = weights[0].device_mesh
+            outs = [DTensor.from_local(out, mesh, [self.placement], run_check=False) for out in local]
+        return dict(zip(linears, outs, strict=True))
+
+
+def _output_placement(weight: torch.Tensor):
+    """A sharded weight's product's placement (``Shard(-1)`` or ``Partial()``); None for a plain
+    tensor; ``False`` where the kernel cannot serve the sharding (see the module docstring)."""
+    if not sharded_possible():
+        return None
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    if not isinstance(weight, DTensor):
+        return None
+    if weight.device_mesh.ndim != 1 or not isinstance(weight.placements[0], Shard):
+        return False
+    return Shard(-1) if weight.placements[0].dim == 0 else Partial()
+
+
+def _servable(linear: nn.Module) -> bool:
+    """Whether the kernel can run ``linear`` in its place (see the module docstring)."""
+    if type(linear) is not nn.Linear or "forward" in vars(linear):
+        return False
+    placement = _output_placement(linear.weight)
+    if type(local_shard(linear.weight.data)) is not torch.Tensor or placement is False:
+        return False
+    return placement is None or linear.bias is None or placement.is_shard()
+
+
+def _groupable(members: dict[str, nn.Linear]) -> bool:
+    """One launch takes all biases or none, gives every result one placement, and reads one input:
+    no pre-hooks, or only a sharded model's one per linear."""
+    linears = list(members.values())
+    placement = _output_placement(linears[0].weight)
+    allowed_hooks = 0 if placement is None else 1
+    return (
+        len({linear.bias is not None for linear in linears}) == 1
+        and len({str(_output_placement(linear.weight)) for linear in linears}) == 1
+        and all(len(linear._forward_pre_hooks) == allowed_hooks for linear in linears)
+    )
+
+
+def one_row_forwards(
+    module: nn.Module, groups: Sequence[Sequence[str]]
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """A one-row-kernel forward for each of ``module``'s linear children the kernel can run, by
+    attribute name; those named together in ``groups`` share a launch where they can."""
+    linears = {name: child for name, child in module.named_children() if _servable(child)}
+    launches = []
+    for names in groups:
         members = {name: linears[name] for name in names if name in linears}
-        with_bias = {member.bias is not None for member in members.values()}
-        if len(members) == len(names) and len(with_bias) == 1:  # one launch takes all biases or none
-            groups.append(members)
-    grouped = {name for group in groups for name in group}
-    groups += [{name: linear} for name, linear in linears.items() if name not in grouped]
+        if len(members) == len(names) and _groupable(members):
+            launches.append(members)
+    grouped = {name for members in launches for name in members}
+    launches += [{name: linear} for name, linear in linears.items() if name not in grouped]
     forwards = {}
-    for members in groups:
+    for members in launches:
         group = _Group(members)
         forwards.update({name: functools.partial(group.forward, name) for name in members})
     return forwards

@@ -282,8 +282,7 @@ def test_the_one_row_kernel_matches_linear_in_float64(k, sizes, bias, block, see
     x = torch.randn(1, 1, k, generator=gen).to(DEVICE)
     weights = [torch.randn(n, k, generator=gen).to(DEVICE) for n in sizes]
     biases = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes] if bias else None
-    assert matvec.serves(x, weights)
-    outs = matvec.matvec(x, weights, biases, tile=matvec.Tile(block[0], block[1], 4, 1))
+    outs = matvec.launch(x, weights, biases or [None] * len(sizes), matvec.Tile(block[0], block[1], 4, 1))
     for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
         ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
         assert out.shape == ref.shape

@@ -12,7 +12,8 @@ from displacing the rest of L2. The tile is fixed (``TILE``, from an H200 sweep,
 docs/performance.md), so two processes always run the same kernels: inductor's coordinate-descent
 tuning of the same products picks different configurations from compile to compile, 4% apart per
 layer. Launch parameters come from static shapes only (no host sync, CUDA-graph capturable).
-Without CUDA or triton, or for more rows, it is ``torch.nn.functional.linear`` per weight.
+Without CUDA or triton, for more rows or for operands it does not take (``serves``), it is
+``torch.nn.functional.linear`` per weight.
 """
 
 from __future__ import annotations
@@ -102,16 +103,24 @@ def _jit(interpret: bool):
     return triton.jit(_matvec_kernel)
 
 
-def serves(x: Tensor, weights: Sequence[Tensor]) -> bool:
-    """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight)."""
-    return (
-        triton is not None
-        and (x.is_cuda or triton.knobs.runtime.interpret)
-        and x.numel() == x.shape[-1]
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and 1 <= len(weights) <= 3
-        and all(w.dim() == 2 and w.stride(-1) == 1 and w.dtype == x.dtype and w.shape[1] == x.shape[-1]
-                for w in weights)
+def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None) -> bool:
+    """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight): a
+    one-row x on a GPU, contiguous rows of one dtype and device, biases for all weights or none."""
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if triton is None or not x.is_cuda or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(biases) != len(weights):
+        return False
+    same = [(w.dtype, w.device) == (x.dtype, x.device) for w in weights]
+    rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
+    if not all(same) or not all(rows_ok):
+        return False
+    if all(b is None for b in biases):
+        return True
+    return all(
+        b is not None and b.dim() == 1 and b.shape[0] == w.shape[0] and b.stride(0) == 1
+        and (b.dtype, b.device) == (x.dtype, x.device)
+        for w, b in zip(weights, biases, strict=True)
     )  # fmt: skip
 
 
@@ -124,8 +133,16 @@ def matvec(
     """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a one-row x (see the module
     docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep)."""
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if not serves(x, weights) or any(b is not None for b in biases) != all(b is not None for b in biases):
+    if not serves(x, weights, biases):
         return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        return launch(x, weights, biases, tile)
+
+
+def launch(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], tile: Tile | None = None
+) -> list[Tensor]:
+    """The kernel itself, for operands ``serves`` accepts (and, in tests, Triton's CPU interpreter)."""
     k = x.shape[-1]
     row = x.reshape(k)
     if row.stride(0) != 1:
