@@ -417,3 +417,16 @@ def test_the_one_row_kernel_in_bf16_is_as_close_to_float64_as_cublas():
             theirs = (F.linear(x, w).double() - truth).abs().max().item()
             ours = (out.double() - truth).abs().max().item()
             assert ours <= 2 * theirs + 1e-2, (sizes, ours, theirs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_decodes_there_as_the_eager_loop(fresh_dynamo):
+    """Triton launches on the current device (cuda:0 here): the decode kernels must launch on the
+    operands' device. Batch 1 (one-row kernel) and batch 2, static and compiled."""
+    model = tiny_model("llama").to("cuda:1")
+    pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False)
+    for lengths in ([90], [90, 61]):
+        context = pipe.compress(random_rows(lengths, seed=6))
+        eager = pipe.generate(context=context, decode="eager").token_ids
+        for mode in ("static", "compiled"):
+            assert pipe.generate(context=context, decode=mode).token_ids == eager, (lengths, mode)

@@ -12,6 +12,7 @@ Launch parameters come from static shapes only, so a call does no host sync and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -227,23 +228,25 @@ def decode_attention(
     # Without a window the position pointers are never read: pass lengths with zero strides.
     kpos, kpos_strides = (key_positions, key_positions.stride()) if has_window else (lengths, (0, 0, 0))
     qpos, qpos_stride = (query_positions, query_positions.stride(0)) if has_window else (lengths, 0)
-    split_kernel, merge_kernel = _jit(interpret)
-    s_pad = triton.next_power_of_2(splits)
-    split_kernel[(b * hkv, splits)](
-        query, keys, values, lengths, kpos, qpos, mid_o, mid_lse, out,
-        lengths if arrivals is None else arrivals,  # not read unless merging here
-        scale * LOG2E, int(sliding_window or 0), cap, split_size,
-        *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
-        *out.stride(),
-        HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, S_PAD=s_pad, HAS_WINDOW=has_window,
-        # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        MERGE_HERE=arrivals is not None,
-        num_warps=TILE["num_warps"], num_stages=TILE["num_stages"],
-    )  # fmt: skip
-    if arrivals is None:
-        merge_kernel[(b * hq,)](
-            mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad, num_warps=4
+    # Triton launches on the current device: make it the operands' (a model on cuda:1, say).
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        split_kernel, merge_kernel = _jit(interpret)
+        s_pad = triton.next_power_of_2(splits)
+        split_kernel[(b * hkv, splits)](
+            query, keys, values, lengths, kpos, qpos, mid_o, mid_lse, out,
+            lengths if arrivals is None else arrivals,  # not read unless merging here
+            scale * LOG2E, int(sliding_window or 0), cap, split_size,
+            *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
+            *out.stride(),
+            HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
+            NUM_SPLITS=splits, S_PAD=s_pad, HAS_WINDOW=has_window,
+            # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            MERGE_HERE=arrivals is not None,
+            num_warps=TILE["num_warps"], num_stages=TILE["num_stages"],
         )  # fmt: skip
+        if arrivals is None:
+            merge_kernel[(b * hq,)](
+                mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad, num_warps=4
+            )  # fmt: skip
     return out
