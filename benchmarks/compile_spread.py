@@ -1,17 +1,18 @@
 """Compile-to-compile spread of the compiled decode step (8B shape, random bf16 weights).
 
-The decode step's matrix-vector kernels are tuned when it compiles, and the picks vary from one
-compile to the next (docs/performance.md). This measures that: ``--runs`` fresh processes, each
-compiling the batch-1 step in an empty inductor cache, then ``--runs`` processes that each load the
-first one's saved compile artifacts (``kvpress_like.compile_cache``, what ``kvpress-like warmup``
-writes) into an empty cache instead of tuning again (``--groups``). ``--paths`` names the step's
-projections: ``one-row`` (the default: the fixed-tile one-row kernel, ``decode.ONE_ROW_KERNEL``),
-``inductor`` (inductor's tuned reductions, the path before it) and ``one-row-untuned`` (the
-one-row kernel, inductor's tuning off for the rest); each path runs every group.
-Each process decodes from a context of ``--entries`` kept entries per layer: 13,107 is FastKV's
-(KV 0.1) at 128K, and the step reads the same buffers whichever strategy kept them, so the full
-cache of a 13,107-token prompt stands in for a 128K prefill. Writes ``compile-spread.json`` under
-``--out`` and prints each group's spread and first-call seconds.
+Where inductor tunes the decode step's matrix-vector kernels as it compiles (``--paths
+inductor``), the picks vary from one compile to the next (docs/performance.md). This measures
+that: ``--runs`` fresh processes, each compiling the batch-1 step in an empty inductor cache,
+then ``--runs`` processes that each load the first one's saved compile artifacts
+(``kvpress_like.compile_cache``, what ``kvpress-like warmup`` writes) into an empty cache instead
+of tuning again (``--groups``). ``--paths`` names the step's projections: ``one-row`` (the
+default: the fixed-tile one-row kernel, ``decode.ONE_ROW_KERNEL``), ``inductor`` (inductor's
+tuned reductions, the path before it) and ``one-row-untuned`` (the one-row kernel, inductor's
+tuning off for the rest); each path runs every group. Each process decodes from a context of
+``--entries`` kept entries per layer: 13,107 is FastKV's (KV 0.1) at 128K, and the step reads the
+same buffers whichever strategy kept them, so the full cache of a 13,107-token prompt stands in
+for a 128K prefill. Writes ``compile-spread.json`` under ``--out`` and prints each group's spread
+and first-call seconds.
 
     python benchmarks/compile_spread.py --runs 5 --out results/spread
     python benchmarks/compile_spread.py --runs 2 --paths one-row,inductor --groups fresh --out R
@@ -95,19 +96,10 @@ def main() -> None:
             artifacts = str(Path(scratch) / f"{path}.compile")
             for group in groups:
                 for run in range(args.runs):
-                    cache_dir = (
-                        Path(scratch) / f"{path}-{group.split()[0]}-{run}"
-                    )  # empty: nothing from before
-                    command = [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        "--steps",
-                        str(args.steps),
-                        "--paths",
-                        path,
-                    ]
-                    command += ["--entries", str(args.entries)] + (["--tiny"] if args.tiny else [])
+                    cache_dir = Path(scratch) / f"{path}-{group.split()[0]}-{run}"  # empty, fresh
+                    command = [sys.executable, __file__, "--child", "--paths", path]
+                    command += ["--steps", str(args.steps), "--entries", str(args.entries)]
+                    command += ["--tiny"] if args.tiny else []
                     if group == "fresh compile" and run == 0:
                         command += ["--save", artifacts]
                     elif group == "loaded artifacts":

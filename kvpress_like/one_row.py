@@ -53,7 +53,7 @@ class _Group:
         if len(self.linears) > 1 and (
             module_hooks._global_forward_pre_hooks or self._pre_hooks() != self.pre_hooks
         ):
-            self.pending = {}  # a pre-hook added since: this member's own input, alone
+            self.pending = {}  # pre-hooks changed since the group formed: its own input, alone
             return self._compute({name: self.linears[name]}, hidden)[name]
         if name not in self.pending:
             self.pending = self._compute(self.linears, hidden)
