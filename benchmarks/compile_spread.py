@@ -5,10 +5,11 @@ inductor``), the picks vary from one compile to the next (docs/performance.md). 
 that: ``--runs`` fresh processes, each compiling the batch-1 step in an empty inductor cache,
 then ``--runs`` processes that each load the first one's saved compile artifacts
 (``kvpress_like.compile_cache``, what ``kvpress-like warmup`` writes) into an empty cache instead
-of tuning again (``--groups``). ``--paths`` names the step's projections: ``one-row`` (the
-default: the fixed-tile one-row kernel, ``decode.ONE_ROW_KERNEL``), ``inductor`` (inductor's
-tuned reductions, the path before it) and ``one-row-untuned`` (the one-row kernel, inductor's
-tuning off for the rest); each path runs every group. Each process decodes from a context of
+of tuning again (``--groups``). ``--paths`` names the step's kernels: ``one-row`` (the
+default: the projections in the fixed-tile one-row kernel, ``decode.PROJECTION_KERNELS``, the rest
+untuned), ``one-row-tuned`` (the same, inductor tuning the rest: ``decode.TUNE_BESIDE_KERNELS``)
+and ``inductor`` (inductor's tuned reductions for everything, the path before the kernel); each
+path runs every group. Each process decodes from a context of
 ``--entries`` kept entries per layer: 13,107 is FastKV's (KV 0.1) at 128K, and the step reads the
 same buffers whichever strategy kept them, so the full cache of a 13,107-token prompt stands in
 for a 128K prefill. Writes ``compile-spread.json`` under ``--out`` and prints each group's spread
@@ -41,13 +42,12 @@ FASTKV_128K_ENTRIES = round(131072 * 0.1)
 
 
 GROUPS = {"fresh": "fresh compile", "loaded": "loaded artifacts"}
-PATHS = ("one-row", "inductor", "one-row-untuned")
+PATHS = ("one-row", "one-row-tuned", "inductor")
 
 
 def child(args: argparse.Namespace) -> dict:
-    decode.ONE_ROW_KERNEL = args.paths != "inductor"
-    if args.paths == "one-row-untuned":  # what inductor still tunes: the output head, norms, RoPE
-        decode.COMPILE_OPTIONS = {**decode.COMPILE_OPTIONS, "coordinate_descent_tuning": False}
+    decode.PROJECTION_KERNELS = args.paths != "inductor"
+    decode.TUNE_BESIDE_KERNELS = args.paths == "one-row-tuned"  # the output head, norms, RoPE
     if args.load:
         compile_cache.load(args.load)
     model = load_model(args.tiny)

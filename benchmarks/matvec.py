@@ -58,19 +58,22 @@ def groups(model: str, tp: int) -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def sweep_tiles() -> list[matvec_module.Tile]:
+def sweep_tiles(rows: int) -> list[matvec_module.Tile]:
+    if rows > 1:  # tensor-core tiles: [BLOCK_N, BLOCK_K] weight tiles pipelined over num_stages
+        grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4, 5))
+        return [matvec_module.Tile(*t) for t in grid]
     grid = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8), (1, 3))
     # The fp32 accumulator [BLOCK_N, BLOCK_K] stays in registers.
     return [matvec_module.Tile(*t) for t in grid if t[0] * t[1] <= 8192 and t[1] >= 32 * t[2]]
 
 
-def operands(group: list[tuple[int, int]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-    """A row and enough copies of the group's weights to read over 1 GB per pass."""
+def operands(group: list[tuple[int, int]], rows: int = 1) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """``rows`` rows and enough copies of the group's weights to read over 1 GB per pass."""
     nbytes = sum(n * k * 2 for n, k in group)
     copies = max(2, math.ceil(2**30 / nbytes))
     gen = torch.Generator(device="cuda").manual_seed(0)
     k = group[0][1]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     sets = [
         [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5 for n, k in group]
         for _ in range(copies)
@@ -117,35 +120,43 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="time every tile of the grid")
     parser.add_argument("--inductor-runs", type=int, default=1)
+    parser.add_argument(
+        "--rows", type=lambda v: [int(r) for r in v.split(",")], default=[1],
+        help="batch rows, comma-separated (1: the one-row kernel; up to 16: the few-rows kernel)",
+    )  # fmt: skip
     parser.add_argument("--only-inductor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only_inductor:
         args.out.write_text(json.dumps(inductor_rows(args)))
         return
     rows = []
-    for run in range(args.inductor_runs):
+    for run in range(args.inductor_runs if 1 in args.rows else 0):
         with tempfile.TemporaryDirectory() as cache:
             part = Path(cache) / "rows.json"
             argv = [sys.executable, __file__, "--only-inductor", "--out", str(part), "--model", args.model,
                     "--tp", str(args.tp), "--replays", str(args.replays)]  # fmt: skip
             subprocess.run(argv, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
             rows += [dict(r, run=run) for r in json.loads(part.read_text())]
-    tiles = sweep_tiles() if args.sweep else []
-    for name, group in groups(args.model, args.tp).items():
-        x, sets = operands(group)
-        us, err = measure(one_by_one(F.linear), x, sets, args.replays)
-        rows.append(dict(impl="cublas", shape=name, group=group, us=us, err=err))
-        us, err = measure(matvec_module.matvec, x, sets, args.replays)
-        tile = matvec_module.tile_for(group[0][1])
-        rows.append(dict(impl="triton", shape=name, group=group, us=us, err=err, tile=vars(tile)))
-        for tile in tiles:
-            try:
-                us, err = measure(lambda a, w, t=tile: matvec_module.matvec(a, w, tile=t), x, sets, 10)
-            except Exception as exc:  # a tile the compiler refuses (registers, shared memory)
-                print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
+    for batch in args.rows:
+        tiles = sweep_tiles(batch) if args.sweep else []
+        for name, group in groups(args.model, args.tp).items():
+            if batch > 1 and name == "head":  # batches' output head stays in the compiled step's GEMM
                 continue
-            rows.append(dict(impl="sweep", shape=name, group=group, us=us, err=err, tile=vars(tile)))
-        del x, sets
+            x, sets = operands(group, batch)
+            shape = name if batch == 1 else f"{name} x{batch}"
+            us, err = measure(one_by_one(F.linear), x, sets, args.replays)
+            rows.append(dict(impl="cublas", shape=shape, group=group, us=us, err=err))
+            us, err = measure(matvec_module.matvec, x, sets, args.replays)
+            tile = matvec_module.tile_for(group[0][1], batch)
+            rows.append(dict(impl="triton", shape=shape, group=group, us=us, err=err, tile=vars(tile)))
+            for tile in tiles:
+                try:
+                    us, err = measure(lambda a, w, t=tile: matvec_module.matvec(a, w, tile=t), x, sets, 10)
+                except Exception as exc:  # a tile the compiler refuses (registers, shared memory)
+                    print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                rows.append(dict(impl="sweep", shape=shape, group=group, us=us, err=err, tile=vars(tile)))
+            del x, sets
     for row in rows:
         row["GBps"] = sum(n * k * 2 for n, k in row["group"]) / row["us"] / 1e3
     print(f"{'shape':<8}  {'impl':<10}{'us':>9}{'GB/s':>7}  tile")
@@ -160,7 +171,27 @@ def main() -> None:
         )
     for shape, row in best.items():
         print(f"{shape:<8}  {'best':<10}{row['us']:>9.1f}{row['GBps']:>7.0f}  {row['tile']}")
+    print_layer_totals(rows)
     write_rows(args, rows)
+
+
+LAYER = ("qkv", "o", "gate_up", "down")  # one decoder layer's launches
+
+
+def print_layer_totals(rows: list[dict]) -> None:
+    """Microseconds of one decoder layer's products per implementation (and the five best swept tiles)."""
+    totals: dict[tuple[str, str], dict[str, float]] = {}
+    for row in rows:
+        name, _, batch = row["shape"].partition(" ")
+        if name in LAYER:
+            key = (batch or "x1", row["impl"] if row["impl"] != "sweep" else str(tuple(row["tile"].values())))
+            totals.setdefault(key, {})[name] = row["us"]
+    whole = {key: sum(parts.values()) for key, parts in totals.items() if len(parts) == len(LAYER)}
+    for batch in sorted({b for b, _ in whole}, key=lambda b: int(b[1:])):
+        ranked = sorted((us, impl) for (b, impl), us in whole.items() if b == batch)
+        fixed = [f"{impl} {us:.1f}" for us, impl in ranked if impl in ("cublas", "triton", "inductor")]
+        swept = [f"{impl} {us:.1f}" for us, impl in ranked if impl.startswith("(")][:5]
+        print(f"per layer {batch}: {', '.join(fixed)}; best tiles: {', '.join(swept)}")
 
 
 if __name__ == "__main__":

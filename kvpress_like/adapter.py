@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
+from kvpress_like.decode_projections import kernel_forwards
 from kvpress_like.errors import ConfigError, UnsupportedModelError
-from kvpress_like.one_row import one_row_forwards
 from kvpress_like.parallel import TensorParallel
 from kvpress_like.plugins import ModelInfo
 
@@ -134,28 +134,28 @@ def _routed_config(config: Any) -> Any:
 
 
 # Linear children (by attribute name) that read one input, where a family has them apart: a
-# batch-1 step computes each group in one launch (one_row.py).
+# decode step computes each group in one launch (decode_projections.py).
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _one_row_children(module: nn.Module) -> dict[str, nn.Module]:
-    """Twins of ``module``'s linear children whose forwards run the one-row kernel."""
+def _kernel_children(module: nn.Module) -> dict[str, nn.Module]:
+    """Twins of ``module``'s linear children whose forwards run kernels/matvec.py."""
     twins = {}
-    for name, forward in one_row_forwards(module, PROJECTION_GROUPS).items():
+    for name, forward in kernel_forwards(module, PROJECTION_GROUPS).items():
         twins[name] = _twin(getattr(module, name))
         vars(twins[name])["forward"] = forward
     return twins
 
 
-def _layer_twin(layer: nn.Module, configs: dict[int, Any], one_row: bool = False) -> nn.Module:
+def _layer_twin(layer: nn.Module, configs: dict[int, Any], kernels: bool = False) -> nn.Module:
     """A decoder layer whose attention is routed to kvpress_like and whose MLP runs in slices, or
-    (``one_row``) whose projections run the one-row kernel, for batch-1 decode steps."""
+    (``kernels``) whose projections run kernels/matvec.py, for decode steps on a GPU."""
     attn, mlp = layer.self_attn, layer.mlp
     if id(attn.config) not in configs:
         configs[id(attn.config)] = _routed_config(attn.config)
-    if one_row:
-        attn_twin = _twin(attn, config=configs[id(attn.config)], **_one_row_children(attn))
-        return _twin(layer, self_attn=attn_twin, mlp=_twin(mlp, **_one_row_children(mlp)))
+    if kernels:
+        attn_twin = _twin(attn, config=configs[id(attn.config)], **_kernel_children(attn))
+        return _twin(layer, self_attn=attn_twin, mlp=_twin(mlp, **_kernel_children(mlp)))
     mlp_twin = _twin(mlp)
     vars(mlp_twin)["forward"] = _chunked(type(mlp).forward.__get__(mlp_twin))
     return _twin(layer, self_attn=_twin(attn, config=configs[id(attn.config)]), mlp=mlp_twin)
@@ -218,8 +218,8 @@ class ModelAdapter:
         self.layers = [_layer_twin(layer, routed_configs) for layer in decoder_layers]
         # Sharded over ranks (parallel.py): the heads this rank computes and caches.
         self.parallel = TensorParallel.of(model)
-        # Batch-1 decode steps: the projections in the one-row kernel (one_row.py).
-        self.one_row_layers = [_layer_twin(layer, routed_configs, one_row=True) for layer in decoder_layers]
+        # Decode steps: the projections in kernels/matvec.py (decode_projections.py).
+        self.kernel_layers = [_layer_twin(layer, routed_configs, kernels=True) for layer in decoder_layers]
         if getattr(config, "layer_types", None):
             self.layer_types = tuple(config.layer_types[: len(self.layers)])
         else:
@@ -282,16 +282,16 @@ class ModelAdapter:
         positions: torch.Tensor,
         router: AttentionRouter,
         compiled: bool = False,
-        one_row: bool = False,
+        kernels: bool = False,
     ) -> torch.Tensor:
         """One decoder layer on ``hidden`` ``[B, T, H]``; attention goes to ``router``. ``compiled``
         runs the layer's own work through torch.compile, the router's ``attend`` staying eager;
-        ``one_row`` (``hidden`` of one token) runs its projections in the one-row kernel."""
-        if compiled and one_row:
-            raise ValueError("run_layer: one_row is a decode step's path, not compiled prefill's")
+        ``kernels`` (``hidden`` of one token per row) runs its projections in kernels/matvec.py."""
+        if compiled and kernels:
+            raise ValueError("run_layer: kernels is a decode step's path, not compiled prefill's")
         if compiled:
             return _compiled_call_layer()(self.layers[idx], hidden, rotary, positions, _EagerRouter(router))
-        layer = self.one_row_layers[idx] if one_row else self.layers[idx]
+        layer = self.kernel_layers[idx] if kernels else self.layers[idx]
         return _call_layer(layer, hidden, rotary, positions, router)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ KEPT_DECODERS = 4
 # recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
 # The tuning benchmarks candidate configs and its picks vary from compile to compile: the same code
 # decoded 32K x1 at 4.95 ms/token in one run and 5.51 in the next (docs/performance.md); a batch-1
-# step's projections therefore run in a kernel with a fixed tile (ONE_ROW_KERNEL).
+# step's projections therefore run in a kernel with a fixed tile (PROJECTION_KERNELS).
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 # Let the attention kernel's last split merge the partial results: one launch per layer instead of
 # two (H200, 128K: 5.48 vs 5.55 ms/token, one sample each in one process, profile_fastkv.py).
@@ -71,11 +71,17 @@ OWN_GRAPHS = "sharded"
 # for all (NCCL). Its buffers must be allocated outside any capture: with cudagraph trees they
 # landed in the trees' pool, which refused them (torch 2.11).
 ONE_SHOT_ALL_REDUCE = True
-# A batch-1 step on a GPU runs its projections in the one-row kernel with a fixed tile
-# (kernels/matvec.py) instead of inductor's tuned reductions, whose picks vary from compile to
-# compile; a layer's q, k and v projections (and gate and up) go in one launch. H200, 128K x1:
-# 4.88 vs 5.36 ms/token in one run, five fresh compiles 4.85-4.98 (docs/performance.md).
-ONE_ROW_KERNEL = True
+# A step on a GPU runs its projections in kernels/matvec.py with fixed tiles instead of inductor's
+# tuned reductions (batch 1), whose picks vary from compile to compile, or cuBLAS (small batches);
+# a layer's q, k and v projections (and gate and up) go in one launch. H200, 128K x1: 4.88 vs
+# 5.36 ms/token in one run, five fresh compiles 4.85-4.98 (docs/performance.md). Batches over
+# matvec.FEW_ROWS rows run cuBLAS inside the same op, so every batch above 1 shares one step.
+PROJECTION_KERNELS = True
+# With the projections on fixed tiles, the rest of the step (output head, norms, RoPE) compiles
+# without coordinate-descent tuning: five fresh compiles of the 128K x1 step decoded within 0.2%
+# of each other (4.90-4.91 ms/token, first call 39-45 s), against 2.7% (4.85-4.98, 61-77 s) tuned
+# (H200, compile_spread.py, docs/performance.md).
+TUNE_BESIDE_KERNELS = False
 
 
 # An opaque op to torch.compile: the Triton launch (and its shape-derived launch parameters) stays
@@ -159,7 +165,7 @@ class StaticDecoder:
         self.steps_done = torch.zeros((), dtype=torch.long, device=device)
         self.first_positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.arrivals = torch.zeros(batch * adapter.local_kv_heads, dtype=torch.int32, device=device)
-        self.one_row = ONE_ROW_KERNEL and batch == 1 and device.type == "cuda"
+        self.kernels = PROJECTION_KERNELS and device.type == "cuda"
         self.step = self._step
         if not compiled:
             return
@@ -168,6 +174,8 @@ class StaticDecoder:
             OWN_GRAPHS == "always" or (OWN_GRAPHS == "sharded" and sharded)
         )
         options = COMPILE_OPTIONS
+        if self.kernels and not TUNE_BESIDE_KERNELS:
+            options = {**options, "coordinate_descent_tuning": False}
         if own_graphs:
             options = {**options, "triton.cudagraphs": False}
             if ONE_SHOT_ALL_REDUCE and batch == 1 and adapter.parallel.symmetric_memory():
@@ -250,7 +258,7 @@ class StaticDecoder:
         router = _StepRouter(self.layers, self.steps_done, positions, self.arrivals)
         rotary = {t: adapter.rotary(hidden, pos, t) for t in dict.fromkeys(adapter.layer_types)}
         for idx, layer_type in enumerate(adapter.layer_types):
-            hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router, one_row=self.one_row)
+            hidden = adapter.run_layer(idx, hidden, rotary[layer_type], pos, router, kernels=self.kernels)
         self.steps_done.add_(1)
         logits = adapter.logits(hidden[:, -1])
         return logits, logits.argmax(dim=-1) if sampling is None else choose(logits, noise, sampling)

@@ -287,3 +287,27 @@ def test_the_one_row_kernel_matches_linear_in_float64(k, sizes, bias, block, see
         ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
         assert out.shape == ref.shape
         torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(2, matvec.FEW_ROWS),
+    k=st.integers(1, 300),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    bias=st.booleans(),
+    block=st.sampled_from([(16, 16), (16, 64), (32, 128)]),
+    seed=st.integers(0, 1000),
+)
+def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, block, seed):
+    """kernels/matvec.py on 2 to FEW_ROWS rows (a small decode batch, tensor-core path): ragged K and N,
+    padded batch rows, fp16 operands as on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, k, generator=gen).half().to(DEVICE)
+    weights = [(torch.randn(n, k, generator=gen) / k**0.5).half().to(DEVICE) for n in sizes]
+    biases = [torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] if bias else None
+    outs = matvec.launch(x, weights, biases or [None] * len(sizes), matvec.Tile(block[0], block[1], 4, 1))
+    for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
+        ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
+        assert out.shape == ref.shape and out.dtype == torch.float16
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=2e-3, atol=2e-3)

@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU: two gloo ranks launched by ``torchrun`` (``tests/tp_worker.py``)
 shard tiny Llama and Qwen3 models in two by their own plans; every built-in strategy gives the
 unsharded model's tokens (greedy and sampled, eager and static decode) and keeps, per KV head,
-the unsharded model's positions; a batch-1 decode step's one-row layers give the plain layers'
+the unsharded model's positions; a decode step's kernel layers give the plain layers'
 hidden states on the shards. A strategy choosing tokens from its own rank's heads only is
 refused by name."""
 
@@ -38,10 +38,10 @@ def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
         for case in cases:
             assert case["local_kv_heads"] == 1, case  # 2 KV heads split in two
             assert case["tokens_equal"] and case["kept_equal"], case
-        # Batch-1 decode layers on the one-row kernel's path: q, k and v in one launch of this
+        # Decode layers on the projection kernels' path: q, k and v in one launch of this
         # rank's shards, placed back as the plan's hooks expect.
         expected = {"equal": True, "compiled_equal": True, "qkv_groups": 1}
-        assert report["one_row"] == {family: expected for family in ("llama", "qwen3")}
+        assert report["kernel_layers"] == {family: expected for family in ("llama", "qwen3")}
         assert "tensor-parallel rank's share" in report["save_refusal"], report["save_refusal"]
         assert "RankLocalFastKV" in report["refusal"] and "every tensor-parallel rank" in report["refusal"]
     # the ranks agree with each other too (not only each with its own reference)

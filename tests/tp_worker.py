@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_one_row import qkv_groups, run_all_layers
+from test_decode_projections import qkv_groups, run_all_layers
 
 from kvpress_like import hookimpl, pipeline
 from kvpress_like.adapter import ModelAdapter
@@ -85,8 +85,8 @@ def refusal(model) -> str:
     return "not refused"
 
 
-def one_row_matches(model) -> dict:
-    """A sharded model's one-row layers (batch-1 decode steps) against its plain layers, on one
+def kernel_layers_match(model) -> dict:
+    """A sharded model's kernel layers (decode steps' projections) against its plain layers, on one
     token: the same hidden states (the kernel on CUDA; ``F.linear`` on this rank's shards on CPU),
     and q, k and v in one group, whose results are placed back in DTensors."""
     adapter = ModelAdapter(model)
@@ -94,11 +94,11 @@ def one_row_matches(model) -> dict:
     hidden = torch.randn(1, 1, model.config.hidden_size, generator=generator)
     hidden = hidden.to(adapter.device, adapter.dtype)
     with torch.no_grad():
-        plain = run_all_layers(adapter, hidden, one_row=False)
-        one_row = run_all_layers(adapter, hidden, one_row=True)
+        plain = run_all_layers(adapter, hidden, kernels=False)
+        kernels = run_all_layers(adapter, hidden, kernels=True)
         compiled = torch.compile(run_all_layers, fullgraph=True)(adapter, hidden, True)  # as in the step
     return {
-        "equal": bool(torch.allclose(one_row, plain, rtol=1e-5, atol=1e-5)),
+        "equal": bool(torch.allclose(kernels, plain, rtol=1e-5, atol=1e-5)),
         # compile reorders fp32 sums (2e-5 apart on qwen3); a misplaced shard is off by O(1)
         "compiled_equal": bool(torch.allclose(compiled, plain, rtol=1e-4, atol=1e-4)),
         "qkv_groups": qkv_groups(adapter),
@@ -122,14 +122,14 @@ def main() -> None:
         torch.cuda.set_device(rank)
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     decode = args.decode.split(",")
-    report: dict = {"rank": rank, "world": world, "cases": [], "one_row": {}}
+    report: dict = {"rank": rank, "world": world, "cases": [], "kernel_layers": {}}
     for family in args.families.split(","):
         for strategy in args.strategies.split(","):
             model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
             reference = run(model, strategy, decode, "eager", args.lengths)
             shard_model(model, init_device_mesh(args.device, (world,)))
-            if family not in report["one_row"]:
-                report["one_row"][family] = one_row_matches(model)
+            if family not in report["kernel_layers"]:
+                report["kernel_layers"][family] = kernel_layers_match(model)
             sharded = run(model, strategy, decode, args.prefill, args.lengths)
             heads = len(sharded["kept"][0][0])
             mine = slice(rank * heads, (rank + 1) * heads)

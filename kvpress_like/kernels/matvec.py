@@ -1,19 +1,21 @@
-"""One-row matrix products for decode: ``y_i = x @ W_i.T (+ b_i)`` for up to three weights at once.
+"""Decode's matrix products, ``y_i = x @ W_i.T (+ b_i)``, for up to three weights at once.
 
-Shapes: x ``[..., K]`` holding one row (a batch-1 decode step's hidden state); each weight
-``[N_i, K]`` (an ``nn.Linear`` weight, row-major), bias ``[N_i]`` or None; each out ``[..., N_i]``
-in x's dtype, accumulated in fp32. A batch-1 decode step is a chain of such products, each
-reading its whole weight once, so each is bound by how fast the weights stream from memory.
+Shapes: x ``[..., K]`` holding one row (a batch-1 decode step's hidden state) or a few (up to
+``FEW_ROWS``: a small batch's); each weight ``[N_i, K]`` (an ``nn.Linear`` weight, row-major),
+bias ``[N_i]`` or None; each out ``[..., N_i]`` in x's dtype, accumulated in fp32. A decode step
+of a small batch is a chain of such products, each reading its whole weight once, so each is
+bound by how fast the weights stream from memory.
 
 ``matvec`` launches one Triton kernel for all the weights given (a layer's q, k and v projections
 read the same input: one launch streams all three), each program streaming ``BLOCK_N`` rows of
 one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the once-read weights
-from displacing the rest of L2. The tile is fixed (``TILE``, from an H200 sweep,
-docs/performance.md), so two processes always run the same kernels: inductor's coordinate-descent
-tuning of the same products picks different configurations from compile to compile, 4% apart per
-layer. Launch parameters come from static shapes only (no host sync, CUDA-graph capturable).
-Without CUDA or triton, for more rows or for operands it does not take (``serves``), it is
-``torch.nn.functional.linear`` per weight.
+from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows go through the
+tensor cores, padded to their smallest tile. The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
+from H200 sweeps, docs/performance.md), so two processes always run the same kernels: inductor's
+coordinate-descent tuning of the same products picks different configurations from compile to
+compile, 4% apart per layer. Launch parameters come from static shapes only (no host sync,
+CUDA-graph capturable). Without CUDA or triton, for more rows or for operands it does not take
+(``serves``), it is ``torch.nn.functional.linear`` per weight.
 """
 
 from __future__ import annotations
@@ -47,10 +49,22 @@ class Tile:
 TILE = Tile(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 
 
-def tile_for(k: int) -> Tile:
-    """``TILE``, its columns cut to the reduced axis ``k`` where that is shorter."""
-    return Tile(TILE.block_n, min(TILE.block_k, max(32 * TILE.num_warps, triton.next_power_of_2(k))),
-                TILE.num_warps, TILE.num_stages)  # fmt: skip
+# Two to FEW_ROWS rows (small decode batches) go through the tensor cores instead: their smallest
+# product axis is 16 long, so the rows pad to it, and each program streams BLOCK_N weight rows. H200
+# sweep of 54 tiles at 2, 4, 8 and 16 rows (benchmarks/matvec.py --rows): this one was the best
+# for a layer at every row count, 15.9-16.1 us for q+k+v (cuBLAS, three launches: 28.5-29.3) and
+# 12.3-12.5 for o (13.2-13.6). Over FEW_ROWS_MAX_K columns (Llama's down projection, 14336) its
+# 128 programs for 4096 rows were 10% slower than cuBLAS (35.9 vs 32.2 us): cuBLAS keeps those.
+FEW_ROWS = 16
+FEW_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=5)
+FEW_ROWS_MAX_K = 8192
+
+
+def tile_for(k: int, rows: int = 1) -> Tile:
+    """The fixed tile for ``rows`` rows, its columns cut to the reduced axis ``k`` where that is shorter."""
+    tile, least = (TILE, 32 * TILE.num_warps) if rows == 1 else (FEW_ROWS_TILE, 16)
+    return Tile(tile.block_n, min(tile.block_k, max(least, triton.next_power_of_2(k))), tile.num_warps,
+                tile.num_stages)  # fmt: skip
 
 
 def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -79,22 +93,62 @@ def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: t
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=rows)
 
 
+def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """Y[:M, rows of ``block``] = X[:M] @ W[rows].T (+ B[rows]) on the tensor cores, the weight rows as
+    the product's left operand (its axis is at least 16 long; the batch's ``M`` rows pad to BLOCK_M)."""
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_n < N
+    batch = offs_m < M
+    w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
+    x_ptr = X + offs_m[None, :] * sxm + offs_k[:, None]  # X transposed: [BLOCK_K, BLOCK_M]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr, mask=batch[None, :], other=0.0)
+        else:
+            cols = k0 + offs_k < K
+            w = tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr, mask=batch[None, :] & cols[:, None], other=0.0)
+        acc = tl.dot(w, x, acc)
+        w_ptr += BLOCK_K
+        x_ptr += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=rows, other=0.0).to(tl.float32)[:, None]
+    y_ptr = Y + offs_m[None, :] * N + offs_n[:, None]
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=rows[:, None] & batch[None, :])
+
+
+def _block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    if BLOCK_M == 1:
+        _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
 def _matvec_kernel(
-    X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, N0, N1, N2, K, sw0, sw1, sw2, BLOCKS0, BLOCKS01,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, M, N0, N1, N2, K, sxm, sw0, sw1, sw2, BLOCKS0, BLOCKS01,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    # Programs [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2.
+    # Programs [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2; BLOCK_M 1: one row.
     pid = tl.program_id(0)
     if pid < BLOCKS0:
-        _rows_block(X, W0, B0, Y0, pid, N0, K, sw0, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+        _block(X, W0, B0, Y0, pid, M, N0, K, sxm, sw0, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     elif pid < BLOCKS01:
-        _rows_block(X, W1, B1, Y1, pid - BLOCKS0, N1, K, sw1, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+        _block(X, W1, B1, Y1, pid - BLOCKS0, M, N1, K, sxm, sw1, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     else:
-        _rows_block(X, W2, B2, Y2, pid - BLOCKS01, N2, K, sw2, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+        _block(X, W2, B2, Y2, pid - BLOCKS01, M, N2, K, sxm, sw2, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
-if triton is not None:  # a device function of the kernel below (jitted now: it is looked up by name)
+if triton is not None:  # device functions of the kernel below (jitted now: they are looked up by name)
     _rows_block = triton.jit(_rows_block)
+    _few_rows_block = triton.jit(_few_rows_block)
+    _block = triton.jit(_block)
 
 
 @functools.cache
@@ -104,12 +158,17 @@ def _jit(interpret: bool):
 
 
 def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None) -> bool:
-    """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight): a
-    one-row x on a GPU, contiguous rows of one dtype and device, biases for all weights or none."""
+    """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight): x of one
+    row (bf16, fp16 or fp32) or up to ``FEW_ROWS`` (bf16 or fp16, at most ``FEW_ROWS_MAX_K``
+    columns) on a GPU, contiguous rows of one dtype and device, biases for all weights or none."""
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if triton is None or not x.is_cuda or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
+    if triton is None or not x.is_cuda or x.dim() == 0 or not 1 <= len(weights) <= 3:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(biases) != len(weights):
+    rows = x.numel() // max(x.shape[-1], 1)
+    dtypes = (torch.bfloat16, torch.float16, torch.float32) if rows == 1 else (torch.bfloat16, torch.float16)
+    if not 1 <= rows <= FEW_ROWS or x.dtype not in dtypes or len(biases) != len(weights):
+        return False
+    if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K:
         return False
     same = [(w.dtype, w.device) == (x.dtype, x.device) for w in weights]
     rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
@@ -144,11 +203,12 @@ def launch(
 ) -> list[Tensor]:
     """The kernel itself, for operands ``serves`` accepts (and, in tests, Triton's CPU interpreter)."""
     k = x.shape[-1]
-    row = x.reshape(k)
-    if row.stride(0) != 1:
-        row = row.contiguous()
+    rows = x.numel() // k
+    mat = x.reshape(rows, k)
+    if mat.stride(-1) != 1 or (rows > 1 and mat.stride(0) < k):
+        mat = mat.contiguous()
     sizes = [w.shape[0] for w in weights]
-    tile = tile or tile_for(k)
+    tile = tile or tile_for(k, rows)
     outs = [torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) for n in sizes]
     blocks = [triton.cdiv(n, tile.block_n) for n in sizes]
     pad = 3 - len(weights)  # unused slots repeat the first weight; no program reaches them
@@ -156,9 +216,10 @@ def launch(
     has_bias = biases[0] is not None
     bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
     _jit(triton.knobs.runtime.interpret)[(sum(blocks),)](
-        row, *ws, *bs, *ys, *(sizes + [0] * pad), k, *(w.stride(0) for w in ws),
-        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        mat, *ws, *bs, *ys, rows, *(sizes + [0] * pad), k, mat.stride(0), *(w.stride(0) for w in ws),
+        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_M=1 if rows == 1 else FEW_ROWS,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )  # fmt: skip
     return outs
 

@@ -1,6 +1,6 @@
-"""Batch-1 decode layers on the one-row kernel (one_row.py, kernels/matvec.py).
+"""Decode layers on the projection kernels (decode_projections.py, kernels/matvec.py).
 
-- The one-row twins of every family's decoder layers give what the plain layers give, eagerly and
+- The kernel twins of every family's decoder layers give what the plain layers give, eagerly and
   compiled with fullgraph, through a router whose output depends on q, k and v (a swapped group
   member changes it), and leave the model's own modules as they were. On a model sharded over two
   ranks, tests/tp_worker.py makes the same comparison (tests/test_tensor_parallel.py).
@@ -29,18 +29,18 @@ class MixingRouter:
         return value * torch.tanh((query * key).sum(-1, keepdim=True) * scaling)
 
 
-def run_all_layers(adapter: ModelAdapter, hidden: torch.Tensor, one_row: bool) -> torch.Tensor:
+def run_all_layers(adapter: ModelAdapter, hidden: torch.Tensor, kernels: bool) -> torch.Tensor:
     positions = torch.tensor([[7]])
     router = MixingRouter()
     for idx, layer_type in enumerate(adapter.layer_types):
         rotary = adapter.rotary(hidden, positions, layer_type)
-        hidden = adapter.run_layer(idx, hidden, rotary, positions, router, one_row=one_row)
+        hidden = adapter.run_layer(idx, hidden, rotary, positions, router, kernels=kernels)
     return hidden
 
 
 def qkv_groups(adapter: ModelAdapter, layer: int = 0) -> int:
-    """How many launches a one-row layer's q, k and v projections take (1: grouped)."""
-    attn = adapter.one_row_layers[layer].self_attn
+    """How many launches a kernel layer's q, k and v projections take (1: grouped)."""
+    attn = adapter.kernel_layers[layer].self_attn
     return len(
         {id(vars(getattr(attn, name))["forward"].func.__self__) for name in ("q_proj", "k_proj", "v_proj")}
     )
@@ -55,13 +55,13 @@ def _steps(model, count: int = 2) -> list[torch.Tensor]:
 def _matches_plain(adapter: ModelAdapter, hiddens: list[torch.Tensor]) -> bool:
     with torch.no_grad():
         return all(
-            torch.equal(run_all_layers(adapter, h, one_row=True), run_all_layers(adapter, h, one_row=False))
+            torch.equal(run_all_layers(adapter, h, kernels=True), run_all_layers(adapter, h, kernels=False))
             for h in hiddens
         )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_one_row_layers_give_the_plain_layers_output_eagerly_and_compiled(family):
+def test_kernel_layers_give_the_plain_layers_output_eagerly_and_compiled(family):
     """Step after step (a result left pending from the step before would show), eagerly and
     through one fullgraph compile whose second and third calls replay it."""
     model = tiny_model(family)
@@ -73,7 +73,7 @@ def test_one_row_layers_give_the_plain_layers_output_eagerly_and_compiled(family
     compiled = torch.compile(run_all_layers, fullgraph=True)
     with torch.no_grad():
         for hidden in hiddens:
-            plain = run_all_layers(adapter, hidden, one_row=False)
+            plain = run_all_layers(adapter, hidden, kernels=False)
             torch.testing.assert_close(compiled(adapter, hidden, True), plain, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
     # q, k and v (gate and up) share one launch where the family has them apart.
@@ -129,7 +129,7 @@ def test_linears_with_a_forward_of_their_own_or_of_a_subclass_keep_it():
     scaled.weight = mlp.down_proj.weight
     mlp.down_proj = scaled
     adapter = ModelAdapter(model)
-    twin = adapter.one_row_layers[0].mlp
+    twin = adapter.kernel_layers[0].mlp
     assert (
         "forward" not in vars(twin.down_proj)
         and vars(twin.up_proj)["forward"] is vars(mlp.up_proj)["forward"]

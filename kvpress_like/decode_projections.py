@@ -1,6 +1,7 @@
-"""Projections of batch-1 decode steps on the one-row kernel (kernels/matvec.py).
+"""Projections of decode steps on the fixed-tile kernels of kernels/matvec.py (one row: a batch-1
+step; a few: a small batch; more rows run cuBLAS inside the same op).
 
-``one_row_forwards(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
+``kernel_forwards(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
 module that the kernel can run, a forward that runs it (the adapter puts it on a twin of the
 child). Linears that read one input (``groups``, named by the adapter: a layer's q, k and v
 projections; gate and up) share one launch: a call whose result is pending takes it, any other
@@ -113,7 +114,7 @@ def _groupable(members: dict[str, nn.Linear]) -> bool:
     )
 
 
-def one_row_forwards(
+def kernel_forwards(
     module: nn.Module, groups: Sequence[Sequence[str]]
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """A one-row-kernel forward for each of ``module``'s linear children the kernel can run, by
