@@ -1,8 +1,9 @@
-"""Decode's one-row matrix products on one GPU: the fixed-tile Triton kernel against cuBLAS and inductor.
+"""Decode's matrix products on one GPU: the fixed-tile Triton kernels against cuBLAS and inductor.
 
 For each weight shape of a model (``--model 8b``: the Llama-3.1-8B projections and output head, or
 the same sharded over ``--tp`` ranks), and each group of weights read from one input (q, k and v;
-gate and up), it times ``y = x @ W.T`` for one row x (a batch-1 decode step) as one call among
+gate and up), it times ``y = x @ W.T`` for x of ``--rows`` rows (1: a batch-1 decode step; up to
+16: a small batch's, on the tensor-core tile; the output head for one row only) as one call among
 ``copies`` back to back in a CUDA graph, each on its own copy of the weights (together over 1 GB,
 so that no weight is read from L2), and reports microseconds per call and the weights' bytes over
 that time:
@@ -10,11 +11,12 @@ that time:
 - ``cublas``: ``F.linear`` per weight;
 - ``triton``: ``kvpress_like.kernels.matvec`` with its fixed tile, one launch per group, and
   ``--sweep`` every tile of a grid (the best is printed per shape);
-- ``inductor``: ``torch.compile`` with coordinate-descent tuning (the decode step's options), which
-  lowers a one-row product to a tuned reduction; ``--inductor-runs N`` compiles it in N fresh
+- ``inductor`` (one row): ``torch.compile`` with coordinate-descent tuning, which lowers a one-row
+  product to a tuned reduction; ``--inductor-runs N`` compiles it in N fresh
   processes, each with an empty inductor cache, to show how far apart the tuning's picks land.
 
     python benchmarks/matvec.py --sweep --inductor-runs 3 --out R/matvec.json
+    python benchmarks/matvec.py --rows 2,4,8,16 --sweep --out R/matvec-rows.json
 """
 
 from __future__ import annotations

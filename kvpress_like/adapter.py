@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
-from kvpress_like.decode_projections import kernel_forwards
+from kvpress_like.decode_projections import kernel_forward, kernel_groups
 from kvpress_like.errors import ConfigError, UnsupportedModelError
 from kvpress_like.parallel import TensorParallel
 from kvpress_like.plugins import ModelInfo
@@ -141,9 +142,9 @@ PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def _kernel_children(module: nn.Module) -> dict[str, nn.Module]:
     """Twins of ``module``'s linear children whose forwards run kernels/matvec.py."""
     twins = {}
-    for name, forward in kernel_forwards(module, PROJECTION_GROUPS).items():
-        twins[name] = _twin(getattr(module, name))
-        vars(twins[name])["forward"] = forward
+    for name, group in kernel_groups(module, PROJECTION_GROUPS).items():
+        twins[name] = _twin(getattr(module, name), kernel_group=group, kernel_name=name)
+        vars(twins[name])["forward"] = types.MethodType(kernel_forward, twins[name])
     return twins
 
 

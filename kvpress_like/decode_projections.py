@@ -25,8 +25,7 @@ bias (which must be added once, after the sum), keeps its own forward.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -114,11 +113,9 @@ def _groupable(members: dict[str, nn.Linear]) -> bool:
     )
 
 
-def kernel_forwards(
-    module: nn.Module, groups: Sequence[Sequence[str]]
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """A one-row-kernel forward for each of ``module``'s linear children the kernel can run, by
-    attribute name; those named together in ``groups`` share a launch where they can."""
+def kernel_groups(module: nn.Module, groups: Sequence[Sequence[str]]) -> dict[str, _Group]:
+    """The launch group of each of ``module``'s linear children the kernel can run, by attribute
+    name; those named together in ``groups`` share one where they can."""
     linears = {name: child for name, child in module.named_children() if _servable(child)}
     launches = []
     for names in groups:
@@ -127,8 +124,12 @@ def kernel_forwards(
             launches.append(members)
     grouped = {name for members in launches for name in members}
     launches += [{name: linear} for name, linear in linears.items() if name not in grouped]
-    forwards = {}
-    for members in launches:
-        group = _Group(members)
-        forwards.update({name: functools.partial(group.forward, name) for name in members})
-    return forwards
+    return {name: group for group in map(_Group, launches) for name in group.linears}
+
+
+def kernel_forward(linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The forward of a linear's twin carrying ``kernel_group`` and ``kernel_name``: its result from
+    the group. A function of the module's own (bound as a method, not a ``functools.partial``): a
+    compiled step guards on a partial's identity, which would recompile the step for every new
+    adapter of the same model (a new pipeline), and on a method's function only."""
+    return linear.kernel_group.forward(linear.kernel_name, hidden)

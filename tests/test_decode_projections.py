@@ -41,9 +41,7 @@ def run_all_layers(adapter: ModelAdapter, hidden: torch.Tensor, kernels: bool) -
 def qkv_groups(adapter: ModelAdapter, layer: int = 0) -> int:
     """How many launches a kernel layer's q, k and v projections take (1: grouped)."""
     attn = adapter.kernel_layers[layer].self_attn
-    return len(
-        {id(vars(getattr(attn, name))["forward"].func.__self__) for name in ("q_proj", "k_proj", "v_proj")}
-    )
+    return len({id(getattr(attn, name).kernel_group) for name in ("q_proj", "k_proj", "v_proj")})
 
 
 def _steps(model, count: int = 2) -> list[torch.Tensor]:
@@ -80,6 +78,20 @@ def test_kernel_layers_give_the_plain_layers_output_eagerly_and_compiled(family)
     if family != "phi3":  # phi3's q, k and v are one linear already
         assert qkv_groups(adapter) == 1
     assert {name: vars(module).get("forward") for name, module in model.named_modules()} == own_forwards
+
+
+def test_a_new_adapter_of_the_same_model_runs_the_compiled_layers_without_compiling_again():
+    """Each pipeline builds its own adapter and twins: the compiled step must not be guarded on
+    their identity, or every new pipeline on a model recompiles it (minutes on a GPU)."""
+    model = tiny_model("llama")
+    (hidden,) = _steps(model, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(run_all_layers, fullgraph=True)
+    with torch.no_grad():
+        compiled(ModelAdapter(model), hidden, True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(ModelAdapter(model), hidden, True)
+    torch._dynamo.reset()
 
 
 def test_a_group_member_whose_bias_differs_runs_alone():
