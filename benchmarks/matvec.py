@@ -149,7 +149,7 @@ def main() -> None:
             us, err = measure(one_by_one(F.linear), x, sets, args.replays)
             rows.append(dict(impl="cublas", shape=shape, group=group, us=us, err=err))
             us, err = measure(matvec_module.matvec, x, sets, args.replays)
-            tile = matvec_module.tile_for(group[0][1], batch)
+            tile = matvec_module.tile_for(group[0][1], batch, [n for n, _ in group], x.device)
             rows.append(dict(impl="triton", shape=shape, group=group, us=us, err=err, tile=vars(tile)))
             for tile in tiles:
                 try:
