@@ -9,8 +9,9 @@ so that no weight is read from L2), and reports microseconds per call and the we
 that time:
 
 - ``cublas``: ``F.linear`` per weight;
-- ``triton``: ``kvpress_like.kernels.matvec`` with its fixed tile, one launch per group, and
-  ``--sweep`` every tile of a grid (the best is printed per shape);
+- ``triton``: the kernel of ``kvpress_like.kernels.matvec`` with the library's fixed tile, one
+  launch per group (also for the products the library leaves to cuBLAS), and ``--sweep`` every
+  tile of a grid (the best is printed per shape);
 - ``inductor`` (one row): ``torch.compile`` with coordinate-descent tuning, which lowers a one-row
   product to a tuned reduction; ``--inductor-runs N`` compiles it in N fresh
   processes, each with an empty inductor cache, to show how far apart the tuning's picks land.
@@ -93,6 +94,12 @@ def measure(fn, x: torch.Tensor, sets: list[list[torch.Tensor]], replays: int) -
     return ms * 1e3 / len(sets), err
 
 
+def kernel(tile: matvec_module.Tile):
+    """The kernel with ``tile`` itself, also where the library leaves a product to cuBLAS
+    (``matvec.serves``: a few rows over ``FEW_ROWS_MAX_K`` columns)."""
+    return lambda x, weights: matvec_module.launch(x, weights, [None] * len(weights), tile)
+
+
 def one_by_one(linear):
     return lambda x, weights: [linear(x, w) for w in weights]
 
@@ -148,12 +155,12 @@ def main() -> None:
             shape = name if batch == 1 else f"{name} x{batch}"
             us, err = measure(one_by_one(F.linear), x, sets, args.replays)
             rows.append(dict(impl="cublas", shape=shape, group=group, us=us, err=err))
-            us, err = measure(matvec_module.matvec, x, sets, args.replays)
             tile = matvec_module.tile_for(group[0][1], batch, [n for n, _ in group], x.device)
+            us, err = measure(kernel(tile), x, sets, args.replays)
             rows.append(dict(impl="triton", shape=shape, group=group, us=us, err=err, tile=vars(tile)))
             for tile in tiles:
                 try:
-                    us, err = measure(lambda a, w, t=tile: matvec_module.matvec(a, w, tile=t), x, sets, 10)
+                    us, err = measure(kernel(tile), x, sets, 10)
                 except Exception as exc:  # a tile the compiler refuses (registers, shared memory)
                     print(f"skip {tile}: {type(exc).__name__}", file=sys.stderr)
                     continue

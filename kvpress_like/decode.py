@@ -44,8 +44,9 @@ KEPT_DECODERS = 4
 # products to tuned Triton reductions that stream the weights faster than cuBLAS GEMV (gpt-fast's
 # recipe); combo kernels launch independent small kernels (k and v projections, ...) together.
 # The tuning benchmarks candidate configs and its picks vary from compile to compile: the same code
-# decoded 32K x1 at 4.95 ms/token in one run and 5.51 in the next (docs/performance.md); a batch-1
-# step's projections therefore run in a kernel with a fixed tile (PROJECTION_KERNELS).
+# decoded 32K x1 at 4.95 ms/token in one run and 5.51 in the next (docs/performance.md); a GPU
+# step's projections therefore run in kernels with fixed tiles (PROJECTION_KERNELS), and the rest
+# of such a step compiles untuned (TUNE_BESIDE_KERNELS).
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 # Let the attention kernel's last split merge the partial results: one launch per layer instead of
 # two (H200, 128K: 5.48 vs 5.55 ms/token, one sample each in one process, profile_fastkv.py).

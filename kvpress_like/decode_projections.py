@@ -1,12 +1,12 @@
 """Projections of decode steps on the fixed-tile kernels of kernels/matvec.py (one row: a batch-1
 step; a few: a small batch; more rows run cuBLAS inside the same op).
 
-``kernel_forwards(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
-module that the kernel can run, a forward that runs it (the adapter puts it on a twin of the
-child). Linears that read one input (``groups``, named by the adapter: a layer's q, k and v
-projections; gate and up) share one launch: a call whose result is pending takes it, any other
-call computes the whole group afresh and leaves the other members' results pending.
-transformers' attention and MLP forwards call the members on one ``hidden_states``, in a fixed
+``kernel_groups(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
+module that the kernel can run, its launch group; ``kernel_forward`` is the forward the adapter
+puts on a twin of the child. Linears that read one input (``groups``, named by the adapter: a
+layer's q, k and v projections; gate and up) share one launch: a call whose result is pending
+takes it, any other call computes the whole group afresh and leaves the other members' results
+pending. transformers' attention and MLP forwards call the members on one ``hidden_states``, in a fixed
 order, every step, so the first-called member recomputes the group each step and no result
 outlives its step. A forward pre-hook may hand each member an input of its own, so a group
 forms only of members without pre-hooks (beyond a sharded model's one, below), and once any is
@@ -49,7 +49,7 @@ class _Group:
         return [len(linear._forward_pre_hooks) for linear in self.linears.values()]
 
     def forward(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
-        """``linears[name](hidden)`` for ``hidden`` ``[..., K]`` of one row: ``[..., N_name]``."""
+        """``linears[name](hidden)`` for ``hidden`` ``[..., K]`` (one token per row): ``[..., N_name]``."""
         if len(self.linears) > 1 and (
             module_hooks._global_forward_pre_hooks or self._pre_hooks() != self.pre_hooks
         ):

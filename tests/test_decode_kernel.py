@@ -1,5 +1,6 @@
 """The split-K decode-attention kernel against the plain-PyTorch reference, and the reference against
-an independent per-(row, head) loop; the one-row matrix-product kernel against ``F.linear``.
+an independent per-(row, head) loop; the matrix-product kernels of decode (one row, a few rows)
+against ``F.linear``.
 
 Without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below before the
 kernels are built; ``_interpreter_fixes`` holds two interpreter workarounds). Without triton (CPU builds
@@ -296,17 +297,20 @@ def test_the_one_row_kernel_matches_linear_in_float64(k, sizes, bias, block, see
     k=st.integers(1, 300),
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     bias=st.booleans(),
-    block=st.sampled_from([(16, 16), (16, 64), (32, 128)]),
+    block=st.sampled_from([(16, 16), (16, 64), (32, 128), None]),  # None: the library's tile
+    sliced=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, block, seed):
+def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, block, sliced, seed):
     """kernels/matvec.py on 2 to FEW_ROWS rows (a small decode batch, tensor-core path): ragged K and N,
-    padded batch rows, fp16 operands as on the GPU."""
+    padded batch rows, rows apart in memory (the last token of each row of a longer tensor), fp16
+    operands as on the GPU."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, 1, k, generator=gen).half().to(DEVICE)
+    x = torch.randn(rows, 3 if sliced else 1, k, generator=gen).half().to(DEVICE)[:, -1:]
     weights = [(torch.randn(n, k, generator=gen) / k**0.5).half().to(DEVICE) for n in sizes]
     biases = [torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] if bias else None
-    outs = matvec.launch(x, weights, biases or [None] * len(sizes), matvec.Tile(block[0], block[1], 4, 1))
+    tile = matvec.Tile(block[0], block[1], 4, 1) if block else None
+    outs = matvec.launch(x, weights, biases or [None] * len(sizes), tile)
     for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
         ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
         assert out.shape == ref.shape and out.dtype == torch.float16

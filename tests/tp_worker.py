@@ -87,22 +87,23 @@ def refusal(model) -> str:
 
 def kernel_layers_match(model) -> dict:
     """A sharded model's kernel layers (decode steps' projections) against its plain layers, on one
-    token: the same hidden states (the kernel on CUDA; ``F.linear`` on this rank's shards on CPU),
-    and q, k and v in one group, whose results are placed back in DTensors."""
+    token per row, for a batch of one row and of three: the same hidden states (the kernels on
+    CUDA; ``F.linear`` on this rank's shards on CPU), and q, k and v in one group, whose results
+    are placed back in DTensors."""
     adapter = ModelAdapter(model)
-    generator = torch.Generator().manual_seed(2)  # the same token on every rank
-    hidden = torch.randn(1, 1, model.config.hidden_size, generator=generator)
-    hidden = hidden.to(adapter.device, adapter.dtype)
-    with torch.no_grad():
-        plain = run_all_layers(adapter, hidden, kernels=False)
-        kernels = run_all_layers(adapter, hidden, kernels=True)
-        compiled = torch.compile(run_all_layers, fullgraph=True)(adapter, hidden, True)  # as in the step
-    return {
-        "equal": bool(torch.allclose(kernels, plain, rtol=1e-5, atol=1e-5)),
+    generator = torch.Generator().manual_seed(2)  # the same tokens on every rank
+    equal = compiled_equal = True
+    for rows in (1, 3):
+        hidden = torch.randn(rows, 1, model.config.hidden_size, generator=generator)
+        hidden = hidden.to(adapter.device, adapter.dtype)
+        with torch.no_grad():
+            plain = run_all_layers(adapter, hidden, kernels=False)
+            kernels = run_all_layers(adapter, hidden, kernels=True)
+            compiled = torch.compile(run_all_layers, fullgraph=True)(adapter, hidden, True)  # as in the step
+        equal &= bool(torch.allclose(kernels, plain, rtol=1e-5, atol=1e-5))
         # compile reorders fp32 sums (2e-5 apart on qwen3); a misplaced shard is off by O(1)
-        "compiled_equal": bool(torch.allclose(compiled, plain, rtol=1e-4, atol=1e-4)),
-        "qkv_groups": qkv_groups(adapter),
-    }
+        compiled_equal &= bool(torch.allclose(compiled, plain, rtol=1e-4, atol=1e-4))
+    return {"equal": equal, "compiled_equal": compiled_equal, "qkv_groups": qkv_groups(adapter)}
 
 
 def main() -> None:

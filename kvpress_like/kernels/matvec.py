@@ -52,7 +52,7 @@ TILE = Tile(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 # Two to FEW_ROWS rows (small decode batches) go through the tensor cores instead: their smallest
 # product axis is 16 long, so the rows pad to it, and each program streams BLOCK_N weight rows. H200
 # sweep of 54 tiles at 2, 4, 8 and 16 rows (benchmarks/matvec.py --rows): this one was the best
-# for a layer at every row count, 15.9-16.1 us for q+k+v (cuBLAS, three launches: 28.5-29.3) and
+# for a layer at every row count, 15.8-16.1 us for q+k+v (cuBLAS, three launches: 28.5-29.3) and
 # 12.3-12.5 for o (13.2-13.6). Over FEW_ROWS_MAX_K columns (Llama's down projection, 14336) its
 # 128 programs for 4096 rows were 10% slower than cuBLAS (35.9 vs 32.2 us): cuBLAS keeps those.
 FEW_ROWS = 16
@@ -119,7 +119,7 @@ def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS: tl.constexpr
     rows = offs_n < N
     batch = offs_m < M
     w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
-    x_ptr = X + offs_m[None, :] * sxm + offs_k[:, None]  # X transposed: [BLOCK_K, BLOCK_M]
+    x_ptr = X + offs_m.to(tl.int64)[None, :] * sxm + offs_k[:, None]  # X transposed: [BLOCK_K, BLOCK_M]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -205,8 +205,8 @@ def matvec(
     biases: Sequence[Tensor | None] | None = None,
     tile: Tile | None = None,
 ) -> list[Tensor]:
-    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a one-row x (see the module
-    docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep)."""
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for x of one row or a few (see the
+    module docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep)."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     if not serves(x, weights, biases):
         return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
