@@ -4,7 +4,9 @@ the plan ``from_pretrained(tp_plan="auto")`` applies).
 
 Attention and KV heads are split over the ranks (``q/k/v_proj`` column-wise, ``o_proj``
 row-wise, so transformers' attention runs on each rank's heads and its output is all-reduced);
-the MLP likewise; embedding, norms and the output head stay whole on every rank. Each rank's
+the MLP likewise; the output head's vocabulary too, as the model's own plan (``_tp_plan``)
+declares, each rank computing its part of the logits and all of them gathered on every rank;
+embedding and norms stay whole on every rank. Each rank's
 cache holds its own KV heads, scored and retained there; what needs every head (the score summed
 over heads that chooses the propagated tokens, AdaKV's budget over all heads) goes through
 ``TensorParallel``'s collectives, so every rank makes the same choice.
@@ -64,7 +66,27 @@ def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
         if heads % ranks:
             raise ConfigError(f"model: config.{field} must divide over {ranks} ranks (got {heads})")
     parallelize_module(model.model, mesh, tensor_parallel_plan(model))
+    parallelize_module(model, mesh, output_head_plan(model, ranks))
     return model
+
+
+def output_head_plan(model: nn.Module, ranks: int) -> dict[str, Any]:
+    """The output head's style where the model's own plan gives it one (transformers' causal LMs:
+    ``_tp_plan = {"lm_head": "colwise_gather_output"}``, as ``from_pretrained(tp_plan="auto")``
+    applies it): the vocabulary split over the ranks, the logits gathered whole on every rank. A
+    decode step then reads 1/ranks of the head (1 GB whole for Llama-3.1-8B) per rank. The head
+    stays whole where it shares its weight with the input embedding (tied), which must stay whole,
+    or where its vocabulary does not divide over the ranks."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    head, declared = model.get_output_embeddings(), getattr(model, "_tp_plan", None) or {}
+    names = [name for name, style in declared.items() if style == "colwise_gather_output"]
+    names = [name for name in names if head is not None and dict(model.named_modules()).get(name) is head]
+    tied = head is not None and head.weight is getattr(model.get_input_embeddings(), "weight", None)
+    if not names or tied or head.weight.shape[0] % ranks:
+        return {}
+    return {names[0]: ColwiseParallel(output_layouts=Replicate())}
 
 
 def sharded_possible() -> bool:

@@ -2,8 +2,8 @@
 shard tiny Llama and Qwen3 models in two by their own plans; every built-in strategy gives the
 unsharded model's tokens (greedy and sampled, eager and static decode) and keeps, per KV head,
 the unsharded model's positions; a decode step's kernel layers give the plain layers'
-hidden states on the shards. A strategy choosing tokens from its own rank's heads only is
-refused by name."""
+hidden states on the shards; the output head's vocabulary is split as the models' own plan
+says. A strategy choosing tokens from its own rank's heads only is refused by name."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvpress_like.errors import UnsupportedModelError
-from kvpress_like.parallel import tensor_parallel_plan
+from kvpress_like.parallel import output_head_plan, tensor_parallel_plan
 
 from conftest import tiny_model, torchrun
 
@@ -42,6 +42,8 @@ def test_two_gloo_ranks_match_the_unsharded_model(tmp_path):
         # rank's shards, placed back as the plan's hooks expect.
         expected = {"equal": True, "compiled_equal": True, "qkv_groups": 1}
         assert report["kernel_layers"] == {family: expected for family in ("llama", "qwen3")}
+        # the output head's vocabulary (256) split in two, by the models' own plan
+        assert report["head_rows"] == {"llama": 128, "qwen3": 128}
         assert "tensor-parallel rank's share" in report["save_refusal"], report["save_refusal"]
         assert "RankLocalFastKV" in report["refusal"] and "every tensor-parallel rank" in report["refusal"]
     # the ranks agree with each other too (not only each with its own reference)
@@ -70,6 +72,19 @@ def test_two_nccl_ranks_match_the_unsharded_model_in_every_decode_mode(tmp_path,
         for case in report["cases"]:
             assert case["tokens_equal"] and case["kept_equal"], case
     assert [c["tokens"] for c in reports[0]["cases"]] == [c["tokens"] for c in reports[1]["cases"]]
+
+
+def test_a_tied_or_uneven_output_head_stays_whole():
+    """The embedding shares a tied head's weight and must stay whole; a vocabulary that does not
+    divide over the ranks is not split either. An untied, even one is (the gloo test above)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import COMMON
+
+    assert list(output_head_plan(tiny_model("llama"), 2)) == ["lm_head"]
+    tied = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True))
+    assert output_head_plan(tied, 2) == {}
+    assert output_head_plan(tiny_model("llama"), 3) == {}  # 256 rows over 3 ranks
 
 
 def test_a_plan_that_does_not_split_heads_is_refused():

@@ -24,7 +24,7 @@ from test_decode_projections import qkv_groups, run_all_layers
 from kvpress_like import hookimpl, pipeline
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.errors import ConfigError, PluginError
-from kvpress_like.parallel import shard_model
+from kvpress_like.parallel import local_shard, shard_model
 from kvpress_like.strategies.fastkv import FastKV
 
 from conftest import random_rows, tiny_model
@@ -123,7 +123,7 @@ def main() -> None:
         torch.cuda.set_device(rank)
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     decode = args.decode.split(",")
-    report: dict = {"rank": rank, "world": world, "cases": [], "kernel_layers": {}}
+    report: dict = {"rank": rank, "world": world, "cases": [], "kernel_layers": {}, "head_rows": {}}
     for family in args.families.split(","):
         for strategy in args.strategies.split(","):
             model = tiny_model(family).to(device)  # the same weights on every rank (same seed)
@@ -131,6 +131,7 @@ def main() -> None:
             shard_model(model, init_device_mesh(args.device, (world,)))
             if family not in report["kernel_layers"]:
                 report["kernel_layers"][family] = kernel_layers_match(model)
+                report["head_rows"][family] = local_shard(model.get_output_embeddings().weight).shape[0]
             sharded = run(model, strategy, decode, args.prefill, args.lengths)
             heads = len(sharded["kept"][0][0])
             mine = slice(rank * heads, (rank + 1) * heads)
