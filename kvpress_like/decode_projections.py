@@ -1,16 +1,16 @@
 """Projections of decode steps on the fixed-tile kernels of kernels/matvec.py (one row: a batch-1
 step; a few: a small batch; more rows run cuBLAS inside the same op).
 
-``kernel_groups(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP
-module that the kernel can run, its launch group; ``kernel_forward`` is the forward the adapter
-puts on a twin of the child. Linears that read one input (``groups``, named by the adapter: a
-layer's q, k and v projections; gate and up) share one launch: a call whose result is pending
-takes it, any other call computes the whole group afresh and leaves the other members' results
-pending. transformers' attention and MLP forwards call the members on one ``hidden_states``, in a fixed
-order, every step, so the first-called member recomputes the group each step and no result
-outlives its step. A forward pre-hook may hand each member an input of its own, so a group
-forms only of members without pre-hooks (beyond a sharded model's one, below), and once any is
-added (or a global one), every member computes alone from the input it is given.
+``kernel_groups(module, groups)`` gives, for each ``nn.Linear`` child of an attention or MLP module
+that the kernel can run, its launch group; ``kernel_forward`` is the forward the adapter puts on a
+twin of the child. Linears that read one input (``groups``, named by the adapter: a layer's q, k
+and v projections; gate and up) share one launch: a call whose result is pending takes it, any
+other call computes the whole group afresh and leaves the other members' results pending.
+transformers' attention and MLP forwards call the members on one ``hidden_states``, in a fixed
+order, every step, so the first-called member recomputes the group each step and no result outlives
+its step. A forward pre-hook may hand each member an input of its own, so a group forms only of
+members without pre-hooks (beyond a sharded model's one, below), and once any is added (or a global
+one), every member computes alone from the input it is given.
 
 Left to their own forwards: subclasses of ``nn.Linear`` (PEFT, quantized layers), linears with a
 forward of their own (accelerate's hooks), weights of a tensor subclass.
