@@ -129,7 +129,7 @@ def kernel_groups(module: nn.Module, groups: Sequence[Sequence[str]]) -> dict[st
 
 def kernel_forward(linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The forward of a linear's twin carrying ``kernel_group`` and ``kernel_name``: its result from
-    the group. A function of the module's own (bound as a method, not a ``functools.partial``): a
-    compiled step guards on a partial's identity, which would recompile the step for every new
-    adapter of the same model (a new pipeline), and on a method's function only."""
+    the group. Bound to the twin as a method, not made a ``functools.partial``: a compiled step
+    guards a partial by its identity, so every new adapter of the same model (a new pipeline)
+    would recompile it, and a bound method only by its function."""
     return linear.kernel_group.forward(linear.kernel_name, hidden)

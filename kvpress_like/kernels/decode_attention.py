@@ -59,7 +59,8 @@ def decode_attention_reference(
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (an H200's 132 for the CPU interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
@@ -221,7 +222,7 @@ def decode_attention(
         raise ValueError(f"arrivals must be int32 with >= B*Hkv={b * hkv} entries, got {arrivals.dtype} "
                          f"with {arrivals.numel()}")  # fmt: skip
     g = hq // hkv
-    splits, split_size, block_n = _launch_config(cap, d, b * hkv, _sm_count(query.device), num_splits)
+    splits, split_size, block_n = _launch_config(cap, d, b * hkv, sm_count(query.device), num_splits)
     mid_o = torch.empty(b, hq, splits, d, device=query.device, dtype=torch.float32)
     mid_lse = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
     out = torch.empty_like(query, memory_format=torch.contiguous_format)

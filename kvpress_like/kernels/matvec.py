@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvpress_like.kernels.decode_attention import sm_count
+
 try:  # CPU builds of torch ship without triton
     import triton
     import triton.language as tl
@@ -65,11 +67,6 @@ FEW_ROWS_MAX_K = 8192
 FEW_ROWS_WIDE_STAGES = 3
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.device | None = None) -> Tile:
     """The fixed tile for ``rows`` rows of ``k`` columns (its columns cut to ``k`` where that is
     shorter) and a launch over weights of ``sizes`` rows on ``device`` (a CUDA device)."""
@@ -78,7 +75,7 @@ def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.dev
     else:
         tile, least = FEW_ROWS_TILE, 16
         programs = sum(triton.cdiv(n, tile.block_n) for n in sizes)
-        if device is not None and programs > 2 * _sm_count(device):
+        if device is not None and programs > 2 * sm_count(device):
             tile = replace(tile, num_stages=FEW_ROWS_WIDE_STAGES)
     return replace(tile, block_k=min(tile.block_k, max(least, triton.next_power_of_2(k))))
 
