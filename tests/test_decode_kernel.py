@@ -283,11 +283,17 @@ def test_the_one_row_kernel_matches_linear_in_float64(k, sizes, bias, block, see
     x = torch.randn(1, 1, k, generator=gen).to(DEVICE)
     weights = [torch.randn(n, k, generator=gen).to(DEVICE) for n in sizes]
     biases = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes] if bias else None
-    outs = matvec.launch(x, weights, biases or [None] * len(sizes), matvec.Tile(block[0], block[1], 4, 1))
+    tile = matvec.Tile(block[0], block[1], 4, 1)
+    _assert_launch_matches_linear(x, weights, biases, tile, rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+def _assert_launch_matches_linear(x, weights, biases, tile, rtol: float, atol: float) -> None:
+    """``matvec.launch`` against ``F.linear`` in float64, weight by weight (shape and dtype too)."""
+    outs = matvec.launch(x, weights, biases or [None] * len(weights), tile)
     for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
         ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
-        assert out.shape == ref.shape
-        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-4 * k**0.5)
+        assert out.shape == ref.shape and out.dtype == x.dtype
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=rtol, atol=atol)
 
 
 @needs_triton
@@ -310,8 +316,4 @@ def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, blo
     weights = [(torch.randn(n, k, generator=gen) / k**0.5).half().to(DEVICE) for n in sizes]
     biases = [torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] if bias else None
     tile = matvec.Tile(block[0], block[1], 4, 1) if block else None
-    outs = matvec.launch(x, weights, biases or [None] * len(sizes), tile)
-    for i, (out, w) in enumerate(zip(outs, weights, strict=True)):
-        ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
-        assert out.shape == ref.shape and out.dtype == torch.float16
-        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=2e-3, atol=2e-3)
+    _assert_launch_matches_linear(x, weights, biases, tile, rtol=2e-3, atol=2e-3)
