@@ -36,6 +36,27 @@ def kernel_table(prof, top: int) -> tuple[list[dict], float]:
     return table, total
 
 
+def timeline(prof, steps: int) -> dict:
+    """Per decode step: kernels launched, GPU-busy ms (the union of kernel intervals) and the span
+    from the first kernel's start to the last one's end; span minus busy is the time the GPU sat
+    between kernels (launch gaps inside a CUDA graph, host time without one)."""
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, reach = 0.0, float("-inf")
+    for start, end in kernels:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = kernels[-1][1] - kernels[0][0] if kernels else 0.0
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "span_ms_per_step": span / 1e3 / steps,
+    }
+
+
 def layer_memory(model, run) -> list[float]:
     """Peak GiB allocated while each decoder layer runs (forward hooks, this script only)."""
     peaks: list[float] = []
@@ -217,16 +238,25 @@ def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: d
         report["decode_ms"][name] = {"ms_per_token": ms, "first_call_s": warm}
         print(f"decode {name}: {ms:.3f} ms/token (first call {warm:.1f} s)")
 
+    context = pipe.compress(ids)
+    if names[-1] == "library":  # the step as it runs, in its CUDA graph: the gaps between kernels
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe.generate(context=context, max_new_tokens=steps + 1)
+        table, _ = kernel_table(prof, 40)
+        report["graph_timeline"] = {**timeline(prof, steps), "kernels": table}
+        print("in the CUDA graph:", {k: round(v, 3) for k, v in timeline(prof, steps).items()})
+        for row in table[:30]:
+            print(f"  {row['ms'] / steps:8.4f} ms/step {row['calls'] // steps:4d}/step  {row['kernel']}")
     decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}  # the profiler sees each kernel
     decode.MERGE_IN_SPLIT_KERNEL, decode.SYMBOLIC_CAPACITY = merge, symbolic
     torch._dynamo.reset()
     pipe._decoders.clear()
-    context = pipe.compress(ids)
     pipe.generate(context=context, max_new_tokens=4)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         pipe.generate(context=context, max_new_tokens=steps + 1)
     table, busy = kernel_table(prof, 40)
     report["decode_kernels"] = {"kernel_ms_per_step": busy / steps, "kernels": table}
+    report["decode_kernels"].update(timeline(prof, steps))
     print(f"decode kernels {busy / steps:.3f} ms per step")
     for row in table[:30]:
         print(f"  {row['ms'] / steps:8.4f} ms/step {row['calls'] // steps:4d}/step  {row['kernel']}")
