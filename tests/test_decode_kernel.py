@@ -15,6 +15,7 @@ import importlib.util
 import math
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,29 @@ def test_kernel_half_precision():
     out = decode_attention(q, k, v, lengths, 0.125, num_splits=2)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.125), atol=2e-3, rtol=2e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cap=st.integers(1, 300_000), programs=st.integers(1, 4096), sms=st.sampled_from([1, 78, 132]))
+def test_the_split_count_fills_whole_waves(cap, programs, sms):
+    """Among the split counts allowed (at most MAX_SPLITS, one per MIN_SPLIT slots), the one chosen
+    takes the fewest waves of ``sms * RESIDENT_PER_SM`` programs per unit of a row's work, and is
+    the smallest such count; checked by enumerating every count."""
+    attention = sys.modules["kvpress_like.kernels.decode_attention"]
+    resident = sms * attention.RESIDENT_PER_SM
+    allowed = range(1, max(1, min(attention.MAX_SPLITS, cap // attention.MIN_SPLIT)) + 1)
+    chosen = attention._split_count(cap, programs, sms)
+    waves = {n: Fraction(math.ceil(Fraction(programs * n, resident)), n) for n in allowed}
+    assert chosen in allowed
+    assert waves[chosen] == min(waves.values())
+    assert all(waves[n] > waves[chosen] for n in allowed if n < chosen)
+
+
+def test_the_128k_batch_one_step_fills_one_wave_of_an_h200():
+    """8 KV heads, 14,336 slots, 132 SMs holding 3 programs each: 49 splits, 392 of 396 places.
+    Session 11's rule launched 56 x 8 = 448, a second wave of 52 programs."""
+    attention = sys.modules["kvpress_like.kernels.decode_attention"]
+    assert attention._split_count(14336, 8, 132) == 49
 
 
 @pytest.mark.gpu

@@ -27,12 +27,24 @@ except ImportError:  # pragma: no cover - depends on the install
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, D] fp32 partials in registers
-MIN_SPLIT = 256  # keys per split: below this the q load and the merge outweigh the streaming
-WAVES = 4  # aim for a few programs per SM so that loads from several programs overlap
+MIN_SPLIT = 256  # slots per split: below this the q load and the merge outweigh the streaming
 # Split-kernel tile at D=128 (BLOCK_N doubles at D <= 64): a 64-key K+V tile is 32 KiB in bf16, and two
 # stages leave room for three programs per SM. Best of a small sweep on an H200 (BLOCK_N 32/64/128,
 # 4/8 warps, 2-4 stages, 1-16 waves), within ~10% of each other; 8 warps was worse throughout.
 TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+# Programs of that tile an SM holds at once (its shared memory: 2 stages x 32 KiB each). A launch of
+# a few more programs than the GPU holds runs them in two waves, the second nearly empty: the split
+# count is chosen so that the programs fill whole waves (``_split_count``).
+RESIDENT_PER_SM = 3
+
+
+def _split_count(cap: int, programs: int, sms: int, per_sm: int = RESIDENT_PER_SM) -> int:
+    """The split count whose ``programs * splits`` programs waste the least of their last wave:
+    ``ceil(programs * s / resident) / s`` (waves per unit of work) is least, fewer splits on a tie;
+    at most MAX_SPLITS and one per MIN_SPLIT slots of capacity."""
+    resident = sms * per_sm
+    most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT))
+    return min(range(1, most + 1), key=lambda s: (-(-programs * s // resident) / s, s))
 
 
 def decode_attention_reference(
@@ -64,16 +76,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _launch_config(cap: int, d: int, programs: int, sms: int, num_splits: int | None) -> tuple[int, int, int]:
-    """(num_splits, split_size, BLOCK_N) from static shapes only; split_size is a multiple of BLOCK_N."""
-    if num_splits is None:
-        wanted = min(MAX_SPLITS, max(1, math.ceil(WAVES * sms / programs)))
-        num_splits = max(1, min(wanted, cap // MIN_SPLIT))
+def _launch_config(
+    cap: int, d: int, programs: int, sms: int, num_splits: int | None, tile: dict
+) -> tuple[int, int]:
+    """(num_splits, BLOCK_N) from static shapes only."""
+    num_splits = num_splits or _split_count(cap, programs, sms)
     # Small splits (tests, short caches) shrink the tile rather than mask most of it.
-    fits = max(16, triton.next_power_of_2(math.ceil(cap / num_splits)))
-    block_n = min(TILE["block_n"] * (1 if d > 64 else 2), fits)
-    split_size = math.ceil(max(cap, 1) / num_splits / block_n) * block_n
-    return math.ceil(max(cap, 1) / split_size), split_size, block_n
+    fits = max(16, triton.next_power_of_2(math.ceil(max(cap, 1) / num_splits)))
+    return num_splits, min(tile["block_n"] * (1 if d > 64 else 2), fits)
 
 
 # The kernels are plain functions wrapped by `_jit` at first use rather than decorated at import: whether
@@ -81,7 +91,7 @@ def _launch_config(cap: int, d: int, programs: int, sms: int, num_splits: int | 
 # whichever import happened to load this module first.
 def _split_kernel(
     Q, K, V, Lens, KPos, QPos, MidO, MidLse, Out, Arrivals,
-    qk_scale, window, cap, split_size,
+    qk_scale, window, cap,
     sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp, sob, soh, sod,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -95,6 +105,9 @@ def _split_kernel(
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     length = tl.minimum(tl.load(Lens + b * slb + hk * slh).to(tl.int32), cap)
+    # The row's valid slots, not the capacity, are what the splits share: every program streams the
+    # same number of tiles however full the buffer is (a bucket can be twice the entries it holds).
+    split_size = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_size
     end = tl.minimum(start + split_size, length)  # start >= end: the loop below does no work
     offs_g, offs_d, offs_n = tl.arange(0, G_PAD), tl.arange(0, D), tl.arange(0, BLOCK_N)
@@ -201,9 +214,11 @@ def decode_attention(
     *,
     num_splits: int | None = None,
     arrivals: Tensor | None = None,
+    tile: dict | None = None,
 ) -> Tensor:
     """Softmax(q·k·scale)·v over the visible keys (see the module docstring); ``num_splits`` overrides
-    the split count chosen from the static shapes (tests and tuning). With ``arrivals`` (int32, at
+    the split count chosen from the static shapes and ``tile`` the kernel's ``TILE`` (tests and
+    tuning). With ``arrivals`` (int32, at
     least ``B * Hkv`` zeros, left zero again by the call) the last split of each (row, KV head)
     merges the partial results itself: one kernel launch instead of two."""
     interpret = triton is not None and triton.knobs.runtime.interpret
@@ -222,7 +237,8 @@ def decode_attention(
         raise ValueError(f"arrivals must be int32 with >= B*Hkv={b * hkv} entries, got {arrivals.dtype} "
                          f"with {arrivals.numel()}")  # fmt: skip
     g = hq // hkv
-    splits, split_size, block_n = _launch_config(cap, d, b * hkv, sm_count(query.device), num_splits)
+    tile = tile or TILE
+    splits, block_n = _launch_config(cap, d, b * hkv, sm_count(query.device), num_splits, tile)
     mid_o = torch.empty(b, hq, splits, d, device=query.device, dtype=torch.float32)
     mid_lse = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -236,7 +252,7 @@ def decode_attention(
         split_kernel[(b * hkv, splits)](
             query, keys, values, lengths, kpos, qpos, mid_o, mid_lse, out,
             lengths if arrivals is None else arrivals,  # not read unless merging here
-            scale * LOG2E, int(sliding_window or 0), cap, split_size,
+            scale * LOG2E, int(sliding_window or 0), cap,
             *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
             *out.stride(),
             HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
@@ -244,7 +260,7 @@ def decode_attention(
             # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             MERGE_HERE=arrivals is not None,
-            num_warps=TILE["num_warps"], num_stages=TILE["num_stages"],
+            num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         )  # fmt: skip
         if arrivals is None:
             merge_kernel[(b * hq,)](

@@ -227,10 +227,11 @@ def launch(
     pad = 3 - len(weights)  # unused slots repeat the first weight; no program reaches them
     ws, ys = list(weights) + [weights[0]] * pad, outs + [outs[0]] * pad
     has_bias = biases[0] is not None
+    block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))  # tl.dot's least M is 16
     bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
     _jit(triton.knobs.runtime.interpret)[(sum(blocks),)](
         mat, *ws, *bs, *ys, rows, *(sizes + [0] * pad), k, mat.stride(0), *(w.stride(0) for w in ws),
-        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_M=1 if rows == 1 else FEW_ROWS,
+        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_M=block_m,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )  # fmt: skip
