@@ -75,8 +75,9 @@ ONE_SHOT_ALL_REDUCE = True
 # A step on a GPU runs its projections in kernels/matvec.py with fixed tiles instead of inductor's
 # tuned reductions (batch 1), whose picks vary from compile to compile, or cuBLAS (small batches);
 # a layer's q, k and v projections (and gate and up) go in one launch. H200: 128K x1 4.88 vs 5.36
-# ms/token in one run; 32K x8 5.76 vs 6.26 ms/step in two runs (docs/performance.md). Batches over
-# matvec.FEW_ROWS rows run cuBLAS inside the same op, so every batch above 1 shares one step.
+# ms/token in one run; 32K x8 5.76 vs 6.26 ms/step in two runs (docs/performance.md). Products the
+# kernel does not serve (matvec.serves: wide launches above matvec.FEW_ROWS rows, all above
+# matvec.MANY_ROWS) run cuBLAS inside the same op, so every batch above 1 shares one step.
 PROJECTION_KERNELS = True
 # With the projections on fixed tiles, the rest of the step (output head, norms, RoPE) compiles
 # without coordinate-descent tuning: five fresh compiles of the 128K x1 step decoded within 0.2%

@@ -323,7 +323,7 @@ def _assert_launch_matches_linear(x, weights, biases, tile, rtol: float, atol: f
 @needs_triton
 @settings(max_examples=20, deadline=None)
 @given(
-    rows=st.integers(2, matvec.FEW_ROWS),
+    rows=st.integers(2, matvec.MANY_ROWS),
     k=st.integers(1, 300),
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     bias=st.booleans(),
@@ -332,7 +332,7 @@ def _assert_launch_matches_linear(x, weights, biases, tile, rtol: float, atol: f
     seed=st.integers(0, 1000),
 )
 def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, block, sliced, seed):
-    """kernels/matvec.py on 2 to FEW_ROWS rows (a small decode batch, tensor-core path): ragged K and N,
+    """kernels/matvec.py on 2 to MANY_ROWS rows (a small decode batch, tensor-core path): ragged K and N,
     padded batch rows, rows apart in memory (the last token of each row of a longer tensor), fp16
     operands as on the GPU."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,10 +1,10 @@
 """Decode's matrix products, ``y_i = x @ W_i.T (+ b_i)``, for up to three weights at once.
 
 Shapes: x ``[..., K]`` holding one row (a batch-1 decode step's hidden state) or a few (up to
-``FEW_ROWS``: a small batch's); each weight ``[N_i, K]`` (an ``nn.Linear`` weight, row-major),
-bias ``[N_i]`` or None; each out ``[..., N_i]`` in x's dtype, accumulated in fp32. A decode step
-of a small batch is a chain of such products, each reading its whole weight once, so each is
-bound by how fast the weights stream from memory.
+``FEW_ROWS``, or ``MANY_ROWS`` for narrow launches: a small batch's); each weight ``[N_i, K]`` (an
+``nn.Linear`` weight, row-major), bias ``[N_i]`` or None; each out ``[..., N_i]`` in x's dtype,
+accumulated in fp32. A decode step of a small batch is a chain of such products, each reading its
+whole weight once, so each is bound by how fast the weights stream from memory.
 
 ``matvec`` launches one Triton kernel for all the weights given (a layer's q, k and v projections
 read the same input: one launch streams all three), each program streaming ``BLOCK_N`` rows of
@@ -65,6 +65,12 @@ FEW_ROWS_MAX_K = 8192
 # programs) 59.0 us at three stages against 63.7 at five, gate alone (448) 31.0 against 32.5, while
 # q + k + v (192) took 19.3 against 16.1.
 FEW_ROWS_WIDE_STAGES = 3
+# FEW_ROWS + 1 to MANY_ROWS rows: the kernel serves narrow launches only, of at most two programs per
+# SM, on MANY_ROWS_TILE. Same kind of sweep at 32 rows (54 tiles): q + k + v 18.0 us on this tile
+# against cuBLAS's three launches' 29.8, o 14.1 against 13.9; the wide launches lost to cuBLAS, gate
+# + up (896 programs) 69.4 against 63.7 at best, down (14336 columns) 42.0 against 33.8.
+MANY_ROWS = 32
+MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
 
 
 def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.device | None = None) -> Tile:
@@ -72,6 +78,8 @@ def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.dev
     shorter) and a launch over weights of ``sizes`` rows on ``device`` (a CUDA device)."""
     if rows == 1:
         tile, least = TILE, 32 * TILE.num_warps
+    elif rows > FEW_ROWS:
+        tile, least = MANY_ROWS_TILE, 16
     else:
         tile, least = FEW_ROWS_TILE, 16
         programs = sum(triton.cdiv(n, tile.block_n) for n in sizes)
@@ -173,13 +181,14 @@ def _jit(interpret: bool):
 def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None) -> bool:
     """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight): x of one
     row (bf16, fp16 or fp32) or up to ``FEW_ROWS`` (bf16 or fp16, at most ``FEW_ROWS_MAX_K``
-    columns) on a GPU, contiguous rows of one dtype and device, biases for all weights or none."""
+    columns; up to ``MANY_ROWS`` for a launch of at most two programs per SM) on a GPU, contiguous
+    rows of one dtype and device, biases for all weights or none."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     if triton is None or not x.is_cuda or x.dim() == 0 or not 1 <= len(weights) <= 3:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if rows == 1 else (torch.bfloat16, torch.float16)
-    if not 1 <= rows <= FEW_ROWS or x.dtype not in dtypes or len(biases) != len(weights):
+    if not 1 <= rows <= MANY_ROWS or x.dtype not in dtypes or len(biases) != len(weights):
         return False
     if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K:
         return False
@@ -187,6 +196,9 @@ def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
     rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
     if not all(same) or not all(rows_ok):
         return False
+    programs = sum(triton.cdiv(w.shape[0], MANY_ROWS_TILE.block_n) for w in weights)
+    if rows > FEW_ROWS and programs > 2 * sm_count(x.device):
+        return False  # a wide launch: cuBLAS is faster
     if all(b is None for b in biases):
         return True
     return all(
