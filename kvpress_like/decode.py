@@ -48,9 +48,13 @@ KEPT_DECODERS = 4
 # step's projections therefore run in kernels with fixed tiles (PROJECTION_KERNELS), and the rest
 # of such a step compiles untuned (TUNE_BESIDE_KERNELS).
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
-# Let the attention kernel's last split merge the partial results: one launch per layer instead of
-# two (H200, 128K: 5.48 vs 5.55 ms/token, one sample each in one process, profile_fastkv.py).
-MERGE_IN_SPLIT_KERNEL = True
+# Whether the attention kernel's last split merges the partial results (one launch per layer instead
+# of two). It did in session 3 (H200, 128K: 5.48 vs 5.55 ms/token, one sample each); since the
+# splits fill whole waves (session 12), the merge kernel of its own is faster: the last arrival
+# merges the G query heads of its KV head one after another, a serial tail. H200, the kernel as a
+# step runs it (benchmarks/decode_kernel.py --sweep, 32 layers' caches in one graph), us per layer,
+# merged in the split kernel / merge kernel: 128K x1 27.3 / 21.6, 32K x1 15.2 / 11.6, 32K x8 34.6 / 31.5.
+MERGE_IN_SPLIT_KERNEL = False
 # Compile the step once for every capacity bucket (capacity axis symbolic from the first bucket)
 # instead of twice (static, then dynamo's automatic dynamic shapes). H200, speed.py: the 128K case
 # after the 32K one starts in 8 s instead of ~100 s; 5.38 and 5.93 ms/token in two runs against
