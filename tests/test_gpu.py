@@ -208,6 +208,7 @@ def test_compiled_decode_grows_its_buffers_and_matches_eager(monkeypatch, fresh_
     from kvpress_like import decode
 
     monkeypatch.setattr(decode, "BUCKET", 64)
+    monkeypatch.setattr(decode, "NEW_SLOTS", 64)
     model = _gpu_model("llama", torch.float32)
     pipe = pipeline(model, "full", max_new_tokens=150, stop_on_eos=False)
     rows = random_rows([100], seed=6)

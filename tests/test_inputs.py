@@ -105,6 +105,7 @@ def test_static_buffers_grow_with_the_tokens_generated(monkeypatch):
     """Buckets of 16 slots: a 40-token prompt asking for 100 tokens starts at 16 slots past the
     prompt and doubles as tokens come; the tokens are the eager loop's."""
     monkeypatch.setattr(decode, "BUCKET", 16)
+    monkeypatch.setattr(decode, "NEW_SLOTS", 16)
     model = tiny_model("llama")
     pipe = pipeline(model, "full", max_new_tokens=100, stop_on_eos=False)
     eager = pipe([PROMPT], decode="eager").token_ids
@@ -114,6 +115,7 @@ def test_static_buffers_grow_with_the_tokens_generated(monkeypatch):
 
 def test_a_decode_that_stops_early_never_allocates_for_the_limit(monkeypatch):
     monkeypatch.setattr(decode, "BUCKET", 16)
+    monkeypatch.setattr(decode, "NEW_SLOTS", 16)
     model = tiny_model("llama")
     pipe = pipeline(model, "full", max_new_tokens=3, stop_on_eos=False)
     third = pipe([PROMPT], decode="eager").token_ids[0][2]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvpress_like import pipeline
-from kvpress_like.decode import BUCKET
+from kvpress_like.decode import BUCKET, capacity_bucket
 
 from conftest import TINY_FASTKV, random_rows, tiny_model
 
@@ -165,7 +165,8 @@ def test_idle_decoders_make_room_for_a_prefill_least_recently_used_first(monkeyp
 def test_a_growing_decode_keeps_the_decoder_it_reads_from_under_memory_pressure(monkeypatch):
     from kvpress_like import decode
 
-    monkeypatch.setattr(decode, "BUCKET", 16)  # buckets of 16 slots: this decode grows 32 -> 48
+    monkeypatch.setattr(decode, "BUCKET", 16)  # 16-slot buckets, 16 new slots first: grows 32 -> 48
+    monkeypatch.setattr(decode, "NEW_SLOTS", 16)
     pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=40, stop_on_eos=False, decode="static")
     prompt = CONTEXT[:4]
     expected = pipe([prompt], decode="eager").token_ids
@@ -187,7 +188,11 @@ def test_a_call_the_idle_decoders_would_crowd_out_is_served_not_refused(monkeypa
     pipe([prompt] * 2, max_new_tokens=3)
     held = lambda: sum(decoder_bytes(pipe.adapter, *key[:2]) for key in pipe._decoders.decoders)  # noqa: E731
     per_token = pipe.adapter.cache_bytes_per_token()
-    device = held() + 300 * per_token  # the 600 new tokens' cache fits only without an idle decoder
+    capacity = capacity_bucket(40 + 600)
+    # Free: the new decoder's buffers less the older idle decoder's; the 600 new tokens' cache does
+    # not fit that, and the new decoder fits once the older one is dropped.
+    device = held() + decoder_bytes(pipe.adapter, 1, capacity) - decoder_bytes(pipe.adapter, 1, BUCKET)
     monkeypatch.setattr(pipe.adapter, "free_memory", lambda: device - held())
+    assert device - held() < 600 * per_token
     assert pipe([prompt]).token_ids == expected
-    assert list(pipe._decoders.decoders) == [(2, BUCKET, False), (1, BUCKET, False)]
+    assert list(pipe._decoders.decoders) == [(2, BUCKET, False), (1, capacity, False)]
