@@ -1,7 +1,8 @@
 """Serving throughput: decode tokens/s against batch size at one context length (8B shape, random bf16).
 
 For every batch size and system: the batch's prefill seconds, decode ms/step (median of the
-measured steps) and tokens/s (rows / step time), peak GPU memory, the decode's bandwidth floor
+measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like also by phase:
+held before the call, the prefill's peak, held after it, the decode's peak), the decode's bandwidth floor
 (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it, and ``start_s``: the
 seconds a fresh pipeline at this batch size takes to prefill a short prompt and make its first
 two tokens (compiling or capturing its decode step). Each system runs in a process of its own,
@@ -48,17 +49,42 @@ def run_kvpress(model, ids: torch.Tensor, steps: int, system: str, prefill_rows:
     start_s = time.perf_counter() - begin
     pipe.compress(ids[: prefill_rows or batch])  # one part at full length: prefill compiles here
     pipe.close()  # the short call's decode buffers: at batch 128 a whole 16 GiB bucket
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    memory = phase_memory(pipe) if model.device.type == "cuda" else {}
     stats = pipe(ids).stats
     pipe.close()
+    if memory:
+        memory["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return {
         "prefill_s": stats.prefill_seconds,
         "decode_ms": 1e3 * stats.decode_seconds_per_token,
         "steps": len(stats.decode_step_seconds),
         "start_s": start_s,
         "kept_per_row": stats.cache_bytes_kept / batch,
+        **memory,
     }
+
+
+def phase_memory(pipe) -> dict:
+    """GiB allocated before the measured call (weights, and anything a closed pipeline failed to
+    give back); then, filled in as the call runs, its prefill's peak and what the prefill leaves
+    held (weights plus the batch's kept caches). The peak is reset after the prefill, so the
+    allocator's peak at the end is the decode's (buffers loaded, steps run). Benchmark
+    instrumentation: the pipeline's prefill is wrapped on this instance only."""
+    torch.cuda.synchronize()
+    memory = {"held_before_gib": torch.cuda.memory_allocated() / 2**30}
+    torch.cuda.reset_peak_memory_stats()
+    prefill = pipe._prefill
+
+    def measured_prefill(*args, **kwargs):
+        context = prefill(*args, **kwargs)
+        torch.cuda.synchronize()
+        memory["prefill_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        memory["held_after_prefill_gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return context
+
+    pipe._prefill = measured_prefill
+    return memory
 
 
 def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):
@@ -89,8 +115,9 @@ def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool
             result = {"error": f"OutOfMemoryError: {exc}"[:300]}
         except Exception as exc:  # report and go on: one failing case must not hide the others
             result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda":  # kvpress_like's phases reset the peak: the whole call's is their max
+            phases = [result.get("prefill_peak_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30]
+            result["peak_gib"] = max(phases)
         floors = limits(cfg, system.split("-")[0], length, batch)
         if "decode_ms" in result:
             result["tokens_per_s"] = 1e3 * batch / result["decode_ms"]
