@@ -34,7 +34,9 @@ MIN_SPLIT = 256  # slots per split: below this the q load and the merge outweigh
 TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # Programs of that tile an SM holds at once (its shared memory: 2 stages x 32 KiB each). A launch of
 # a few more programs than the GPU holds runs them in two waves, the second nearly empty: the split
-# count is chosen so that the programs fill whole waves (``_split_count``).
+# count is chosen so that the programs fill whole waves (``_split_count``). H200, the kernel as a
+# step runs it (benchmarks/decode_kernel.py --sweep): level with the earlier rule (about four
+# programs per SM) at 128K x1, 1-2 us per layer faster at 32K x8 and x16 (docs/performance.md).
 RESIDENT_PER_SM = 3
 
 
