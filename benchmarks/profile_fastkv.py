@@ -2,8 +2,10 @@
 
 On the Llama-3.1-8B-shaped random model of ``speed.py``: one warm prefill under the profiler
 (kernel time by name, wall time, GPU-busy fraction), the peak memory reached in each decoder layer,
-and the decode step's kernels (compiled without CUDA graphs so the profiler sees every kernel;
-the graph replays the same kernels). Writes ``profile.json`` under ``--out``.
+and the decode step's kernels per step, in its CUDA graph as it runs (``graph_timeline``: kernels,
+GPU-busy and span ms, so the gaps between kernels) and compiled without graphs
+(``decode_kernels``), each the difference of a long and a two-token decode so that loading the
+buffers does not count. Writes ``profile.json`` under ``--out``.
 
     python benchmarks/profile_fastkv.py --length 131072 --out results/profile
 """
@@ -36,25 +38,44 @@ def kernel_table(prof, top: int) -> tuple[list[dict], float]:
     return table, total
 
 
-def timeline(prof, steps: int) -> dict:
-    """Per decode step: kernels launched, GPU-busy ms (the union of kernel intervals) and the span
-    from the first kernel's start to the last one's end; span minus busy is the time the GPU sat
-    between kernels (launch gaps inside a CUDA graph, host time without one)."""
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+def timeline(prof) -> dict:
+    """Kernels launched, GPU-busy ms (the union of kernel intervals), the span from the first
+    kernel's start to the last one's end (span minus busy: the GPU between kernels) and, by kernel
+    name, milliseconds and calls."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy, reach = 0.0, float("-inf")
-    for start, end in kernels:
+    for start, end in sorted((e.time_range.start, e.time_range.end) for e in events):
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
-    span = kernels[-1][1] - kernels[0][0] if kernels else 0.0
-    return {
-        "kernels_per_step": len(kernels) / steps,
-        "busy_ms_per_step": busy / 1e3 / steps,
-        "span_ms_per_step": span / 1e3 / steps,
-    }
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events) if events else 0.0
+    names: dict[str, list[float]] = {}
+    for e in events:
+        entry = names.setdefault(e.name[:120], [0.0, 0])
+        entry[0] += e.time_range.elapsed_us() / 1e3
+        entry[1] += 1
+    return {"kernels": len(events), "busy_ms": busy / 1e3, "span_ms": span / 1e3, "names": names}
+
+
+def profile_steps(pipe, context, steps: int, top: int = 40) -> dict:
+    """Per decode step, as ``timeline`` gives them: the difference of a decode of ``steps + 2``
+    tokens and one of 2, so that what a decode does once (loading its buffers) cancels out."""
+    runs = []
+    for new_tokens in (2, steps + 2):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe.generate(context=context, max_new_tokens=new_tokens)
+        runs.append(timeline(prof))
+    short, long = runs
+    per_step = {key: (long[key] - short[key]) / steps for key in ("kernels", "busy_ms", "span_ms")}
+    kernels = [
+        {"kernel": name, "ms": (ms - short["names"].get(name, [0.0, 0])[0]) / steps,
+         "calls": (calls - short["names"].get(name, [0.0, 0])[1]) / steps}
+        for name, (ms, calls) in long["names"].items()
+    ]  # fmt: skip
+    kernels = sorted((k for k in kernels if k["calls"] > 0), key=lambda k: k["ms"], reverse=True)[:top]
+    print({key: round(value, 3) for key, value in per_step.items()}, "per step")
+    for row in kernels[:30]:
+        print(f"  {row['ms']:8.4f} ms/step {row['calls']:6.1f}/step  {row['kernel']}")
+    return {**per_step, "kernels": kernels}
 
 
 def layer_memory(model, run) -> list[float]:
@@ -115,7 +136,7 @@ def main() -> None:
     if not args.decode_only:
         profile_prefill(model, pipe, ids, report)
     if not args.prefill_only:
-        profile_decode(pipe, ids, args.variants.split(","), args.steps, args.out, report)
+        profile_decode(pipe, ids, args.variants.split(","), args.steps, report)
     (args.out / "profile.json").write_text(json.dumps(report, indent=1))
 
 
@@ -211,7 +232,7 @@ def peak_tensors(run, top: int = 25) -> dict:
     return {"peak_gib_above_start": peak / 2**30, "largest": table}
 
 
-def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: dict) -> None:
+def profile_decode(pipe, ids, names: list[str], steps: int, report: dict) -> None:
     """Decode ms/token per compile-option variant, then the library step's kernels (no CUDA graphs)."""
     library, merge, symbolic = (
         dict(decode.COMPILE_OPTIONS),
@@ -240,27 +261,15 @@ def profile_decode(pipe, ids, names: list[str], steps: int, out: Path, report: d
 
     context = pipe.compress(ids)
     if names[-1] == "library":  # the step as it runs, in its CUDA graph: the gaps between kernels
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            pipe.generate(context=context, max_new_tokens=steps + 1)
-        table, _ = kernel_table(prof, 40)
-        report["graph_timeline"] = {**timeline(prof, steps), "kernels": table}
-        print("in the CUDA graph:", {k: round(v, 3) for k, v in timeline(prof, steps).items()})
-        for row in table[:30]:
-            print(f"  {row['ms'] / steps:8.4f} ms/step {row['calls'] // steps:4d}/step  {row['kernel']}")
+        print("in the CUDA graph:")
+        report["graph_timeline"] = profile_steps(pipe, context, steps)
     decode.COMPILE_OPTIONS = {**library, "triton.cudagraphs": False}  # the profiler sees each kernel
     decode.MERGE_IN_SPLIT_KERNEL, decode.SYMBOLIC_CAPACITY = merge, symbolic
     torch._dynamo.reset()
     pipe._decoders.clear()
     pipe.generate(context=context, max_new_tokens=4)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pipe.generate(context=context, max_new_tokens=steps + 1)
-    table, busy = kernel_table(prof, 40)
-    report["decode_kernels"] = {"kernel_ms_per_step": busy / steps, "kernels": table}
-    report["decode_kernels"].update(timeline(prof, steps))
-    print(f"decode kernels {busy / steps:.3f} ms per step")
-    for row in table[:30]:
-        print(f"  {row['ms'] / steps:8.4f} ms/step {row['calls'] // steps:4d}/step  {row['kernel']}")
-    prof.export_chrome_trace(str(out / "decode_trace.json"))
+    print("compiled without CUDA graphs:")
+    report["decode_kernels"] = profile_steps(pipe, context, steps)
 
 
 if __name__ == "__main__":
