@@ -9,10 +9,11 @@ the K+V bytes of the valid entries over the time; errors are max |out - referenc
 reference. Small C fits in L2 (60 MB), so its bandwidth is not HBM bandwidth.
 
 ``--sweep B:C:LENGTH ...`` times the kernel as a decode step runs it: one call per layer over
-``--layers`` caches of their own (together far beyond L2), merging in its last split, in one CUDA
-graph; microseconds per layer for every tile of a grid at the library's split count and at the
-count of the session-11 rule, then every candidate split count on the library's tile, the library's
-configuration with a merge kernel of its own, and ``--splits`` on ``--split-tiles``.
+``--layers`` caches of their own (together far beyond L2), in one CUDA graph, merging the splits
+as the library does (``decode.MERGE_IN_SPLIT_KERNEL``); microseconds per layer for every tile of a
+grid at the library's split count and at the count of the session-11 rule, then every candidate
+split count on the library's tile, the library's configuration with the other merge, and
+``--splits`` on ``--split-tiles``.
 
     python benchmarks/decode_kernel.py --out results/decode_kernel.json
     python benchmarks/decode_kernel.py --sweep 1:14336:13107 8:4096:3277 --out R/attention-sweep.json
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvpress_like.decode import MERGE_IN_SPLIT_KERNEL
 from kvpress_like.kernels import decode_attention, decode_attention_reference
 
 # The module (the package exports the function under the same name).
@@ -115,7 +117,7 @@ def bench(b: int, cap: int, args: argparse.Namespace) -> list[dict]:
 def session11_splits(cap: int, programs: int, sms: int) -> int:
     """The split count of the rule before session 12 (about four programs per SM, capacity-sized
     splits), to compare with."""
-    wanted = min(attention_module.MAX_SPLITS, max(1, math.ceil(4 * sms / programs)))
+    wanted = min(attention_module.MAX_SPLITS, max(1, math.ceil(attention_module.WAVES * sms / programs)))
     count = max(1, min(wanted, cap // attention_module.MIN_SPLIT))
     split = math.ceil(cap / count / 64) * 64
     return math.ceil(cap / split)
@@ -145,7 +147,7 @@ def sweep(case: str, args: argparse.Namespace) -> list[dict]:
     nbytes = 2 * b * hkv * length * d * 2
     ref = decode_attention_reference(q.float(), *caches[-1], lengths, d**-0.5)
 
-    def measure(tile: tuple[int, int, int], splits: int, merge_here: bool = True) -> dict:
+    def measure(tile: tuple[int, int, int], splits: int, merge_here: bool = MERGE_IN_SPLIT_KERNEL) -> dict:
         config = dict(zip(("block_n", "num_warps", "num_stages"), tile, strict=True))
         scratch = arrivals if merge_here else None  # None: a merge kernel of its own after the split one
 
@@ -166,7 +168,7 @@ def sweep(case: str, args: argparse.Namespace) -> list[dict]:
     lib_tile = tuple(attention_module.TILE[key] for key in ("block_n", "num_warps", "num_stages"))
     rows = [measure(tile, splits) for tile in SWEEP_TILES for splits in sorted({library, older})]
     rows += [measure(lib_tile, splits) for splits in sorted(candidates - {library, older})]
-    rows.append(measure(lib_tile, library, merge_here=False))
+    rows.append(measure(lib_tile, library, merge_here=not MERGE_IN_SPLIT_KERNEL))
     tiles = [tuple(int(v) for v in tile.split(",")) for tile in args.split_tiles]
     rows += [measure(tile, splits) for tile in tiles for splits in args.splits]
     return rows
@@ -177,7 +179,7 @@ def print_sweep(rows: list[dict]) -> None:
     for r in rows:
         note = "library" if r["splits"] == r["library_splits"] else ""
         note += " session-11 count" if r["splits"] == r["session11_splits"] else ""
-        note += "" if r["merge_here"] else " merge kernel"
+        note += " merged in the split kernel" if r["merge_here"] else " merge kernel"
         case, tile = f"{r['B']}:{r['C']}:{r['length']}", str(tuple(r["tile"]))
         print(f"{case:<16}{tile:<14}{r['splits']:>7}{r['us_per_layer']:>10.2f}{r['GBps']:>8.0f}  {note}")
     for case in dict.fromkeys((r["B"], r["C"]) for r in rows):
