@@ -48,7 +48,7 @@ def run_kvpress(model, ids: torch.Tensor, steps: int, system: str, prefill_rows:
     pipe(ids[:, -WARM_UP_TOKENS:], max_new_tokens=2)  # returns once both tokens are on the host
     start_s = time.perf_counter() - begin
     pipe.compress(ids[: prefill_rows or batch])  # one part at full length: prefill compiles here
-    pipe.close()  # the short call's decode buffers: at batch 128 a whole 16 GiB bucket
+    pipe.close()  # the short call's decode buffers: at batch 128 a 256-slot bucket, 4 GiB
     memory = phase_memory(pipe) if model.device.type == "cuda" else {}
     stats = pipe(ids).stats
     pipe.close()

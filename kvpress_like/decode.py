@@ -38,7 +38,7 @@ logger = logging.getLogger("kvpress_like")
 # Capacity granularity: prompts within one bucket share buffers and graphs. 256 slots rather than
 # 1,024: at 32K FastKV keeps 3,277 entries per head, and 3,277 plus 65 new slots took 4,096 slots
 # (25% more than the entries) in 1,024-slot buckets, 12.8 GiB at batch 128 (H200, session 12); in
-# 256-slot ones 3,584 (7%), 8 GiB less.
+# 256-slot ones 3,584 (9% more), 8.1 GiB less.
 BUCKET = 256
 # Slots for new tokens a decode starts with (fewer where it asks for fewer): a longer decode moves
 # to a bucket twice as large when they fill (a copy and, compiled, a new capture), so few do.
@@ -56,9 +56,9 @@ KEPT_DECODERS = 4
 # of such a step compiles untuned (TUNE_BESIDE_KERNELS).
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 # Whether the attention kernel's last split merges the partial results (one launch per layer instead
-# of two). It did in session 3 (H200, 128K: 5.48 vs 5.55 ms/token, one sample each); since the
-# splits fill whole waves (session 12), the merge kernel of its own is faster: the last arrival
-# merges the G query heads of its KV head one after another, a serial tail. H200, the kernel as a
+# of two). It did in session 3 (H200, 128K: 5.48 vs 5.55 ms/token, one sample each); on session 12's
+# kernel the merge kernel of its own is faster, with the split count unchanged too (32K x1): the last
+# arrival merges the G query heads of its KV head one after another, a serial tail. H200, the kernel as a
 # step runs it (benchmarks/decode_kernel.py --sweep, 32 layers' caches in one graph), us per layer,
 # merged in the split kernel / merge kernel: 128K x1 27.3 / 21.6, 32K x1 15.2 / 11.6, 32K x8 34.6 / 31.5.
 MERGE_IN_SPLIT_KERNEL = False
@@ -290,7 +290,7 @@ class DecoderPool:
 
     Idle decoders are kept for reuse only while memory allows: when a call's prefill or a new
     decoder needs more than the device has free, idle ones are dropped, least recently used first
-    (at 32K x 128 rows one decoder holds 65 GiB; two would not fit an H200 beside a prefill)."""
+    (at 32K x 128 rows one decoder holds 57 GiB; two would not fit an H200 beside a prefill)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter

@@ -27,7 +27,12 @@ except ImportError:  # pragma: no cover - depends on the install
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, D] fp32 partials in registers
-MIN_SPLIT = 256  # slots per split: below this the q load and the merge outweigh the streaming
+# Capacity slots per split at least (a split's share of a row's valid slots can be smaller): below
+# this the q load and the merge outweigh the streaming.
+MIN_SPLIT = 256
+# At most about this many programs per SM: more splits only add partial results to merge. Launches
+# that already fill the GPU (32K x64, x128) keep the one or two splits this gives.
+WAVES = 4
 # Split-kernel tile at D=128 (BLOCK_N doubles at D <= 64): a 64-key K+V tile is 32 KiB in bf16, and two
 # stages leave room for three programs per SM. Best of a small sweep on an H200 (BLOCK_N 32/64/128,
 # 4/8 warps, 2-4 stages, 1-16 waves), within ~10% of each other; 8 warps was worse throughout.
@@ -35,17 +40,17 @@ TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # Programs of that tile an SM holds at once (its shared memory: 2 stages x 32 KiB each). A launch of
 # a few more programs than the GPU holds runs them in two waves, the second nearly empty: the split
 # count is chosen so that the programs fill whole waves (``_split_count``). H200, the kernel as a
-# step runs it (benchmarks/decode_kernel.py --sweep): level with the earlier rule (about four
-# programs per SM) at 128K x1, 1-2 us per layer faster at 32K x8 and x16 (docs/performance.md).
+# step runs it (benchmarks/decode_kernel.py --sweep): level with the earlier rule (WAVES programs
+# per SM) at 128K x1, 1-2 us per layer faster at 32K x8 and x16 (docs/performance.md).
 RESIDENT_PER_SM = 3
 
 
 def _split_count(cap: int, programs: int, sms: int, per_sm: int = RESIDENT_PER_SM) -> int:
     """The split count whose ``programs * splits`` programs waste the least of their last wave:
     ``ceil(programs * s / resident) / s`` (waves per unit of work) is least, fewer splits on a tie;
-    at most MAX_SPLITS and one per MIN_SPLIT slots of capacity."""
+    at most MAX_SPLITS, one per MIN_SPLIT slots of capacity and about WAVES programs per SM."""
     resident = sms * per_sm
-    most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT))
+    most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT, -(-WAVES * sms // programs)))
     return min(range(1, most + 1), key=lambda s: (-(-programs * s // resident) / s, s))
 
 
@@ -220,9 +225,9 @@ def decode_attention(
 ) -> Tensor:
     """Softmax(q·k·scale)·v over the visible keys (see the module docstring); ``num_splits`` overrides
     the split count chosen from the static shapes and ``tile`` the kernel's ``TILE`` (tests and
-    tuning). With ``arrivals`` (int32, at
-    least ``B * Hkv`` zeros, left zero again by the call) the last split of each (row, KV head)
-    merges the partial results itself: one kernel launch instead of two."""
+    tuning; its BLOCK_N doubles at D <= 64 as TILE's does). With ``arrivals`` (int32, at least
+    ``B * Hkv`` zeros, left zero again by the call) the last split of each (row, KV head) merges the
+    partial results itself: one kernel launch instead of two."""
     interpret = triton is not None and triton.knobs.runtime.interpret
     if triton is None or not (query.is_cuda or interpret):
         return decode_attention_reference(

@@ -11,9 +11,9 @@ read the same input: one launch streams all three), each program streaming ``BLO
 one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the once-read weights
 from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows go through the
 tensor cores, padded to their smallest tile. The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
-from H200 sweeps, docs/performance.md), so two processes always run the same kernels: inductor's
-coordinate-descent tuning of the same products picks different configurations from compile to
-compile, 4% apart per layer. Launch parameters come from static shapes only (no host sync,
+``MANY_ROWS_TILE``, from H200 sweeps, docs/performance.md), so two processes always run the same
+kernels: inductor's coordinate-descent tuning of the same products picks different configurations
+from compile to compile, 4% apart per layer. Launch parameters come from static shapes only (no host sync,
 CUDA-graph capturable). Without CUDA or triton, for more rows or for operands it does not take
 (``serves``), it is ``torch.nn.functional.linear`` per weight.
 """
@@ -67,8 +67,9 @@ FEW_ROWS_MAX_K = 8192
 FEW_ROWS_WIDE_STAGES = 3
 # FEW_ROWS + 1 to MANY_ROWS rows: the kernel serves narrow launches only, of at most two programs per
 # SM, on MANY_ROWS_TILE. Same kind of sweep at 32 rows (54 tiles): q + k + v 18.0 us on this tile
-# against cuBLAS's three launches' 29.8, o 14.1 against 13.9; the wide launches lost to cuBLAS, gate
-# + up (896 programs) 69.4 against 63.7 at best, down (14336 columns) 42.0 against 33.8.
+# against cuBLAS's three launches' 29.8, o 14.1 against 13.9 (level); gate + up (896 programs) took
+# 69.4 on this tile and 65.1 on the best one, against cuBLAS's 63.7. Down (14336 columns, 42.0
+# against 33.8) stays on cuBLAS by FEW_ROWS_MAX_K.
 MANY_ROWS = 32
 MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
 
