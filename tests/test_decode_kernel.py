@@ -245,7 +245,7 @@ def test_kernel_half_precision():
 @pytest.mark.parametrize(
     ("capacity", "programs", "splits", "why"),
     [
-        (14336, 8, 49, "128K x1 (8 KV heads): 392 programs in one wave of 396; session 11 launched 448"),
+        (14336, 8, 49, "128K x1 (8 KV heads): 392 programs, one wave of 396; session 11 launched 448"),
         (13312, 8, 49, "the same in a 256-slot bucket"),
         (3584, 8, 14, "32K x1: capped at one split per 256 slots of capacity"),
         (3584, 64, 6, "32K x8: 384 programs in one wave (the sweep's best, against 8)"),
