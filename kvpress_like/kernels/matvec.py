@@ -13,9 +13,9 @@ from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows
 tensor cores, padded to their smallest tile. The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
 ``MANY_ROWS_TILE``, from H200 sweeps, docs/performance.md), so two processes always run the same
 kernels: inductor's coordinate-descent tuning of the same products picks different configurations
-from compile to compile, 4% apart per layer. Launch parameters come from static shapes only (no host sync,
-CUDA-graph capturable). Without CUDA or triton, for more rows or for operands it does not take
-(``serves``), it is ``torch.nn.functional.linear`` per weight.
+from compile to compile, 4% apart per layer. Launch parameters come from static shapes only (no
+host sync, CUDA-graph capturable). Without CUDA or triton, for more rows or for operands it does
+not take (``serves``), it is ``torch.nn.functional.linear`` per weight.
 """
 
 from __future__ import annotations
@@ -197,9 +197,10 @@ def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
     rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
     if not all(same) or not all(rows_ok):
         return False
-    programs = sum(triton.cdiv(w.shape[0], MANY_ROWS_TILE.block_n) for w in weights)
-    if rows > FEW_ROWS and programs > 2 * sm_count(x.device):
-        return False  # a wide launch: cuBLAS is faster
+    if rows > FEW_ROWS:  # a wide launch loses to cuBLAS
+        programs = sum(triton.cdiv(w.shape[0], MANY_ROWS_TILE.block_n) for w in weights)
+        if programs > 2 * sm_count(x.device):
+            return False
     if all(b is None for b in biases):
         return True
     return all(
