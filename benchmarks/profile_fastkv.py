@@ -29,8 +29,8 @@ from kvpress_like import decode, pipeline
 VARIANTS = ("library", "flip_merge", "flip_symbolic", "no_combo", "cublas_gemv")
 
 
-def kernel_table(prof, top: int) -> tuple[list[dict], float]:
-    """The ``top`` CUDA kernels by total time, and the total kernel milliseconds."""
+def kernel_table(prof, top: int | None) -> tuple[list[dict], float]:
+    """The ``top`` CUDA kernels by total time (all for None), and the total kernel milliseconds."""
     rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     rows.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in rows) / 1e3
@@ -48,11 +48,8 @@ def timeline(prof) -> dict:
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events) if events else 0.0
-    names: dict[str, list[float]] = {}
-    for e in events:
-        entry = names.setdefault(e.name[:120], [0.0, 0])
-        entry[0] += e.time_range.elapsed_us() / 1e3
-        entry[1] += 1
+    table, _ = kernel_table(prof, top=None)
+    names = {row["kernel"]: (row["ms"], row["calls"]) for row in table}
     return {"kernels": len(events), "busy_ms": busy / 1e3, "span_ms": span / 1e3, "names": names}
 
 
@@ -66,11 +63,10 @@ def profile_steps(pipe, context, steps: int, top: int = 40) -> dict:
         runs.append(timeline(prof))
     short, long = runs
     per_step = {key: (long[key] - short[key]) / steps for key in ("kernels", "busy_ms", "span_ms")}
-    kernels = [
-        {"kernel": name, "ms": (ms - short["names"].get(name, [0.0, 0])[0]) / steps,
-         "calls": (calls - short["names"].get(name, [0.0, 0])[1]) / steps}
-        for name, (ms, calls) in long["names"].items()
-    ]  # fmt: skip
+    kernels = []
+    for name, (ms, calls) in long["names"].items():
+        once_ms, once_calls = short["names"].get(name, (0.0, 0))
+        kernels.append({"kernel": name, "ms": (ms - once_ms) / steps, "calls": (calls - once_calls) / steps})
     kernels = sorted((k for k in kernels if k["calls"] > 0), key=lambda k: k["ms"], reverse=True)[:top]
     print({key: round(value, 3) for key, value in per_step.items()}, "per step")
     for row in kernels[:30]:
