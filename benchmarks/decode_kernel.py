@@ -11,9 +11,9 @@ reference. Small C fits in L2 (60 MB), so its bandwidth is not HBM bandwidth.
 ``--sweep B:C:LENGTH ...`` times the kernel as a decode step runs it: one call per layer over
 ``--layers`` caches of their own (together far beyond L2), in one CUDA graph, merging the splits
 as the library does (``decode.MERGE_IN_SPLIT_KERNEL``); microseconds per layer for every tile of a
-grid at the library's split count and at the count of the session-11 rule, then every candidate
-split count on the library's tile, the library's configuration with the other merge, and
-``--splits`` on ``--split-tiles``.
+grid at the library's split count and at the count of the session-11 rule (unless ``--no-grid``),
+then every candidate split count on the library's tile, the library's configuration with each
+merge, and ``--splits`` on ``--split-tiles`` with each of ``--merges``.
 
     python benchmarks/decode_kernel.py --out results/decode_kernel.json
     python benchmarks/decode_kernel.py --sweep 1:14336:13107 8:4096:3277 --out R/attention-sweep.json
@@ -166,11 +166,13 @@ def sweep(case: str, args: argparse.Namespace) -> list[dict]:
                     GBps=nbytes / us / 1e3, max_err=err)  # fmt: skip
 
     lib_tile = tuple(attention_module.TILE[key] for key in ("block_n", "num_warps", "num_stages"))
-    rows = [measure(tile, splits) for tile in SWEEP_TILES for splits in sorted({library, older})]
-    rows += [measure(lib_tile, splits) for splits in sorted(candidates - {library, older})]
-    rows.append(measure(lib_tile, library, merge_here=not MERGE_IN_SPLIT_KERNEL))
+    rows = [measure(lib_tile, library, merge_here) for merge_here in (False, True)]
+    if not args.no_grid:
+        rows += [measure(tile, splits) for tile in SWEEP_TILES for splits in sorted({library, older})]
+        rows += [measure(lib_tile, splits) for splits in sorted(candidates - {library, older})]
     tiles = [tuple(int(v) for v in tile.split(",")) for tile in args.split_tiles]
-    rows += [measure(tile, splits) for tile in tiles for splits in args.splits]
+    merges = [merge == "here" for merge in args.merges]
+    rows += [measure(tile, splits, here) for tile in tiles for splits in args.splits for here in merges]
     return rows
 
 
@@ -209,6 +211,14 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--split-tiles", nargs="+", default=["64,4,2"], help="BLOCK_N,WARPS,STAGES of --splits"
+    )
+    library_merge = "here" if MERGE_IN_SPLIT_KERNEL else "kernel"
+    parser.add_argument(
+        "--merges", nargs="+", choices=["kernel", "here"], default=[library_merge],
+        help="--splits: merge in a kernel of its own, in the split kernel, or both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-grid", action="store_true", help="--sweep: only the library's count and --splits"
     )
 
     args = parser.parse_args()

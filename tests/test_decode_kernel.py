@@ -181,6 +181,22 @@ def test_kernel_matches_reference(seed, b, hkv, g, cap, d, num_splits, merge_her
 
 
 @needs_triton
+@pytest.mark.parametrize(
+    ("g", "num_splits", "cap"), [(4, 40, 640), (3, 17, 544), (1, 64, 1024), (4, 40, 300)]
+)
+def test_merging_in_the_last_split_over_several_chunks_of_splits(g, num_splits, cap):
+    """At D=128 the last split merges its G heads' partials a chunk of splits at a time (``MERGE_CHUNK``):
+    several chunks, a ragged last one, G not a power of two; full rows hold entries in every split
+    (16-32 slots each), the last case's rows leave the later splits empty."""
+    (q, k, v, lengths), _ = make_inputs(11, 2, 2, g, cap, 128)
+    lengths[0, 0] = cap
+    arrivals = torch.zeros(2 * 2, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k, v, lengths.int(), 0.09, num_splits=num_splits, arrivals=arrivals)
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.09), atol=2e-5, rtol=1e-5)
+    assert not arrivals.any()
+
+
+@needs_triton
 @FAST
 @given(**shapes, num_splits=st.sampled_from([None, 2, 5]), size=st.integers(1, 600), merge_here=st.booleans())
 def test_kernel_sliding_window(seed, b, hkv, g, cap, d, num_splits, size, merge_here):

@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, D] fp32 partials in registers
+# fp32 partials a merge in the split kernel loads at once ([G, splits, D]): 64 registers per thread of
+# its four warps.
+MERGE_CHUNK = 8192
 # Capacity slots per split at least (a split's share of a row's valid slots can be smaller): below
 # this the q load and the merge outweigh the streaming.
 MIN_SPLIT = 256
@@ -102,7 +105,7 @@ def _split_kernel(
     sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp, sob, soh, sod,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-    MERGE_HERE: tl.constexpr,
+    MERGE_HERE: tl.constexpr, G_MERGE: tl.constexpr, S_CHUNK: tl.constexpr,
 ):  # fmt: skip
     # GQA: one program owns a KV head and all G query heads reading it, so every K/V tile is loaded
     # once and used by G rows. Scores use tl.dot with the G rows padded to G_PAD >= 16 (tl.dot's
@@ -162,36 +165,51 @@ def _split_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
-            for g in tl.static_range(G):
-                _merge_row(MidO, MidLse, Out, b * HKV * G + hk * G + g, b, hk * G + g, sob, soh, sod,
-                           D, NUM_SPLITS, S_PAD)  # fmt: skip
+            _merge_rows(MidO, MidLse, Out, b * HKV * G + hk * G, b, hk * G, sob, soh, sod,
+                        G, G_MERGE, D, NUM_SPLITS, S_PAD, S_CHUNK)  # fmt: skip
             tl.atomic_xchg(Arrivals + pid_bh, 0)
 
 
-def _merge_row(
-    MidO, MidLse, Out, row, b, h, sob, soh, sod,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+def _merge_rows(
+    MidO, MidLse, Out, row0, b, h0, sob, soh, sod,
+    ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Out[b, h] = the splits' partial outputs of ``row`` weighted by their softmax mass."""
-    offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+    """Out[b, h0 + r] for r < ROWS = the partial outputs of row ``row0 + r`` weighted by their splits'
+    softmax mass. All rows at once, S_CHUNK splits at a time: the loads of one chunk are in flight
+    together, so the merge costs a few L2 round trips however many rows it has (a loop over rows
+    would cost a few per row)."""
+    offs_r, offs_s, offs_d = tl.arange(0, ROWS_PAD), tl.arange(0, S_PAD), tl.arange(0, D)
+    live = offs_r < ROWS
+    rows = row0 + offs_r
     # .cg: read through L2, where other programs' partials are (the last-arrival merge).
-    lse_ptr = MidLse + row * NUM_SPLITS + offs_s
-    lse = tl.load(lse_ptr, mask=offs_s < NUM_SPLITS, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
-    o = tl.load(
-        MidO + (row * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-        mask=offs_s[:, None] < NUM_SPLITS,
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    denom = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
+    lse = tl.load(
+        MidLse + rows[:, None] * NUM_SPLITS + offs_s[None, :],
+        mask=live[:, None] & (offs_s[None, :] < NUM_SPLITS), other=float("-inf"), cache_modifier=".cg",
+    )  # fmt: skip
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)  # empty splits (lse -inf) weigh 0
+    acc = tl.zeros([ROWS_PAD, D], tl.float32)
+    offs_c = tl.arange(0, S_CHUNK)
+    for s0 in tl.static_range(0, S_PAD, S_CHUNK):
+        splits = s0 + offs_c
+        valid = live[:, None] & (splits[None, :] < NUM_SPLITS)  # [ROWS_PAD, S_CHUNK]
+        part = rows[:, None] * NUM_SPLITS + splits[None, :]
+        lse_part = tl.load(MidLse + part, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse_part - m[:, None])
+        o = tl.load(
+            MidO + part[:, :, None] * D + offs_d[None, None, :], mask=valid[:, :, None], other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        acc += tl.sum(w[:, :, None] * o, 1)
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    ptr = Out + b * sob + (h0 + offs_r)[:, None] * soh + offs_d[None, :] * sod
+    tl.store(ptr, out.to(Out.dtype.element_ty), mask=live[:, None])
 
 
 if triton is not None:  # a device function of both kernels below (jitted now: they look it up by name)
-    _merge_row = triton.jit(_merge_row)
+    _merge_rows = triton.jit(_merge_rows)
 
 
 def _merge_kernel(
@@ -200,7 +218,7 @@ def _merge_kernel(
 ):  # fmt: skip
     row = tl.program_id(0)
     b, h = (row // HQ).to(tl.int64), (row % HQ).to(tl.int64)
-    _merge_row(MidO, MidLse, Out, row, b, h, sob, soh, sod, D, NUM_SPLITS, S_PAD)
+    _merge_rows(MidO, MidLse, Out, row, b, h, sob, soh, sod, 1, 1, D, NUM_SPLITS, S_PAD, S_PAD)
 
 
 @functools.cache
@@ -266,7 +284,8 @@ def decode_attention(
             NUM_SPLITS=splits, S_PAD=s_pad, HAS_WINDOW=has_window,
             # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            MERGE_HERE=arrivals is not None,
+            MERGE_HERE=arrivals is not None, G_MERGE=triton.next_power_of_2(g),
+            S_CHUNK=min(s_pad, max(1, MERGE_CHUNK // (triton.next_power_of_2(g) * d))),
             num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         )  # fmt: skip
         if arrivals is None:
