@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -38,12 +41,30 @@ def test_a_bucket_is_reused_across_prompts_and_continuations():
     assert list(pipe._decoders.decoders) == [(3, BUCKET, False)]  # one set of buffers served all three calls
 
 
-def test_only_the_most_recently_used_decoders_are_kept():
-    """Each decoder holds a whole static cache: a pipeline serving many batch sizes or lengths
-    keeps the last few and lets the others go."""
-    import gc
-    import weakref
+def buffer_refs(pipe, key) -> list[weakref.ref]:
+    """Weak references to the static buffers of one of ``pipe``'s decoders."""
+    return [weakref.ref(t) for layer in pipe._decoders.decoders[key].layers for t in vars(layer).values()]
 
+
+def held_bytes(refs: list[weakref.ref]) -> int:
+    """Bytes still held by the storages of those buffers that are alive."""
+    return sum(t.untyped_storage().nbytes() for ref in refs if (t := ref()) is not None)
+
+
+@pytest.fixture
+def without_cycle_collector():
+    """Python's cycle collector off: what is given back must be given back when it is dropped."""
+    enabled = gc.isenabled()
+    gc.collect()  # earlier tests' garbage, so that it cannot trigger a collection in this one
+    gc.disable()
+    yield
+    if enabled:
+        gc.enable()
+
+
+def test_only_the_most_recently_used_decoders_are_kept(without_cycle_collector):
+    """Each decoder holds a whole static cache: a pipeline serving many batch sizes or lengths
+    keeps the last few and gives the others' memory back at once."""
     from kvpress_like.decode import KEPT_DECODERS
 
     pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="static")
@@ -51,13 +72,29 @@ def test_only_the_most_recently_used_decoders_are_kept():
     for batch in range(1, KEPT_DECODERS + 3):
         pipe([[5, 6, 7, 8]] * batch)
         if first is None:
-            first = weakref.ref(pipe._decoders.decoders[(1, BUCKET, False)])
+            first = buffer_refs(pipe, (1, BUCKET, False))
+            assert held_bytes(first) > 0
     pipe([[5, 6, 7, 8]] * 3)  # reused, and now the most recent
     assert len(pipe._decoders.decoders) == KEPT_DECODERS
     assert list(pipe._decoders.decoders)[-1] == (3, BUCKET, False)
     assert (1, BUCKET, False) not in pipe._decoders.decoders
-    gc.collect()
-    assert first() is None  # its buffers are free
+    assert held_bytes(first) == 0
+
+
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_closing_a_pipeline_gives_its_decoders_memory_back_at_once(decode, without_cycle_collector):
+    """After ``close`` no byte of the decoders' buffers is held, without waiting for Python's cycle
+    collector: a compiled step's leftovers refer to the buffers it traced, and a decoder refers to
+    itself through its step. The pipeline decodes again afterwards, on new buffers."""
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode=decode)
+    prompts = random_rows([30, 30], seed=8)
+    expected = pipe(prompts, decode="eager").token_ids
+    assert pipe(prompts).token_ids == expected
+    refs = buffer_refs(pipe, (2, BUCKET, decode == "compiled"))
+    assert held_bytes(refs) > 0
+    pipe.close()
+    assert held_bytes(refs) == 0
+    assert pipe(prompts).token_ids == expected
 
 
 def test_symbolic_capacity_compiles_one_step_for_every_bucket(monkeypatch, fresh_dynamo):
@@ -138,24 +175,22 @@ def test_static_decode_releases_the_compressed_layers_it_copied(monkeypatch):
     assert held and set(held) == {layers}  # never a layer both compressed and in its buffers
 
 
-def test_idle_decoders_make_room_for_a_prefill_least_recently_used_first(monkeypatch):
+def test_idle_decoders_make_room_for_a_prefill_least_recently_used_first(
+    monkeypatch, without_cycle_collector
+):
     """On a device short of memory, a prefill drops idle decoders, the least recently used first,
     until the call's full cache would fit, and a new decoder drops the rest; tokens are unchanged."""
-    import gc
-    import weakref
-
     pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=3, stop_on_eos=False, decode="static")
     prompt = CONTEXT[:40]
     expected = pipe([prompt] * 3, decode="eager").token_ids
     pipe([prompt])
     pipe([prompt] * 2)
-    oldest = weakref.ref(pipe._decoders.decoders[(1, BUCKET, False)])
+    oldest = buffer_refs(pipe, (1, BUCKET, False))
     per_token = pipe.adapter.cache_bytes_per_token()
     monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 3 * 40 * per_token - 1)  # a byte short
     pipe.compress([prompt] * 3)
     assert list(pipe._decoders.decoders) == [(2, BUCKET, False)]  # dropping the oldest was enough
-    gc.collect()
-    assert oldest() is None
+    assert held_bytes(oldest) == 0
     # The new tokens' cache fits (the call is not refused), a new decoder's buffers do not.
     monkeypatch.setattr(pipe.adapter, "free_memory", lambda: 3 * 3 * per_token)
     assert pipe([prompt] * 3).token_ids == expected
