@@ -15,11 +15,17 @@ the first batch that runs out of memory, larger ones are not tried. Writes
         --systems fastkv,transformers --out results/throughput          # H200
     python benchmarks/throughput.py --length 131072 --batches 1,4,8,16 --prefill-rows 1 --out R
     python benchmarks/throughput.py --tiny --length 96 --batches 1,2 --steps 3 --out R    # smoke
+
+``--set MODULE.NAME=VALUE`` (repeatable) sets a constant of ``kvpress_like.MODULE`` in the measuring
+processes, for A/B runs of the library's choices (``--set decode.MERGE_IN_SPLIT_KERNEL=True``); the
+settings are written into the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import os
 import sys
@@ -87,6 +93,16 @@ def phase_memory(pipe) -> dict:
     return memory
 
 
+def override(setting: str) -> None:
+    """Apply one ``--set MODULE.NAME=VALUE``: a Python literal for a constant kvpress_like has."""
+    target, _, value = setting.partition("=")
+    module_name, _, name = target.rpartition(".")
+    module = importlib.import_module(f"kvpress_like.{module_name}")
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {setting}: kvpress_like.{module_name} has no {name}")
+    setattr(module, name, ast.literal_eval(value))
+
+
 def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):
     """One record per batch size, in order; after an out-of-memory batch the larger ones are skipped."""
     model = load_model(tiny)
@@ -138,6 +154,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="measured decode steps")
     parser.add_argument("--prefill-rows", type=int, help="kvpress_like: rows per prefill part")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="MODULE.NAME=VALUE", help="a kvpress_like constant"
+    )
     parser.add_argument("--system", help=argparse.SUPPRESS)  # run this one system in this process
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -146,6 +165,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--systems: {unknown} not among {list(SYSTEMS)}")
     if args.system:
+        for setting in args.set:
+            override(setting)
         for record in measure(args.system, args.length, batches, args.steps, args.tiny, args.prefill_rows):
             print("RECORD " + json.dumps(record), flush=True)
         return
@@ -164,6 +185,7 @@ def main() -> None:
             "torch": torch.__version__,
             "allocator": environment["PYTORCH_CUDA_ALLOC_CONF"],
             "seconds": round(time.perf_counter() - started),
+            "settings": args.set,
         }
         partial = path.with_suffix(".json.partial")  # a kill mid-write must not truncate the last JSON
         partial.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
@@ -178,6 +200,7 @@ def main() -> None:
         command += ["--batches", args.batches, "--steps", str(args.steps)]
         command += ["--tiny"] if args.tiny else []
         command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
+        command += [f"--set={setting}" for setting in args.set]
         error = run_child(command, started, receive, environment)
         received = {r["batch"] for r in records if r["system"] == system}
         missed = [b for b in batches if b not in received]  # what the process died before measuring

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import torchrun
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed.py"
@@ -133,14 +135,27 @@ def test_tensor_parallel_benchmark_smoke_run(tmp_path):
 def test_throughput_benchmark_smoke_run(tmp_path):
     script = SCRIPT.parent / "throughput.py"
     command = [sys.executable, str(script), "--tiny", "--length", "80", "--batches", "1,2", "--steps", "2"]
-    command += ["--systems", "fastkv", "--out", str(tmp_path)]
+    command += ["--systems", "fastkv", "--out", str(tmp_path), "--set", "decode.KEPT_DECODERS=3"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "throughput-80.json").read_text())
     assert result["meta"]["complete"] and result["meta"]["allocator"] == "expandable_segments:True"
+    assert result["meta"]["settings"] == ["decode.KEPT_DECODERS=3"]
     assert [(r["system"], r["batch"]) for r in result["records"]] == [("fastkv", 1), ("fastkv", 2)]
     for record in result["records"]:
         assert "error" not in record, record
         assert record["steps"] == 2 and record["start_s"] > 0 and record["tokens_per_s"] > 0
     assert (tmp_path / "throughput-80.png").stat().st_size > 0
     assert "tokens/s" in done.stdout
+
+
+def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
+    from kvpress_like import decode
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    throughput = importlib.import_module("throughput")
+    monkeypatch.setattr(decode, "KEPT_DECODERS", decode.KEPT_DECODERS)  # restored after the test
+    throughput.override("decode.KEPT_DECODERS=7")
+    assert decode.KEPT_DECODERS == 7
+    with pytest.raises(SystemExit, match=r"kvpress_like\.decode has no KEPT_DECODER$"):
+        throughput.override("decode.KEPT_DECODER=7")
