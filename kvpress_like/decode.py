@@ -56,13 +56,12 @@ KEPT_DECODERS = 4
 # of such a step compiles untuned (TUNE_BESIDE_KERNELS).
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}
 # Whether the attention kernel's last split merges the partial results (one launch per layer instead
-# of two). It did in session 3 (H200, 128K: 5.48 vs 5.55 ms/token, one sample each); on session
-# 12's kernel a merge kernel of its own is faster, at an unchanged split count too (32K x1): the
-# last arrival merges the G query heads of its KV head one after another, a serial tail. H200, the
-# kernel as a step runs it (benchmarks/decode_kernel.py --sweep, 32 layers' caches in one graph),
-# us per layer merged in the split kernel / in a merge kernel: 128K x1 27.3 / 21.6, 32K x1
-# 15.2 / 11.6, 32K x8 34.6 / 31.5; the 128K x1 step 4.89 / 4.72 ms (throughput.py, two calls).
-MERGE_IN_SPLIT_KERNEL = False
+# of two). Session 12's last arrival merged the G query heads of its KV head one after another, a
+# serial tail that lost to a merge kernel of its own; merging all G at once (session 13) is level
+# with it or ahead. H200, the kernel as a step runs it (benchmarks/decode_kernel.py --sweep), us
+# per layer merged in the split kernel / in a merge kernel: 128K x1 21.14 / 21.27, 32K x1
+# 12.01 / 12.13, x8 30.94 / 31.90, x16 54.52 / 56.06 (docs/performance.md).
+MERGE_IN_SPLIT_KERNEL = True
 # Compile the step once for every capacity bucket (capacity axis symbolic from the first bucket)
 # instead of twice (static, then dynamo's automatic dynamic shapes). H200, speed.py: the 128K case
 # after the 32K one starts in 8 s instead of ~100 s; 5.38 and 5.93 ms/token in two runs against

@@ -33,8 +33,10 @@ MERGE_CHUNK = 8192
 # Capacity slots per split at least (a split's share of a row's valid slots can be smaller): below
 # this the q load and the merge outweigh the streaming.
 MIN_SPLIT = 256
-# At most about this many programs per SM: more splits only add partial results to merge. Launches
-# that already fill the GPU (32K x64, x128) keep the one or two splits this gives.
+# At most this many programs per SM: more splits only add partial results to merge. Launches that
+# already fill the GPU (32K x64, x128) are not split. H200, 32K x32 (256 programs), us per layer at
+# 1 / 2 / 3 splits: 112.2 / 104.7 / 109.7-133.1 (session 12), 3 (the whole-wave rule alone) 123.6
+# (session 13); docs/performance.md.
 WAVES = 4
 # Split-kernel tile at D=128 (BLOCK_N doubles at D <= 64): a 64-key K+V tile is 32 KiB in bf16, and two
 # stages leave room for three programs per SM. Best of a small sweep on an H200 (BLOCK_N 32/64/128,
@@ -50,11 +52,12 @@ RESIDENT_PER_SM = 3
 
 def _split_count(cap: int, programs: int, sms: int, per_sm: int = RESIDENT_PER_SM) -> int:
     """The split count whose ``programs * splits`` programs waste the least of their last wave:
-    ``ceil(programs * s / resident) / s`` (waves per unit of work) is least, fewer splits on a tie;
-    at most MAX_SPLITS, one per MIN_SPLIT slots of capacity and about WAVES programs per SM."""
+    ``ceil(programs * s / resident) / s`` (waves per unit of work) is least, more splits on a tie
+    (the same waves, shorter programs); at most MAX_SPLITS, one per MIN_SPLIT slots of capacity
+    and WAVES programs per SM."""
     resident = sms * per_sm
-    most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT, -(-WAVES * sms // programs)))
-    return min(range(1, most + 1), key=lambda s: (-(-programs * s // resident) / s, s))
+    most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT, WAVES * sms // programs))
+    return min(range(1, most + 1), key=lambda s: (-(-programs * s // resident) / s, -s))
 
 
 def decode_attention_reference(
