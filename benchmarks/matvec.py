@@ -18,11 +18,13 @@ that time:
 
     python benchmarks/matvec.py --sweep --inductor-runs 3 --out R/matvec.json
     python benchmarks/matvec.py --rows 2,4,8,16 --sweep --out R/matvec-rows.json
+    python benchmarks/matvec.py --rows 8,16 --splits 2,4,8 --out R/matvec-split.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -96,8 +98,9 @@ def measure(fn, x: torch.Tensor, sets: list[list[torch.Tensor]], replays: int) -
 
 def kernel(tile: matvec_module.Tile):
     """The kernel with ``tile`` itself, also where the library leaves a product to cuBLAS
-    (``matvec.serves``: a few rows over ``FEW_ROWS_MAX_K`` columns)."""
-    return lambda x, weights: matvec_module.launch(x, weights, [None] * len(weights), tile)
+    (``matvec.serves``: a few rows over ``FEW_ROWS_MAX_K`` columns); a split tile gets counters."""
+    counters = torch.zeros(4096, dtype=torch.int32, device="cuda") if tile.split_k > 1 else None
+    return lambda x, weights: matvec_module.launch(x, weights, [None] * len(weights), tile, counters)
 
 
 def one_by_one(linear):
@@ -133,6 +136,10 @@ def main() -> None:
         "--rows", type=lambda v: [int(r) for r in v.split(",")], default=[1],
         help="batch rows, comma-separated (1: the one-row kernel; up to 16: the few-rows kernel)",
     )  # fmt: skip
+    parser.add_argument(
+        "--splits", type=lambda v: [int(n) for n in v.split(",")], default=[],
+        help="a few rows: also time the library's tile split over the columns in this many parts",
+    )  # fmt: skip
     parser.add_argument("--only-inductor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only_inductor:
@@ -158,7 +165,11 @@ def main() -> None:
             tile = matvec_module.tile_for(group[0][1], batch, [n for n, _ in group], x.device)
             us, err = measure(kernel(tile), x, sets, args.replays)
             rows.append(dict(impl="triton", shape=shape, group=group, us=us, err=err, tile=vars(tile)))
-            for tile in tiles:
+            swept = list(tiles)
+            if batch > 1:  # the library's tile and a longer one, split over the columns
+                wide = dataclasses.replace(tile, block_k=min(256, tile.block_k * 2), num_stages=4)
+                swept += [dataclasses.replace(t, split_k=n) for t in (tile, wide) for n in args.splits]
+            for tile in swept:
                 try:
                     us, err = measure(kernel(tile), x, sets, 10)
                 except Exception as exc:  # a tile the compiler refuses (registers, shared memory)

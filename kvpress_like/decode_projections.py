@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+from kvpress_like.kernels.decode_attention import sm_count
 from kvpress_like.kernels.matvec import matvec_op
 from kvpress_like.parallel import local_shard, sharded_possible
 
@@ -42,8 +43,17 @@ class _Group:
         self.linears = linears
         self.pending: dict[str, torch.Tensor] = {}
         # Decided once (a model's sharding does not change): None for plain weights.
-        self.placement = _output_placement(next(iter(linears.values())).weight)
+        weight = next(iter(linears.values())).weight
+        self.placement = _output_placement(weight)
         self.pre_hooks = self._pre_hooks()
+        # Zeroed counters for launches split over their columns (matvec.FEW_ROWS_SPLIT_K), left zero
+        # by every launch; one per SM, as many blocks as a split launch may have. A pipeline's
+        # static decodes take turns (decode.DecoderPool), so its steps never share them at once.
+        device = local_shard(weight.data).device
+        self.counters = None
+        if device.type == "cuda":
+            self.counters = torch.zeros(sm_count(device), dtype=torch.int32, device=device)
+            torch._dynamo.mark_static_address(self.counters)  # the step's CUDA graphs read it in place
 
     def _pre_hooks(self) -> list[int]:
         return [len(linear._forward_pre_hooks) for linear in self.linears.values()]
@@ -64,12 +74,15 @@ class _Group:
         first = next(iter(linears.values()))
         biases = [linear.bias for linear in linears.values()] if first.bias is not None else []
         if self.placement is None:
-            outs = matvec_op(hidden, weights, biases)
+            outs = matvec_op(hidden, weights, biases, self.counters)
         else:  # this rank's shards through the kernel, the result placed as F.linear places it
             from torch.distributed.tensor import DTensor
 
             local = matvec_op(
-                local_shard(hidden), [local_shard(w) for w in weights], [local_shard(b) for b in biases]
+                local_shard(hidden),
+                [local_shard(w) for w in weights],
+                [local_shard(b) for b in biases],
+                self.counters,
             )
             mesh = weights[0].device_mesh
             outs = [DTensor.from_local(out, mesh, [self.placement], run_check=False) for out in local]

@@ -354,3 +354,46 @@ def test_the_few_rows_kernel_matches_linear_in_float64(rows, k, sizes, bias, blo
     biases = [torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] if bias else None
     tile = matvec.Tile(block[0], block[1], 4, 1) if block else None
     _assert_launch_matches_linear(x, weights, biases, tile, rtol=2e-3, atol=2e-3)
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(2, matvec.FEW_ROWS),
+    k=st.integers(1, 300),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    bias=st.booleans(),
+    split_k=st.sampled_from([2, 3, 5]),
+    block_k=st.sampled_from([16, 64]),
+    seed=st.integers(0, 1000),
+)
+def test_the_few_rows_kernel_split_over_its_columns_matches_linear_in_float64(
+    rows, k, sizes, bias, split_k, block_k, seed
+):
+    """Each block of weight rows in ``split_k`` programs over parts of the columns, added up by the
+    last to finish: ragged K, parts with no columns at all (K under the parts' tiles), biases added
+    once; the counters are left zero for the next launch, whose result is the same to the bit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, k, generator=gen).half().to(DEVICE)
+    weights = [(torch.randn(n, k, generator=gen) / k**0.5).half().to(DEVICE) for n in sizes]
+    biases = [torch.randn(n, generator=gen).half().to(DEVICE) for n in sizes] if bias else None
+    tile = matvec.Tile(16, block_k, 4, 1, split_k=split_k)
+    blocks = sum(-(-n // 16) for n in sizes)
+    counters = torch.zeros(blocks + 3, dtype=torch.int32, device=DEVICE)
+    first = matvec.launch(x, weights, biases or [None] * len(weights), tile, counters)
+    assert not counters.any()
+    again = matvec.launch(x, weights, biases or [None] * len(weights), tile, counters)
+    for i, (out, w) in enumerate(zip(first, weights, strict=True)):
+        ref = F.linear(x.double(), w.double(), None if biases is None else biases[i].double())
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=2e-3, atol=2e-3)
+        assert torch.equal(out, again[i])
+
+
+@needs_triton
+def test_a_split_launch_without_counters_is_refused():
+    x = torch.randn(2, 1, 64).half().to(DEVICE)
+    weights = [torch.randn(32, 64).half().to(DEVICE)]
+    with pytest.raises(
+        ValueError, match="split_k=2 needs more than one row and int32 counters for the 2 blocks"
+    ):
+        matvec.launch(x, weights, [None], matvec.Tile(16, 16, 4, 1, split_k=2))

@@ -456,16 +456,54 @@ def test_the_projection_kernel_in_bf16_is_as_close_to_float64_as_cublas(rows):
             assert ours <= 2 * theirs + 1e-2, (sizes, ours, theirs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(family, monkeypatch, fresh_dynamo):
+@pytest.mark.parametrize("rows", [2, 8, 16])
+def test_projections_split_over_their_columns_under_cuda_graph_replays(rows, monkeypatch):
+    """The 8B o and down projections (128 blocks of 32 rows each) with ``FEW_ROWS_SPLIT_K`` 4: the
+    library picks the split (down joins the kernel past FEW_ROWS_MAX_K), and replays of one CUDA
+    graph with new inputs stay as close to float64 as cuBLAS, the same to the bit as the launch
+    outside the graph, the counters left zero."""
+    import torch.nn.functional as F
+
+    from kvpress_like.kernels import matvec
+
+    monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", 4)
+    counters = torch.zeros(matvec.sm_count(torch.device("cuda")), dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for k in (4096, 14336):
+        x = torch.randn(rows, 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        weights = [torch.randn(4096, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5]
+        assert matvec.serves(x, weights, counters=counters.numel())
+        assert matvec.tile_for(k, rows, [4096], x.device, counters.numel()).split_k == 4
+        matvec.matvec(x, weights, counters=counters)  # compiles the kernel before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            (out,) = matvec.matvec(x, weights, counters=counters)
+        for _ in range(5):
+            x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen))
+            graph.replay()
+            truth = x.double() @ weights[0].double().T
+            theirs = (F.linear(x, weights[0]).double() - truth).abs().max().item()
+            assert (out.double() - truth).abs().max().item() <= 2 * theirs + 1e-2
+            assert torch.equal(out, matvec.matvec(x, weights, counters=counters)[0])
+            assert not counters.any()
+
+
+@pytest.mark.parametrize(("family", "split_k"), [("llama", 1), ("qwen2", 1), ("llama", 4)])
+def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(
+    family, split_k, monkeypatch, fresh_dynamo
+):
     """bf16 batches of 3 and 6, compiled (one step for both): the projections run in kernels/matvec.py
-    and every step's scores stay within bf16 tolerance of the same compiled step on cuBLAS, for as
-    long as the two decodes pick the same tokens (the first step's scores at least)."""
+    (with ``split_k``, launches of at most one program per SM split over their columns) and every
+    step's scores stay within bf16 tolerance of the same compiled step on cuBLAS, for as long as
+    the two decodes pick the same tokens (the first step's scores at least)."""
     from kvpress_like import decode
     from kvpress_like.kernels import matvec
 
     launches, launch = [], matvec.launch
     monkeypatch.setattr(matvec, "launch", lambda x, *a, **k: launches.append(len(x)) or launch(x, *a, **k))
+    monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", split_k)
+    tiles, tile_for = [], matvec.tile_for
+    monkeypatch.setattr(matvec, "tile_for", lambda *a, **k: tiles.append(tile_for(*a, **k)) or tiles[-1])
     model = _gpu_model(family, torch.bfloat16)
     prompts = random_rows([90, 61, 120, 77, 40, 99], seed=11)
     runs = {}
@@ -474,6 +512,7 @@ def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(family, 
         pipe = pipeline(model, "fastkv", **TINY_FASTKV, max_new_tokens=6, stop_on_eos=False)
         runs[kernel] = [pipe(prompts[:batch], decode="compiled", output_scores=True) for batch in (3, 6)]
     assert {3, 6} <= set(launches), launches
+    assert {tile.split_k for tile in tiles if tile.block_n > 4} == {split_k}, tiles  # few-rows tiles
     for ours, theirs in zip(runs[True], runs[False], strict=True):
         compared = 0
         tokens = zip(torch.tensor(ours.token_ids).T, torch.tensor(theirs.token_ids).T, strict=True)

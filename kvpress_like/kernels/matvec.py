@@ -10,7 +10,8 @@ whole weight once, so each is bound by how fast the weights stream from memory.
 read the same input: one launch streams all three), each program streaming ``BLOCK_N`` rows of
 one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the once-read weights
 from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows go through the
-tensor cores, padded to their smallest tile. The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
+tensor cores, padded to their smallest tile, and a launch of few programs may split each block of
+weight rows over several programs, each summing a part of the columns (``FEW_ROWS_SPLIT_K``). The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
 ``MANY_ROWS_TILE``, from H200 sweeps, docs/performance.md), so two processes always run the same
 kernels: inductor's coordinate-descent tuning of the same products picks different configurations
 from compile to compile, 4% apart per layer. Launch parameters come from static shapes only (no
@@ -43,6 +44,9 @@ class Tile:
     block_k: int
     num_warps: int
     num_stages: int
+    # Programs per block of weight rows, each over its share of the columns (a few rows only): more
+    # programs for a launch that would leave SMs idle. Needs zeroed counters (``launch``).
+    split_k: int = 1
 
 
 # H200 sweep of 114 tiles over the Llama-3.1-8B projections (benchmarks/matvec.py): this one was the
@@ -72,11 +76,20 @@ FEW_ROWS_WIDE_STAGES = 3
 # against 33.8) stays on cuBLAS by FEW_ROWS_MAX_K.
 MANY_ROWS = 32
 MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
+# Splitting the columns of few-rows launches of at most one program per SM (o: 128 blocks of 32
+# rows; down: 128, on cuBLAS now by FEW_ROWS_MAX_K) into this many parts; 1: no split. The parts'
+# partial sums are added by the last part of each block to finish, in a fixed order (the same
+# result every run). Off until measured: at 8 rows o took 12.5 us and down 32.4 (cuBLAS), 2.7
+# and 3.6 TB/s, against q+k+v's 16.1 us (docs/performance.md, session 13).
+FEW_ROWS_SPLIT_K = 1
 
 
-def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.device | None = None) -> Tile:
+def tile_for(
+    k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.device | None = None, counters: int = 0
+) -> Tile:
     """The fixed tile for ``rows`` rows of ``k`` columns (its columns cut to ``k`` where that is
-    shorter) and a launch over weights of ``sizes`` rows on ``device`` (a CUDA device)."""
+    shorter) and a launch over weights of ``sizes`` rows on ``device`` (a CUDA device), with
+    ``counters`` zeroed counters at hand for a split launch."""
     if rows == 1:
         tile, least = TILE, 32 * TILE.num_warps
     elif rows > FEW_ROWS:
@@ -86,7 +99,19 @@ def tile_for(k: int, rows: int = 1, sizes: Sequence[int] = (), device: torch.dev
         programs = sum(triton.cdiv(n, tile.block_n) for n in sizes)
         if device is not None and programs > 2 * sm_count(device):
             tile = replace(tile, num_stages=FEW_ROWS_WIDE_STAGES)
+        elif _splits(rows, sizes, device, counters):
+            tile = replace(tile, split_k=FEW_ROWS_SPLIT_K)
     return replace(tile, block_k=min(tile.block_k, max(least, triton.next_power_of_2(k))))
+
+
+def _splits(rows: int, sizes: Sequence[int], device: torch.device | None, counters: int) -> bool:
+    """Whether a few-rows launch splits its columns (``FEW_ROWS_SPLIT_K``): at most one program
+    per SM unsplit, and a counter for each of its blocks."""
+    blocks = sum(triton.cdiv(n, FEW_ROWS_TILE.block_n) for n in sizes)
+    return (
+        FEW_ROWS_SPLIT_K > 1 and 1 < rows <= FEW_ROWS and device is not None
+        and blocks <= min(counters, sm_count(device))
+    )  # fmt: skip
 
 
 def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -115,60 +140,97 @@ def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: t
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=rows)
 
 
-def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
     """Y[:M, rows of ``block``] = X[:M] @ W[rows].T (+ B[rows]) on the tensor cores, the weight rows as
-    the product's left operand (its axis is at least 16 long; the batch's ``M`` rows pad to BLOCK_M)."""
+    the product's left operand (its axis is at least 16 long; the batch's ``M`` rows pad to BLOCK_M).
+    With SPLIT_K > 1 this program sums the columns of part ``part`` only, into Part[part, :M,
+    n_off + rows] (``NT`` columns a row), and the block's last part to finish adds the parts up."""
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     rows = offs_n < N
     batch = offs_m < M
-    w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
-    x_ptr = X + offs_m.to(tl.int64)[None, :] * sxm + offs_k[:, None]  # X transposed: [BLOCK_K, BLOCK_M]
+    # This part's columns: whole BLOCK_K tiles (a last part may hold fewer columns, or none).
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = part * k_len
+    k_hi = tl.minimum(k_lo + k_len, K)
+    w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + (k_lo + offs_k)[None, :]
+    # X transposed: [BLOCK_K, BLOCK_M]
+    x_ptr = X + offs_m.to(tl.int64)[None, :] * sxm + (k_lo + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr, mask=batch[None, :], other=0.0)
         else:
-            cols = k0 + offs_k < K
+            cols = k0 + offs_k < k_hi
             w = tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr, mask=batch[None, :] & cols[:, None], other=0.0)
         acc = tl.dot(w, x, acc)
         w_ptr += BLOCK_K
         x_ptr += BLOCK_K
+    if SPLIT_K == 1:
+        _store_block(acc, B, Y, offs_n, offs_m, rows, batch, N, HAS_BIAS)
+    else:
+        held = rows[:, None] & batch[None, :]
+        part_ptr = Part + offs_m[None, :] * NT + (n_off + offs_n)[:, None]
+        tl.store(part_ptr + part * M * NT, acc, mask=held)
+        # As the attention kernel's merge: every thread's stores before the arrival; acq_rel orders
+        # them before the count and the other parts' before the loads; the last resets the count.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Counters + counter, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for other in tl.static_range(SPLIT_K):  # a fixed order: the same sum every run
+                total += tl.load(part_ptr + other * M * NT, mask=held, other=0.0, cache_modifier=".cg")
+            _store_block(total, B, Y, offs_n, offs_m, rows, batch, N, HAS_BIAS)
+            tl.atomic_xchg(Counters + counter, 0)
+
+
+def _store_block(acc, B, Y, offs_n, offs_m, rows, batch, N, HAS_BIAS: tl.constexpr):
+    """Y[offs_m, offs_n] = acc (+ B[offs_n]), acc ``[BLOCK_N, BLOCK_M]`` fp32."""
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=rows, other=0.0).to(tl.float32)[:, None]
     y_ptr = Y + offs_m[None, :] * N + offs_n[:, None]
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=rows[:, None] & batch[None, :])
 
 
-def _block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+def _block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
+           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
     if BLOCK_M == 1:
         _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
     else:
-        _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
+                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
 
 
 def _matvec_kernel(
-    X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, M, N0, N1, N2, K, sxm, sw0, sw1, sw2, BLOCKS0, BLOCKS01,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, Part, Counters, M, N0, N1, N2, K, sxm, sw0, sw1, sw2, BLOCKS0,
+    BLOCKS01, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    # Programs [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2; BLOCK_M 1: one row.
+    # Blocks [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2, SPLIT_K programs each (one
+    # per part of the columns); BLOCK_M 1: one row. A block's counter is its index.
     pid = tl.program_id(0)
-    if pid < BLOCKS0:
-        _block(X, W0, B0, Y0, pid, M, N0, K, sxm, sw0, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    elif pid < BLOCKS01:
-        _block(X, W1, B1, Y1, pid - BLOCKS0, M, N1, K, sxm, sw1, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    blk, part = pid // SPLIT_K, pid % SPLIT_K
+    NT = N0 + N1 + N2
+    if blk < BLOCKS0:
+        _block(X, W0, B0, Y0, blk, M, N0, K, sxm, sw0, Part, Counters, blk, part, 0, NT,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
+    elif blk < BLOCKS01:
+        _block(X, W1, B1, Y1, blk - BLOCKS0, M, N1, K, sxm, sw1, Part, Counters, blk, part, N0, NT,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
     else:
-        _block(X, W2, B2, Y2, pid - BLOCKS01, M, N2, K, sxm, sw2, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        _block(X, W2, B2, Y2, blk - BLOCKS01, M, N2, K, sxm, sw2, Part, Counters, blk, part, N0 + N1, NT,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
 
 
 if triton is not None:  # device functions of the kernel below (jitted now: they are looked up by name)
     _rows_block = triton.jit(_rows_block)
+    _store_block = triton.jit(_store_block)
     _few_rows_block = triton.jit(_few_rows_block)
     _block = triton.jit(_block)
 
@@ -179,11 +241,14 @@ def _jit(interpret: bool):
     return triton.jit(_matvec_kernel)
 
 
-def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None) -> bool:
+def serves(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None, counters: int = 0
+) -> bool:
     """Whether ``matvec`` runs its kernel for these operands (else ``F.linear`` per weight): x of one
     row (bf16, fp16 or fp32) or up to ``FEW_ROWS`` (bf16 or fp16, at most ``FEW_ROWS_MAX_K``
-    columns; up to ``MANY_ROWS`` for a launch of at most two programs per SM) on a GPU, contiguous
-    rows of one dtype and device, biases for all weights or none."""
+    columns unless the launch splits them, with ``counters`` zeroed counters at hand; up to
+    ``MANY_ROWS`` for a launch of at most two programs per SM) on a GPU, contiguous rows of one
+    dtype and device, biases for all weights or none."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     if triton is None or not x.is_cuda or x.dim() == 0 or not 1 <= len(weights) <= 3:
         return False
@@ -191,14 +256,15 @@ def serves(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if rows == 1 else (torch.bfloat16, torch.float16)
     if not 1 <= rows <= MANY_ROWS or x.dtype not in dtypes or len(biases) != len(weights):
         return False
-    if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K:
+    sizes = [w.shape[0] if w.dim() == 2 else 0 for w in weights]
+    if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K and not _splits(rows, sizes, x.device, counters):
         return False
     same = [(w.dtype, w.device) == (x.dtype, x.device) for w in weights]
     rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
     if not all(same) or not all(rows_ok):
         return False
     if rows > FEW_ROWS:  # a wide launch loses to cuBLAS
-        programs = sum(triton.cdiv(w.shape[0], MANY_ROWS_TILE.block_n) for w in weights)
+        programs = sum(triton.cdiv(n, MANY_ROWS_TILE.block_n) for n in sizes)
         if programs > 2 * sm_count(x.device):
             return False
     if all(b is None for b in biases):
@@ -215,51 +281,71 @@ def matvec(
     weights: Sequence[Tensor],
     biases: Sequence[Tensor | None] | None = None,
     tile: Tile | None = None,
+    counters: Tensor | None = None,
 ) -> list[Tensor]:
     """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for x of one row or a few (see the
-    module docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep)."""
+    module docstring); ``tile`` overrides the fixed configuration (the benchmark's sweep);
+    ``counters`` (int32 zeros, left zero) let a launch split its columns (``FEW_ROWS_SPLIT_K``)."""
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if not serves(x, weights, biases):
+    if not serves(x, weights, biases, 0 if counters is None else counters.numel()):
         return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
     with torch.cuda.device(x.device):  # Triton launches on the current device
-        return launch(x, weights, biases, tile)
+        return launch(x, weights, biases, tile, counters)
 
 
 def launch(
-    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], tile: Tile | None = None
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    tile: Tile | None = None,
+    counters: Tensor | None = None,
 ) -> list[Tensor]:
-    """The kernel itself, for operands ``serves`` accepts (and, in tests, Triton's CPU interpreter)."""
+    """The kernel itself, for operands ``serves`` accepts (and, in tests, Triton's CPU interpreter).
+    A tile with ``split_k > 1`` needs ``counters``: int32 zeros, one per block of weight rows, which
+    the launch leaves zero."""
     k = x.shape[-1]
     rows = x.numel() // k
     mat = x.reshape(rows, k)
     if mat.stride(-1) != 1 or (rows > 1 and mat.stride(0) < k):
         mat = mat.contiguous()
     sizes = [w.shape[0] for w in weights]
-    tile = tile or tile_for(k, rows, sizes, x.device if x.is_cuda else None)
-    outs = [torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) for n in sizes]
+    held = 0 if counters is None else counters.numel()
+    tile = tile or tile_for(k, rows, sizes, x.device if x.is_cuda else None, held)
     blocks = [triton.cdiv(n, tile.block_n) for n in sizes]
+    if tile.split_k > 1 and (rows == 1 or held < sum(blocks) or counters.dtype != torch.int32):
+        raise ValueError(
+            f"tile.split_k={tile.split_k} needs more than one row and int32 counters for the "
+            f"{sum(blocks)} blocks, got {rows} row(s) and {held} {getattr(counters, 'dtype', '')} counters"
+        )
+    outs = [torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) for n in sizes]
     pad = 3 - len(weights)  # unused slots repeat the first weight; no program reaches them
     ws, ys = list(weights) + [weights[0]] * pad, outs + [outs[0]] * pad
     has_bias = biases[0] is not None
     block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))  # tl.dot's least M is 16
     bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
-    _jit(triton.knobs.runtime.interpret)[(sum(blocks),)](
-        mat, *ws, *bs, *ys, rows, *(sizes + [0] * pad), k, mat.stride(0), *(w.stride(0) for w in ws),
-        blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias, BLOCK_M=block_m,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps,
+    # The parts' partial sums [split_k, rows, sum(sizes)] in fp32 (not read unsplit).
+    part = mat.new_empty(tile.split_k, rows, sum(sizes), dtype=torch.float32) if tile.split_k > 1 else ys[0]
+    _jit(triton.knobs.runtime.interpret)[(sum(blocks) * tile.split_k,)](
+        mat, *ws, *bs, *ys, part, ys[0] if counters is None else counters, rows, *(sizes + [0] * pad), k,
+        mat.stride(0), *(w.stride(0) for w in ws), blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias,
+        BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        EVEN_K=k % (tile.block_k * tile.split_k) == 0, SPLIT_K=tile.split_k, num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )  # fmt: skip
     return outs
 
 
 # An opaque op to torch.compile (as the decode attention): the launch stays out of the traced graph
-# and the CUDA graph captures it like any other kernel.
+# and the CUDA graph captures it like any other kernel. ``counters`` is scratch the kernel leaves as
+# it found it (zeros), hence declared unmutated.
 @torch.library.custom_op("kvpress_like::matvec", mutates_args=())
-def matvec_op(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> list[Tensor]:
+def matvec_op(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], counters: Tensor | None
+) -> list[Tensor]:
     """``matvec`` with ``biases`` empty for none."""
-    return matvec(x, weights, biases or None)
+    return matvec(x, weights, biases or None, counters=counters)
 
 
 @matvec_op.register_fake
-def _(x, weights, biases):
+def _(x, weights, biases, counters):
     return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
