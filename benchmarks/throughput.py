@@ -17,7 +17,7 @@ the first batch that runs out of memory, larger ones are not tried. Writes
     python benchmarks/throughput.py --tiny --length 96 --batches 1,2 --steps 3 --out R    # smoke
 
 ``--set MODULE.NAME=VALUE`` (repeatable) sets a constant of ``kvpress_like.MODULE`` in the measuring
-processes, for A/B runs of the library's choices (``--set decode.MERGE_IN_SPLIT_KERNEL=True``); the
+processes, for A/B runs of the library's choices (``--set decode.MERGE_IN_SPLIT_KERNEL=False``); the
 settings are written into the JSON.
 """
 
@@ -97,10 +97,16 @@ def override(setting: str) -> None:
     """Apply one ``--set MODULE.NAME=VALUE``: a Python literal for a constant kvpress_like has."""
     target, _, value = setting.partition("=")
     module_name, _, name = target.rpartition(".")
-    module = importlib.import_module(f"kvpress_like.{module_name}")
+    try:
+        module = importlib.import_module(f"kvpress_like.{module_name}")
+    except ImportError:
+        raise SystemExit(f"--set {setting}: no module kvpress_like.{module_name}") from None
     if not hasattr(module, name):
         raise SystemExit(f"--set {setting}: kvpress_like.{module_name} has no {name}")
-    setattr(module, name, ast.literal_eval(value))
+    try:
+        setattr(module, name, ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set {setting}: the value must be a Python literal (True, 4, 'always')") from None
 
 
 def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):
@@ -171,6 +177,8 @@ def main() -> None:
             print("RECORD " + json.dumps(record), flush=True)
         return
 
+    for setting in args.set:  # a bad setting stops here, not in every measuring process
+        override(setting)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throughput-{args.length}.json"

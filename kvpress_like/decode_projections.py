@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+from kvpress_like.kernels import matvec
 from kvpress_like.kernels.decode_attention import sm_count
 from kvpress_like.kernels.matvec import matvec_op
 from kvpress_like.parallel import local_shard, sharded_possible
@@ -51,7 +52,7 @@ class _Group:
         # static decodes take turns (decode.DecoderPool), so its steps never share them at once.
         device = local_shard(weight.data).device
         self.counters = None
-        if device.type == "cuda":
+        if device.type == "cuda" and matvec.FEW_ROWS_SPLIT_K > 1:
             self.counters = torch.zeros(sm_count(device), dtype=torch.int32, device=device)
             torch._dynamo.mark_static_address(self.counters)  # the step's CUDA graphs read it in place
 

@@ -159,3 +159,7 @@ def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
     assert decode.KEPT_DECODERS == 7
     with pytest.raises(SystemExit, match=r"kvpress_like\.decode has no KEPT_DECODER$"):
         throughput.override("decode.KEPT_DECODER=7")
+    with pytest.raises(SystemExit, match="must be a Python literal"):
+        throughput.override("decode.OWN_GRAPHS=always")
+    with pytest.raises(SystemExit, match=r"no module kvpress_like\.decoder$"):
+        throughput.override("decoder.KEPT_DECODERS=7")

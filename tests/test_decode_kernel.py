@@ -266,7 +266,7 @@ def test_kernel_half_precision():
         (3584, 8, 14, "32K x1: capped at one split per 256 slots of capacity"),
         (3584, 64, 6, "32K x8: 384 programs in one wave (the sweep's best, against 8)"),
         (3584, 128, 3, "32K x16: 384 programs in one wave (the sweep's best, against 5)"),
-        (3584, 256, 2, "32K x32: at most four programs per SM (three splits took 123.6 us, two 104.7)"),
+        (3584, 256, 2, "32K x32: at most four programs per SM (three splits took 125.5 us, two 103.3)"),
         (3584, 512, 1, "32K x64: the launch fills the GPU without splits"),
         (3584, 1024, 1, "32K x128: the launch fills the GPU without splits"),
         (200, 8, 1, "a short cache: no split under 256 slots"),

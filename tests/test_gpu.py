@@ -4,6 +4,7 @@ recompiles or re-captures, and an installed flash-attn serves prefill."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -458,22 +459,24 @@ def test_the_projection_kernel_in_bf16_is_as_close_to_float64_as_cublas(rows):
 
 @pytest.mark.parametrize("rows", [2, 8, 16])
 def test_projections_split_over_their_columns_under_cuda_graph_replays(rows, monkeypatch):
-    """The 8B o and down projections (128 blocks of 32 rows each) with ``FEW_ROWS_SPLIT_K`` 4: the
-    library picks the split (down joins the kernel past FEW_ROWS_MAX_K), and replays of one CUDA
-    graph with new inputs stay as close to float64 as cuBLAS, the same to the bit as the launch
-    outside the graph, the counters left zero."""
+    """Projections of the 8B model's columns (4096: o; 14336: down) with one block of 32 weight rows
+    per SM (128 on an H200) and ``FEW_ROWS_SPLIT_K`` 4: the library picks the split (down joins the
+    kernel past FEW_ROWS_MAX_K), and replays of one CUDA graph with new inputs stay as close to
+    float64 as cuBLAS, the same to the bit as the launch outside the graph, the counters left zero."""
     import torch.nn.functional as F
 
     from kvpress_like.kernels import matvec
 
     monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", 4)
-    counters = torch.zeros(matvec.sm_count(torch.device("cuda")), dtype=torch.int32, device="cuda")
+    sms = matvec.sm_count(torch.device("cuda"))
+    counters = torch.zeros(sms, dtype=torch.int32, device="cuda")
+    n = matvec.FEW_ROWS_TILE.block_n * sms
     gen = torch.Generator(device="cuda").manual_seed(1)
     for k in (4096, 14336):
         x = torch.randn(rows, 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        weights = [torch.randn(4096, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5]
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5]
         assert matvec.serves(x, weights, counters=counters.numel())
-        assert matvec.tile_for(k, rows, [4096], x.device, counters.numel()).split_k == 4
+        assert matvec.tile_for(k, rows, [n], x.device, counters.numel()).split_k == 4
         matvec.matvec(x, weights, counters=counters)  # compiles the kernel before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -502,6 +505,8 @@ def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(
     launches, launch = [], matvec.launch
     monkeypatch.setattr(matvec, "launch", lambda x, *a, **k: launches.append(len(x)) or launch(x, *a, **k))
     monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", split_k)
+    if split_k > 1:  # 16-column tiles: the tiny models' 64-128 columns reach every part
+        monkeypatch.setattr(matvec, "FEW_ROWS_TILE", dataclasses.replace(matvec.FEW_ROWS_TILE, block_k=16))
     tiles, tile_for = [], matvec.tile_for
     monkeypatch.setattr(matvec, "tile_for", lambda *a, **k: tiles.append(tile_for(*a, **k)) or tiles[-1])
     model = _gpu_model(family, torch.bfloat16)

@@ -211,6 +211,21 @@ def test_a_growing_decode_keeps_the_decoder_it_reads_from_under_memory_pressure(
     assert list(pipe._decoders.decoders) == [(1, 32, False), (1, 48, False)]
 
 
+def test_a_growing_decode_keeps_the_decoder_it_reads_from_when_the_pool_holds_one(monkeypatch):
+    """With room for one decoder, a decode that outgrows its bucket makes the next one while it still
+    reads (and takes over) the first: the bound drops idle decoders only, so the first is not
+    closed under it."""
+    from kvpress_like import decode
+
+    monkeypatch.setattr(decode, "KEPT_DECODERS", 1)
+    monkeypatch.setattr(decode, "BUCKET", 16)  # 16-slot buckets, 16 new slots first: grows 32 -> 48
+    monkeypatch.setattr(decode, "NEW_SLOTS", 16)
+    pipe = pipeline(tiny_model("llama"), "full", max_new_tokens=40, stop_on_eos=False, decode="static")
+    prompt = CONTEXT[:4]
+    assert pipe([prompt]).token_ids == pipe([prompt], decode="eager").token_ids
+    assert list(pipe._decoders.decoders) == [(1, 32, False), (1, 48, False)]
+
+
 def test_a_call_the_idle_decoders_would_crowd_out_is_served_not_refused(monkeypatch):
     """A device whose memory only the pool's decoders use: with two idle decoders the new tokens'
     cache does not fit, so the call would be refused; dropping the older one makes room."""

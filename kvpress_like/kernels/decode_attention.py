@@ -34,9 +34,9 @@ MERGE_CHUNK = 8192
 # this the q load and the merge outweigh the streaming.
 MIN_SPLIT = 256
 # At most this many programs per SM: more splits only add partial results to merge. Launches that
-# already fill the GPU (32K x64, x128) are not split. H200, 32K x32 (256 programs), us per layer at
-# 1 / 2 / 3 splits: 112.2 / 104.7 / 109.7-133.1 (session 12), 3 (the whole-wave rule alone) 123.6
-# (session 13); docs/performance.md.
+# already fill the GPU (32K x64, x128) are not split. H200, the kernel as a step runs it, us per
+# layer at 1 / 2 / 3 splits: 32K x32 (256 programs) 110.45 / 103.34 / 125.53, x64 199.86 / 208.28 /
+# 212.70 (session 13, docs/performance.md).
 WAVES = 4
 # Split-kernel tile at D=128 (BLOCK_N doubles at D <= 64): a 64-key K+V tile is 32 KiB in bf16, and two
 # stages leave room for three programs per SM. Best of a small sweep on an H200 (BLOCK_N 32/64/128,
@@ -50,12 +50,12 @@ TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 RESIDENT_PER_SM = 3
 
 
-def _split_count(cap: int, programs: int, sms: int, per_sm: int = RESIDENT_PER_SM) -> int:
+def _split_count(cap: int, programs: int, sms: int, per_sm: int | None = None) -> int:
     """The split count whose ``programs * splits`` programs waste the least of their last wave:
     ``ceil(programs * s / resident) / s`` (waves per unit of work) is least, more splits on a tie
     (the same waves, shorter programs); at most MAX_SPLITS, one per MIN_SPLIT slots of capacity
     and WAVES programs per SM."""
-    resident = sms * per_sm
+    resident = sms * (per_sm or RESIDENT_PER_SM)
     most = max(1, min(MAX_SPLITS, cap // MIN_SPLIT, WAVES * sms // programs))
     return min(range(1, most + 1), key=lambda s: (-(-programs * s // resident) / s, -s))
 

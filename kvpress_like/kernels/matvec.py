@@ -10,13 +10,14 @@ whole weight once, so each is bound by how fast the weights stream from memory.
 read the same input: one launch streams all three), each program streaming ``BLOCK_N`` rows of
 one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the once-read weights
 from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows go through the
-tensor cores, padded to their smallest tile, and a launch of few programs may split each block of
-weight rows over several programs, each summing a part of the columns (``FEW_ROWS_SPLIT_K``). The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``,
-``MANY_ROWS_TILE``, from H200 sweeps, docs/performance.md), so two processes always run the same
-kernels: inductor's coordinate-descent tuning of the same products picks different configurations
-from compile to compile, 4% apart per layer. Launch parameters come from static shapes only (no
-host sync, CUDA-graph capturable). Without CUDA or triton, for more rows or for operands it does
-not take (``serves``), it is ``torch.nn.functional.linear`` per weight.
+tensor cores, padded to their smallest tile, and a launch of few programs may split each block
+of weight rows over several programs, each summing a part of the columns (``FEW_ROWS_SPLIT_K``).
+The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``, ``MANY_ROWS_TILE``, from H200 sweeps,
+docs/performance.md), so two processes always run the same kernels: inductor's coordinate-descent
+tuning of the same products picks different configurations from compile to compile, 4% apart per
+layer. Launch parameters come from static shapes only (no host sync, CUDA-graph capturable). Without
+CUDA or triton, for more rows or for operands it does not take (``serves``), it is
+``torch.nn.functional.linear`` per weight.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
 # rows; down: 128, on cuBLAS now by FEW_ROWS_MAX_K) into this many parts; 1: no split. The parts'
 # partial sums are added by the last part of each block to finish, in a fixed order (the same
 # result every run). Off until measured: at 8 rows o took 12.5 us and down 32.4 (cuBLAS), 2.7
-# and 3.6 TB/s, against q+k+v's 16.1 us (docs/performance.md, session 13).
+# and 3.6 TB/s, against q+k+v's 16.1 us (docs/performance.md, session 13). Read when a pipeline is
+# built (its projection groups hold the counters only when it is above 1) and at each launch.
 FEW_ROWS_SPLIT_K = 1
 
 
@@ -152,10 +154,12 @@ def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counte
     offs_k = tl.arange(0, BLOCK_K)
     rows = offs_n < N
     batch = offs_m < M
-    # This part's columns: whole BLOCK_K tiles (a last part may hold fewer columns, or none).
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = part * k_len
-    k_hi = tl.minimum(k_lo + k_len, K)
+    if SPLIT_K == 1:
+        k_lo, k_hi = 0, K
+    else:  # this part's columns: whole BLOCK_K tiles (a last part may hold fewer columns, or none)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = part * k_len
+        k_hi = tl.minimum(k_lo + k_len, K)
     w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + (k_lo + offs_k)[None, :]
     # X transposed: [BLOCK_K, BLOCK_M]
     x_ptr = X + offs_m.to(tl.int64)[None, :] * sxm + (k_lo + offs_k)[:, None]
