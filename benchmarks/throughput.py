@@ -170,15 +170,13 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: {unknown} not among {list(SYSTEMS)}")
+    for setting in args.set:  # in the parent too: a bad setting stops it, not every measuring process
+        override(setting)
     if args.system:
-        for setting in args.set:
-            override(setting)
         for record in measure(args.system, args.length, batches, args.steps, args.tiny, args.prefill_rows):
             print("RECORD " + json.dumps(record), flush=True)
         return
 
-    for setting in args.set:  # a bad setting stops here, not in every measuring process
-        override(setting)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throughput-{args.length}.json"

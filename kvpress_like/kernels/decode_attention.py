@@ -199,6 +199,7 @@ def _merge_rows(
         splits = s0 + offs_c
         valid = live[:, None] & (splits[None, :] < NUM_SPLITS)  # [ROWS_PAD, S_CHUNK]
         part = rows[:, None] * NUM_SPLITS + splits[None, :]
+        # The chunk's lse again (from L2): a register tensor cannot be cut into chunks.
         lse_part = tl.load(MidLse + part, mask=valid, other=float("-inf"), cache_modifier=".cg")
         w = tl.exp2(lse_part - m[:, None])
         o = tl.load(
@@ -265,6 +266,7 @@ def decode_attention(
         raise ValueError(f"arrivals must be int32 with >= B*Hkv={b * hkv} entries, got {arrivals.dtype} "
                          f"with {arrivals.numel()}")  # fmt: skip
     g = hq // hkv
+    g_pow2 = triton.next_power_of_2(g)
     tile = tile or TILE
     splits, block_n = _launch_config(cap, d, b * hkv, sm_count(query.device), num_splits, tile)
     mid_o = torch.empty(b, hq, splits, d, device=query.device, dtype=torch.float32)
@@ -283,12 +285,12 @@ def decode_attention(
             scale * LOG2E, int(sliding_window or 0), cap,
             *query.stride(), *keys.stride(), *values.stride(), *lengths.stride(), *kpos_strides, qpos_stride,
             *out.stride(),
-            HKV=hkv, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
+            HKV=hkv, G=g, G_PAD=max(16, g_pow2), D=d, BLOCK_N=block_n,
             NUM_SPLITS=splits, S_PAD=s_pad, HAS_WINDOW=has_window,
             # fp32 inputs would otherwise be rounded to tf32 on GPU; the flag does not affect bf16/fp16.
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            MERGE_HERE=arrivals is not None, G_MERGE=triton.next_power_of_2(g),
-            S_CHUNK=min(s_pad, max(1, MERGE_CHUNK // (triton.next_power_of_2(g) * d))),
+            MERGE_HERE=arrivals is not None, G_MERGE=g_pow2,
+            S_CHUNK=min(s_pad, max(1, MERGE_CHUNK // (g_pow2 * d))),
             num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         )  # fmt: skip
         if arrivals is None:

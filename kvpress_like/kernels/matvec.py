@@ -260,12 +260,12 @@ def serves(
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if rows == 1 else (torch.bfloat16, torch.float16)
     if not 1 <= rows <= MANY_ROWS or x.dtype not in dtypes or len(biases) != len(weights):
         return False
-    sizes = [w.shape[0] if w.dim() == 2 else 0 for w in weights]
-    if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K and not _splits(rows, sizes, x.device, counters):
-        return False
     same = [(w.dtype, w.device) == (x.dtype, x.device) for w in weights]
     rows_ok = [w.dim() == 2 and w.stride(-1) == 1 and w.shape[1] == x.shape[-1] for w in weights]
     if not all(same) or not all(rows_ok):
+        return False
+    sizes = [w.shape[0] for w in weights]
+    if rows > 1 and x.shape[-1] > FEW_ROWS_MAX_K and not _splits(rows, sizes, x.device, counters):
         return False
     if rows > FEW_ROWS:  # a wide launch loses to cuBLAS
         programs = sum(triton.cdiv(n, MANY_ROWS_TILE.block_n) for n in sizes)
