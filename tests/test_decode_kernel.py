@@ -281,10 +281,18 @@ def test_the_split_count_fills_whole_waves_of_an_h200(capacity, programs, splits
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("num_splits", [None, 64])
-def test_kernel_merging_in_its_last_split_under_cuda_graph_replays(num_splits):
-    """Many splits racing for the arrival counter, replayed from one graph with changing inputs."""
+@pytest.mark.parametrize(("num_splits", "early"), [(None, False), (64, False), (None, True), (64, True)])
+def test_kernel_merging_in_its_last_split_under_cuda_graph_replays(num_splits, early, monkeypatch):
+    """Many splits racing for the arrival counter, replayed from one graph whose first kernels write
+    the query and the lengths; ``early``: launched with programmatic dependent launch, the kernel
+    must still read what those kernels wrote."""
+    attention = sys.modules["kvpress_like.kernels.decode_attention"]
+    monkeypatch.setattr(attention, "PROGRAMMATIC_LAUNCH", early)
+    assert attention.launches_early(torch.device("cuda")) == (
+        early and torch.cuda.get_device_capability()[0] >= 9
+    )
     (q, k, v, lengths), _ = make_inputs(7, 4, 8, 4, 4096, 128, dtype=torch.bfloat16)
+    q_in, lengths_in = q.clone(), lengths.clone()
     arrivals = torch.zeros(4 * 8, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -293,13 +301,15 @@ def test_kernel_merging_in_its_last_split_under_cuda_graph_replays(num_splits):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        q.copy_(q_in)
+        lengths.copy_(lengths_in)
         out = decode_attention(q, k, v, lengths, 0.1, num_splits=num_splits, arrivals=arrivals)
     for seed in range(20):
         gen = torch.Generator(device="cuda").manual_seed(seed)
-        q.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
-        lengths.copy_(torch.randint(0, 4097, lengths.shape, generator=gen, device="cuda"))
+        q_in.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
+        lengths_in.copy_(torch.randint(0, 4097, lengths.shape, generator=gen, device="cuda"))
         graph.replay()
-        ref = decode_attention_reference(q.float(), k, v, lengths, 0.1)
+        ref = decode_attention_reference(q_in.float(), k, v, lengths_in, 0.1)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
         assert not arrivals.any()
 

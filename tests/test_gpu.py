@@ -399,13 +399,18 @@ def test_selected_causal_attention_on_cudnn_is_as_close_to_the_truth_as_the_caus
     assert not out[~rows].any()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize(
+    ("family", "early"), [("llama", False), ("qwen2", False), ("phi3", False), ("llama", True)]
+)
 def test_batch_one_steps_run_the_one_row_kernel_and_decode_as_the_eager_loop(
-    family, monkeypatch, fresh_dynamo
+    family, early, monkeypatch, fresh_dynamo
 ):
     """Batch-1 static and compiled decode run their projections in kernels/matvec.py (q, k, v in one
-    launch; qwen2 with biases; phi3's fused projections alone) and give the eager loop's tokens."""
-    from kvpress_like.kernels import matvec
+    launch; qwen2 with biases; phi3's fused projections alone) and give the eager loop's tokens;
+    ``early``: every kernel of the steps on programmatic dependent launch, inductor's too."""
+    from kvpress_like.kernels import decode_attention, matvec
+
+    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", early)
 
     launches = {"static": 0, "compiled": 0}
     mode = "static"
@@ -491,17 +496,55 @@ def test_projections_split_over_their_columns_under_cuda_graph_replays(rows, mon
             assert not counters.any()
 
 
-@pytest.mark.parametrize(("family", "split_k"), [("llama", 1), ("qwen2", 1), ("llama", 4)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_projections_launched_early_read_what_the_kernel_before_them_wrote(rows, monkeypatch):
+    """With programmatic dependent launch the projection kernel starts streaming its weights while
+    the kernel before it (here a copy that writes its input) still runs: in a CUDA graph replayed with
+    new inputs it must give the launch outside any graph's result, to the bit (q+k+v of the 8B
+    model; at 8 rows o also split over its columns)."""
+    from kvpress_like.kernels import decode_attention, matvec
+
+    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", True)
+    monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", 4)
+    assert decode_attention.launches_early(torch.device("cuda"))
+    sms = matvec.sm_count(torch.device("cuda"))
+    counters = torch.zeros(sms, dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for sizes in ((4096, 1024, 1024), (matvec.FEW_ROWS_TILE.block_n * sms,)):
+        x_in = torch.randn(rows, 1, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        weights = [
+            torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) / 64 for n in sizes
+        ]
+        x = x_in.clone()
+        matvec.matvec(x, weights, counters=counters)  # compiles the kernel before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.copy_(x_in)
+            outs = matvec.matvec(x, weights, counters=counters)
+        for _ in range(5):
+            x_in.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen))
+            graph.replay()
+            for out, expected in zip(outs, matvec.matvec(x_in, weights, counters=counters), strict=True):
+                assert torch.equal(out, expected)
+            assert not counters.any()
+
+
+@pytest.mark.parametrize(
+    ("family", "split_k", "early"),
+    [("llama", 1, False), ("qwen2", 1, False), ("llama", 4, False), ("llama", 4, True)],
+)
 def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(
-    family, split_k, monkeypatch, fresh_dynamo
+    family, split_k, early, monkeypatch, fresh_dynamo
 ):
     """bf16 batches of 3 and 6, compiled (one step for both): the projections run in kernels/matvec.py
-    (with ``split_k``, launches of at most one program per SM split over their columns) and every
+    (with ``split_k``, launches of at most one program per SM split over their columns; ``early``:
+    every kernel of the step on programmatic dependent launch, inductor's too) and every
     step's scores stay within bf16 tolerance of the same compiled step on cuBLAS, for as long as
     the two decodes pick the same tokens (the first step's scores at least)."""
     from kvpress_like import decode
-    from kvpress_like.kernels import matvec
+    from kvpress_like.kernels import decode_attention, matvec
 
+    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", early)
     launches, launch = [], matvec.launch
     monkeypatch.setattr(matvec, "launch", lambda x, *a, **k: launches.append(len(x)) or launch(x, *a, **k))
     monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", split_k)

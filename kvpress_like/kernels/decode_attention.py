@@ -48,6 +48,11 @@ TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # step runs it (benchmarks/decode_kernel.py --sweep): level with the earlier rule (WAVES programs
 # per SM) at 128K x1, 1-2 us per layer faster at 32K x8 and x16 (docs/performance.md).
 RESIDENT_PER_SM = 3
+# Programmatic dependent launch (Hopper and later GPUs): the library's kernels are launched so that
+# they may start while the kernel before them drains, and wait (``griddepcontrol.wait``) only before
+# they touch its results; a projection streams its first weight tile before that wait. A compiled
+# step asks inductor for the same in its own kernels (``triton.enable_pdl``). Off until measured.
+PROGRAMMATIC_LAUNCH = False
 
 
 def _split_count(cap: int, programs: int, sms: int, per_sm: int | None = None) -> int:
@@ -89,6 +94,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def launches_early(device: torch.device) -> bool:
+    """Whether kernels on ``device`` use programmatic dependent launch (``PROGRAMMATIC_LAUNCH``)."""
+    return (
+        PROGRAMMATIC_LAUNCH and triton is not None and device.type == "cuda"
+        and not triton.knobs.runtime.interpret and torch.cuda.get_device_capability(device)[0] >= 9
+    )  # fmt: skip
+
+
 def _launch_config(
     cap: int, d: int, programs: int, sms: int, num_splits: int | None, tile: dict
 ) -> tuple[int, int]:
@@ -108,7 +121,7 @@ def _split_kernel(
     sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, slb, slh, spb, sph, spn, sqp, sob, soh, sod,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-    MERGE_HERE: tl.constexpr, G_MERGE: tl.constexpr, S_CHUNK: tl.constexpr,
+    MERGE_HERE: tl.constexpr, G_MERGE: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # GQA: one program owns a KV head and all G query heads reading it, so every K/V tile is loaded
     # once and used by G rows. Scores use tl.dot with the G rows padded to G_PAD >= 16 (tl.dot's
@@ -117,6 +130,9 @@ def _split_kernel(
     # that spills at D=128.
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
+    if PDL:  # everything below reads the previous kernels' results (the query, the new cache entry)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     length = tl.minimum(tl.load(Lens + b * slb + hk * slh).to(tl.int32), cap)
     # The row's valid slots, not the capacity, are what the splits share: every program streams the
     # same number of tiles however full the buffer is (a bucket can be twice the entries it holds).
@@ -218,8 +234,11 @@ if triton is not None:  # a device function of both kernels below (jitted now: t
 
 def _merge_kernel(
     MidO, MidLse, Out, sob, soh, sod,
-    HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     b, h = (row // HQ).to(tl.int64), (row % HQ).to(tl.int64)
     _merge_rows(MidO, MidLse, Out, row, b, h, sob, soh, sod, 1, 1, D, NUM_SPLITS, S_PAD, S_PAD)
@@ -276,6 +295,7 @@ def decode_attention(
     kpos, kpos_strides = (key_positions, key_positions.stride()) if has_window else (lengths, (0, 0, 0))
     qpos, qpos_stride = (query_positions, query_positions.stride(0)) if has_window else (lengths, 0)
     # Triton launches on the current device: make it the operands' (a model on cuda:1, say).
+    early = {"launch_pdl": True} if launches_early(query.device) else {}
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         split_kernel, merge_kernel = _jit(interpret)
         s_pad = triton.next_power_of_2(splits)
@@ -291,10 +311,11 @@ def decode_attention(
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             MERGE_HERE=arrivals is not None, G_MERGE=g_pow2,
             S_CHUNK=min(s_pad, max(1, MERGE_CHUNK // (g_pow2 * d))),
-            num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+            PDL=bool(early), num_warps=tile["num_warps"], num_stages=tile["num_stages"], **early,
         )  # fmt: skip
         if arrivals is None:
             merge_kernel[(b * hq,)](
-                mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad, num_warps=4
+                mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad,
+                PDL=bool(early), num_warps=4, **early,
             )  # fmt: skip
     return out

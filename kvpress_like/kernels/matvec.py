@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpress_like.kernels.decode_attention import sm_count
+from kvpress_like.kernels.decode_attention import launches_early, sm_count
 
 try:  # CPU builds of torch ship without triton
     import triton
@@ -117,7 +117,7 @@ def _splits(rows: int, sizes: Sequence[int], device: torch.device | None, counte
 
 
 def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Y[rows of ``block``] = W[rows] @ X (+ B[rows])."""
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -125,15 +125,17 @@ def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: t
     w_ptr = W + offs_n.to(tl.int64)[:, None] * swn + offs_k[None, :]
     x_ptr = X + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr)
-        else:
-            cols = k0 + offs_k < K
-            w = tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr, mask=cols, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    k_first = 0
+    if PDL:  # the first weight tile streams while the previous kernel finishes; x only after it has
+        w = _weight_tile(w_ptr, rows, offs_k, 0, K, EVEN_K)
+        _wait_for_previous_kernel()
+        acc += w.to(tl.float32) * _vector_tile(x_ptr, offs_k, 0, K, EVEN_K).to(tl.float32)[None, :]
+        w_ptr += BLOCK_K
+        x_ptr += BLOCK_K
+        k_first = BLOCK_K
+    for k0 in range(k_first, K, BLOCK_K):
+        w = _weight_tile(w_ptr, rows, offs_k, k0, K, EVEN_K)
+        acc += w.to(tl.float32) * _vector_tile(x_ptr, offs_k, k0, K, EVEN_K).to(tl.float32)[None, :]
         w_ptr += BLOCK_K
         x_ptr += BLOCK_K
     y = tl.sum(acc, 1)
@@ -142,9 +144,40 @@ def _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: t
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=rows)
 
 
+def _weight_tile(w_ptr, rows, offs_k, k0, K, EVEN_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` weights from column ``k0``, read once: evicted from L2 first."""
+    if EVEN_K:
+        return tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
+    cols = k0 + offs_k < K
+    return tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
+
+
+def _vector_tile(x_ptr, offs_k, k0, K, EVEN_K: tl.constexpr):
+    """``[BLOCK_K]`` of the one row from column ``k0``."""
+    if EVEN_K:
+        return tl.load(x_ptr)
+    return tl.load(x_ptr, mask=k0 + offs_k < K, other=0.0)
+
+
+def _rows_tile(x_ptr, batch, offs_k, k0, K, EVEN_K: tl.constexpr):
+    """``[BLOCK_K, BLOCK_M]``: the batch's rows from column ``k0``, transposed."""
+    if EVEN_K:
+        return tl.load(x_ptr, mask=batch[None, :], other=0.0)
+    return tl.load(x_ptr, mask=batch[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
+
+
+def _wait_for_previous_kernel():
+    """Programmatic dependent launch: wait until the kernel before has finished and its writes are
+    visible (nothing before this may read them, or write what it reads), then let the next kernel's
+    programs launch as they find room."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
 def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
     """Y[:M, rows of ``block``] = X[:M] @ W[rows].T (+ B[rows]) on the tensor cores, the weight rows as
     the product's left operand (its axis is at least 16 long; the batch's ``M`` rows pad to BLOCK_M).
     With SPLIT_K > 1 this program sums the columns of part ``part`` only, into Part[part, :M,
@@ -164,15 +197,17 @@ def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counte
     # X transposed: [BLOCK_K, BLOCK_M]
     x_ptr = X + offs_m.to(tl.int64)[None, :] * sxm + (k_lo + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptr, mask=rows[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr, mask=batch[None, :], other=0.0)
-        else:
-            cols = k0 + offs_k < k_hi
-            w = tl.load(w_ptr, mask=rows[:, None] & cols[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr, mask=batch[None, :] & cols[:, None], other=0.0)
-        acc = tl.dot(w, x, acc)
+    k_first = k_lo
+    if PDL:  # as in _rows_block: the first weight tile before the wait, x after it
+        w = _weight_tile(w_ptr, rows, offs_k, k_lo, k_hi, EVEN_K)
+        _wait_for_previous_kernel()
+        acc = tl.dot(w, _rows_tile(x_ptr, batch, offs_k, k_lo, k_hi, EVEN_K), acc)
+        w_ptr += BLOCK_K
+        x_ptr += BLOCK_K
+        k_first = k_lo + BLOCK_K
+    for k0 in range(k_first, k_hi, BLOCK_K):
+        w = _weight_tile(w_ptr, rows, offs_k, k0, k_hi, EVEN_K)
+        acc = tl.dot(w, _rows_tile(x_ptr, batch, offs_k, k0, k_hi, EVEN_K), acc)
         w_ptr += BLOCK_K
         x_ptr += BLOCK_K
     if SPLIT_K == 1:
@@ -203,18 +238,18 @@ def _store_block(acc, B, Y, offs_n, offs_m, rows, batch, N, HAS_BIAS: tl.constex
 
 def _block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+           EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     if BLOCK_M == 1:
-        _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+        _rows_block(X, W, B, Y, block, N, K, swn, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K, PDL)
     else:
         _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
-                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
+                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, PDL)  # fmt: skip
 
 
 def _matvec_kernel(
     X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, Part, Counters, M, N0, N1, N2, K, sxm, sw0, sw1, sw2, BLOCKS0,
     BLOCKS01, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Blocks [0, BLOCKS0) stream W0, [BLOCKS0, BLOCKS01) W1, the rest W2, SPLIT_K programs each (one
     # per part of the columns); BLOCK_M 1: one row. A block's counter is its index.
@@ -223,16 +258,20 @@ def _matvec_kernel(
     NT = N0 + N1 + N2
     if blk < BLOCKS0:
         _block(X, W0, B0, Y0, blk, M, N0, K, sxm, sw0, Part, Counters, blk, part, 0, NT,
-               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, PDL)  # fmt: skip
     elif blk < BLOCKS01:
         _block(X, W1, B1, Y1, blk - BLOCKS0, M, N1, K, sxm, sw1, Part, Counters, blk, part, N0, NT,
-               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, PDL)  # fmt: skip
     else:
         _block(X, W2, B2, Y2, blk - BLOCKS01, M, N2, K, sxm, sw2, Part, Counters, blk, part, N0 + N1, NT,
-               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K)  # fmt: skip
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, PDL)  # fmt: skip
 
 
 if triton is not None:  # device functions of the kernel below (jitted now: they are looked up by name)
+    _weight_tile = triton.jit(_weight_tile)
+    _vector_tile = triton.jit(_vector_tile)
+    _rows_tile = triton.jit(_rows_tile)
+    _wait_for_previous_kernel = triton.jit(_wait_for_previous_kernel)
     _rows_block = triton.jit(_rows_block)
     _store_block = triton.jit(_store_block)
     _few_rows_block = triton.jit(_few_rows_block)
@@ -329,12 +368,13 @@ def launch(
     bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
     # The parts' partial sums [split_k, rows, sum(sizes)] in fp32 (not read unsplit).
     part = mat.new_empty(tile.split_k, rows, sum(sizes), dtype=torch.float32) if tile.split_k > 1 else ys[0]
+    early = {"launch_pdl": True} if launches_early(x.device) else {}
     _jit(triton.knobs.runtime.interpret)[(sum(blocks) * tile.split_k,)](
         mat, *ws, *bs, *ys, part, ys[0] if counters is None else counters, rows, *(sizes + [0] * pad), k,
         mat.stride(0), *(w.stride(0) for w in ws), blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias,
         BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % (tile.block_k * tile.split_k) == 0, SPLIT_K=tile.split_k, num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
+        EVEN_K=k % (tile.block_k * tile.split_k) == 0, SPLIT_K=tile.split_k, PDL=bool(early),
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **early,
     )  # fmt: skip
     return outs
 
