@@ -30,7 +30,7 @@ import torch
 from kvpress_like.adapter import ModelAdapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.graph_step import GraphedStep
-from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference, launches_early
+from kvpress_like.kernels.decode_attention import decode_attention, decode_attention_reference
 from kvpress_like.sampling import Sampling, choose
 
 logger = logging.getLogger("kvpress_like")
@@ -189,11 +189,6 @@ class StaticDecoder:
         options = COMPILE_OPTIONS
         if self.kernels and not TUNE_BESIDE_KERNELS:
             options = {**options, "coordinate_descent_tuning": False}
-        if launches_early(device):  # inductor's kernels then wait for their predecessor as ours do
-            from torch._inductor import config as inductor_config
-
-            if hasattr(inductor_config.triton, "enable_pdl"):
-                options = {**options, "triton.enable_pdl": True}
         if own_graphs:
             options = {**options, "triton.cudagraphs": False}
             if ONE_SHOT_ALL_REDUCE and batch == 1 and adapter.parallel.symmetric_memory():

@@ -5,6 +5,7 @@ recompiles or re-captures, and an installed flash-attn serves prefill."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 
 import pytest
@@ -22,6 +23,11 @@ SLOW_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=li
 
 def _gpu_model(family: str, dtype: torch.dtype):
     return tiny_model(family).to("cuda", dtype)
+
+
+def _attention_kernels():
+    """The module kernels/decode_attention.py (the package's attribute of that name is its function)."""
+    return importlib.import_module("kvpress_like.kernels.decode_attention")
 
 
 @SLOW_SETTINGS
@@ -407,10 +413,10 @@ def test_batch_one_steps_run_the_one_row_kernel_and_decode_as_the_eager_loop(
 ):
     """Batch-1 static and compiled decode run their projections in kernels/matvec.py (q, k, v in one
     launch; qwen2 with biases; phi3's fused projections alone) and give the eager loop's tokens;
-    ``early``: every kernel of the steps on programmatic dependent launch, inductor's too."""
-    from kvpress_like.kernels import decode_attention, matvec
+    ``early``: the library's kernels on programmatic dependent launch."""
+    from kvpress_like.kernels import matvec
 
-    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", early)
+    monkeypatch.setattr(_attention_kernels(), "PROGRAMMATIC_LAUNCH", early)
 
     launches = {"static": 0, "compiled": 0}
     mode = "static"
@@ -502,11 +508,11 @@ def test_projections_launched_early_read_what_the_kernel_before_them_wrote(rows,
     the kernel before it (here a copy that writes its input) still runs: in a CUDA graph replayed with
     new inputs it must give the launch outside any graph's result, to the bit (q+k+v of the 8B
     model; at 8 rows o also split over its columns)."""
-    from kvpress_like.kernels import decode_attention, matvec
+    from kvpress_like.kernels import matvec
 
-    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", True)
+    monkeypatch.setattr(_attention_kernels(), "PROGRAMMATIC_LAUNCH", True)
     monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", 4)
-    assert decode_attention.launches_early(torch.device("cuda"))
+    assert matvec.launches_early(torch.device("cuda"))
     sms = matvec.sm_count(torch.device("cuda"))
     counters = torch.zeros(sms, dtype=torch.int32, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -538,13 +544,13 @@ def test_small_batches_run_the_few_rows_kernel_and_score_as_cublas_does(
 ):
     """bf16 batches of 3 and 6, compiled (one step for both): the projections run in kernels/matvec.py
     (with ``split_k``, launches of at most one program per SM split over their columns; ``early``:
-    every kernel of the step on programmatic dependent launch, inductor's too) and every
+    the library's kernels on programmatic dependent launch) and every
     step's scores stay within bf16 tolerance of the same compiled step on cuBLAS, for as long as
     the two decodes pick the same tokens (the first step's scores at least)."""
     from kvpress_like import decode
-    from kvpress_like.kernels import decode_attention, matvec
+    from kvpress_like.kernels import matvec
 
-    monkeypatch.setattr(decode_attention, "PROGRAMMATIC_LAUNCH", early)
+    monkeypatch.setattr(_attention_kernels(), "PROGRAMMATIC_LAUNCH", early)
     launches, launch = [], matvec.launch
     monkeypatch.setattr(matvec, "launch", lambda x, *a, **k: launches.append(len(x)) or launch(x, *a, **k))
     monkeypatch.setattr(matvec, "FEW_ROWS_SPLIT_K", split_k)

@@ -49,10 +49,12 @@ TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # per SM) at 128K x1, 1-2 us per layer faster at 32K x8 and x16 (docs/performance.md).
 RESIDENT_PER_SM = 3
 # Programmatic dependent launch (Hopper and later GPUs): the library's kernels are launched so that
-# they may start while the kernel before them drains, and wait (``griddepcontrol.wait``) only before
-# they touch its results; a projection streams its first weight tile before that wait. A compiled
-# step asks inductor for the same in its own kernels (``triton.enable_pdl``). Off until measured.
-PROGRAMMATIC_LAUNCH = False
+# they may start before the kernel in front of them has finished, and wait (``griddepcontrol.wait``)
+# only before they touch its results; a projection streams its first weight tile before that wait.
+# H200, throughput.py, one call: 128K x1 4.58 ms/step against 4.76 without it, 32K x8 5.33 against
+# 5.49 (docs/performance.md, session 14). Inductor's own kernels launch as before (torch 2.11 has no
+# option for it; newer inductors' ``triton.enable_pdl`` is untried here).
+PROGRAMMATIC_LAUNCH = True
 
 
 def _split_count(cap: int, programs: int, sms: int, per_sm: int | None = None) -> int:
