@@ -93,20 +93,25 @@ def phase_memory(pipe) -> dict:
     return memory
 
 
-def override(setting: str) -> None:
-    """Apply one ``--set MODULE.NAME=VALUE``: a Python literal for a constant kvpress_like has."""
-    target, _, value = setting.partition("=")
-    module_name, _, name = target.rpartition(".")
+def constant(setting: str) -> tuple[object, str]:
+    """(module, name) of the constant a ``MODULE.NAME=VALUE`` setting names in kvpress_like."""
+    module_name, _, name = setting.partition("=")[0].rpartition(".")
     try:
         module = importlib.import_module(f"kvpress_like.{module_name}")
     except ImportError:
-        raise SystemExit(f"--set {setting}: no module kvpress_like.{module_name}") from None
+        raise SystemExit(f"{setting}: no module kvpress_like.{module_name}") from None
     if not hasattr(module, name):
-        raise SystemExit(f"--set {setting}: kvpress_like.{module_name} has no {name}")
+        raise SystemExit(f"{setting}: kvpress_like.{module_name} has no {name}")
+    return module, name
+
+
+def override(setting: str) -> None:
+    """Apply one ``--set MODULE.NAME=VALUE``: a Python literal for a constant kvpress_like has."""
+    module, name = constant(setting)
     try:
-        setattr(module, name, ast.literal_eval(value))
+        setattr(module, name, ast.literal_eval(setting.partition("=")[2]))
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--set {setting}: the value must be a Python literal (True, 4, 'always')") from None
+        raise SystemExit(f"{setting}: the value must be a Python literal (True, 4, 'always')") from None
 
 
 def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):

@@ -149,6 +149,23 @@ def test_throughput_benchmark_smoke_run(tmp_path):
     assert "tokens/s" in done.stdout
 
 
+def test_paired_benchmark_smoke_run(tmp_path):
+    """Both variants decode the same context in alternating rounds; the ratio is of their medians."""
+    script = SCRIPT.parent / "ab.py"
+    command = [sys.executable, str(script), "--tiny", "--length", "80", "--batch", "2", "--steps", "2"]
+    command += ["--rounds", "3", "--out", str(tmp_path), "--b", "decode.KEPT_DECODERS=3"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "ab-80x2.json").read_text())
+    assert result["settings"] == {"a": [], "b": ["decode.KEPT_DECODERS=3"]}
+    ms = result["ms_per_step"]
+    assert len(ms["a"]) == len(ms["b"]) == 3 and min(ms["a"] + ms["b"]) > 0
+    assert result["b_over_a"] == pytest.approx(sorted(ms["b"])[1] / sorted(ms["a"])[1])
+    assert "B / A" in done.stdout
+    refused = subprocess.run([*command[:-1], "decode.KEPT_DECODER=3"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "kvpress_like.decode has no KEPT_DECODER" in refused.stderr
+
+
 def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
     from kvpress_like import decode
 

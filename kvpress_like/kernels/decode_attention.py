@@ -8,6 +8,7 @@ with a window, ``query_pos - key_pos < sliding_window``. No visible key gives a 
 ``decode_attention`` runs a Triton split-K ("flash-decoding") kernel on CUDA, or in Triton's CPU
 interpreter when ``TRITON_INTERPRET=1``; otherwise it falls back to ``decode_attention_reference``.
 Launch parameters come from static shapes only, so a call does no host sync and is CUDA-graph capturable.
+On Hopper and later GPUs the library's kernels use programmatic dependent launch (``PROGRAMMATIC_LAUNCH``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ one weight ``BLOCK_K`` columns at a time, with an eviction hint that keeps the o
 from displacing the rest of L2. One row is reduced on the CUDA cores; a few rows go through the
 tensor cores, padded to their smallest tile, and a launch of few programs may split each block
 of weight rows over several programs, each summing a part of the columns (``FEW_ROWS_SPLIT_K``).
+On programmatic dependent launch (``decode_attention.PROGRAMMATIC_LAUNCH``) each program loads its
+first weight tile before it waits for the kernel in front of it: weights are never a kernel's output.
 The tiles are fixed (``TILE``, ``FEW_ROWS_TILE``, ``MANY_ROWS_TILE``, from H200 sweeps,
 docs/performance.md), so two processes always run the same kernels: inductor's coordinate-descent
 tuning of the same products picks different configurations from compile to compile, 4% apart per
@@ -78,11 +80,13 @@ FEW_ROWS_WIDE_STAGES = 3
 MANY_ROWS = 32
 MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
 # Splitting the columns of few-rows launches of at most one program per SM (o: 128 blocks of 32
-# rows; down: 128, on cuBLAS now by FEW_ROWS_MAX_K) into this many parts; 1: no split. The parts'
-# partial sums are added by the last part of each block to finish, in a fixed order (the same
-# result every run). Off until measured: at 8 rows o took 12.5 us and down 32.4 (cuBLAS), 2.7
-# and 3.6 TB/s, against q+k+v's 16.1 us (docs/performance.md, session 13). Read when a pipeline is
-# built (its projection groups hold the counters only when it is above 1) and at each launch.
+# rows; down: 128, on cuBLAS by FEW_ROWS_MAX_K unless split) into this many parts; 1: no split. The
+# parts' partial sums are added by the last part of each block to finish, in a fixed order (the
+# same result every run). Off: more programs did not stream faster. H200, 8 rows, us (matvec.py
+# --rows 8,16 --splits 2,4,8): o 12.4 unsplit, 12.2 / 14.6 / 17.7 in 2 / 4 / 8 parts; down 32.5 on
+# cuBLAS, 32.0 / 34.4 / 37.8; the 32K x8 step took 5.60 ms in 4 parts against 5.49 unsplit
+# (docs/performance.md, session 14). Read when a pipeline is built (its projection groups hold the
+# counters only when it is above 1) and at each launch.
 FEW_ROWS_SPLIT_K = 1
 
 
