@@ -52,9 +52,10 @@ RESIDENT_PER_SM = 3
 # Programmatic dependent launch (Hopper and later GPUs): the library's kernels are launched so that
 # they may start before the kernel in front of them has finished, and wait (``griddepcontrol.wait``)
 # only before they touch its results; a projection streams its first weight tile before that wait.
-# H200, throughput.py, one call: 128K x1 4.58 ms/step against 4.76 without it, 32K x8 5.33 against
-# 5.49 (docs/performance.md, session 14). Inductor's own kernels launch as before (torch 2.11 has no
-# option for it; newer inductors' ``triton.enable_pdl`` is untried here).
+# H200, throughput.py, two processes of one call: 128K x1 4.58 ms/step with it, 4.76 without. 32K
+# x8 took 5.33 and 5.58 with it in two calls, 5.49 without in a third: level, within the spread
+# between calls (docs/performance.md, session 14). Inductor's own kernels launch as before (torch
+# 2.11 has no option for it; newer inductors' ``triton.enable_pdl`` is untried here).
 PROGRAMMATIC_LAUNCH = True
 
 
