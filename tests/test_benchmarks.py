@@ -132,12 +132,19 @@ def test_tensor_parallel_benchmark_smoke_run(tmp_path):
     assert (tmp_path / "tp.png").stat().st_size > 0
 
 
-def test_throughput_benchmark_smoke_run(tmp_path):
-    script = SCRIPT.parent / "throughput.py"
-    command = [sys.executable, str(script), "--tiny", "--length", "80", "--batches", "1,2", "--steps", "2"]
-    command += ["--systems", "fastkv", "--out", str(tmp_path), "--set", "decode.KEPT_DECODERS=3"]
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args`` in a fresh interpreter, which must succeed."""
+    command = [sys.executable, str(SCRIPT.parent / script), *args]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_throughput_benchmark_smoke_run(tmp_path):
+    done = run_benchmark(
+        "throughput.py", "--tiny", "--length", "80", "--batches", "1,2", "--steps", "2",
+        "--systems", "fastkv", "--out", str(tmp_path), "--set", "decode.KEPT_DECODERS=3",
+    )  # fmt: skip
     result = json.loads((tmp_path / "throughput-80.json").read_text())
     assert result["meta"]["complete"] and result["meta"]["allocator"] == "expandable_segments:True"
     assert result["meta"]["settings"] == ["decode.KEPT_DECODERS=3"]
@@ -151,18 +158,19 @@ def test_throughput_benchmark_smoke_run(tmp_path):
 
 def test_paired_benchmark_smoke_run(tmp_path):
     """Both variants decode the same context in alternating rounds; the ratio is of their medians."""
-    script = SCRIPT.parent / "ab.py"
-    command = [sys.executable, str(script), "--tiny", "--length", "80", "--batch", "2", "--steps", "2"]
-    command += ["--rounds", "3", "--out", str(tmp_path), "--b", "decode.KEPT_DECODERS=3"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--tiny", "--length", "80", "--batch", "2", "--steps", "2", "--rounds", "3"]
+    args += ["--out", str(tmp_path)]
+    done = run_benchmark("ab.py", *args, "--b", "decode.KEPT_DECODERS=3")
     result = json.loads((tmp_path / "ab-80x2.json").read_text())
     assert result["settings"] == {"a": [], "b": ["decode.KEPT_DECODERS=3"]}
     ms = result["ms_per_step"]
     assert len(ms["a"]) == len(ms["b"]) == 3 and min(ms["a"] + ms["b"]) > 0
     assert result["b_over_a"] == pytest.approx(sorted(ms["b"])[1] / sorted(ms["a"])[1])
     assert "B / A" in done.stdout
-    refused = subprocess.run([*command[:-1], "decode.KEPT_DECODER=3"], capture_output=True, text=True)
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "ab.py"), *args, "--b", "decode.KEPT_DECODER=3"],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert refused.returncode != 0 and "kvpress_like.decode has no KEPT_DECODER" in refused.stderr
 
 
