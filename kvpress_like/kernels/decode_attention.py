@@ -101,9 +101,15 @@ def sm_count(device: torch.device) -> int:
 def launches_early(device: torch.device) -> bool:
     """Whether kernels on ``device`` use programmatic dependent launch (``PROGRAMMATIC_LAUNCH``)."""
     return (
-        PROGRAMMATIC_LAUNCH and triton is not None and device.type == "cuda"
-        and not triton.knobs.runtime.interpret and torch.cuda.get_device_capability(device)[0] >= 9
+        PROGRAMMATIC_LAUNCH and triton is not None and device.type == "cuda" and torch.version.hip is None
+        and not triton.knobs.runtime.interpret and _capability(device) >= 9
     )  # fmt: skip
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    """The device's compute capability, major version (9: Hopper)."""
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _launch_config(
