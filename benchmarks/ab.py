@@ -59,7 +59,8 @@ def paired(args: argparse.Namespace) -> dict:
             model, strategy, max_new_tokens=args.steps + 1, stop_on_eos=False, prefill_rows=args.prefill_rows,
             **options,
         )  # fmt: skip
-        context = context or pipes[name].compress(ids)  # one context: the same entries for both
+        if context is None:  # one context: the same entries for both
+            context = pipes[name].compress(ids)
         begin = time.perf_counter()
         pipes[name].generate(context=context)  # compiles its step and captures it for this bucket
         print(f"{name}: first call {time.perf_counter() - begin:.1f} s", flush=True)

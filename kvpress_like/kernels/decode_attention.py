@@ -141,8 +141,7 @@ def _split_kernel(
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     if PDL:  # everything below reads the previous kernels' results (the query, the new cache entry)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous_kernel()
     length = tl.minimum(tl.load(Lens + b * slb + hk * slh).to(tl.int32), cap)
     # The row's valid slots, not the capacity, are what the splits share: every program streams the
     # same number of tiles however full the buffer is (a bucket can be twice the entries it holds).
@@ -238,8 +237,17 @@ def _merge_rows(
     tl.store(ptr, out.to(Out.dtype.element_ty), mask=live[:, None])
 
 
-if triton is not None:  # a device function of both kernels below (jitted now: they look it up by name)
+def _wait_for_previous_kernel():
+    """Programmatic dependent launch: wait until the kernel in front has finished and its writes are
+    visible (nothing before this may read them, or write what it reads), then let the next kernel's
+    programs launch as they find room. Shared by the projection kernels (matvec.py)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+if triton is not None:  # device functions of the kernels below (jitted now: they look them up by name)
     _merge_rows = triton.jit(_merge_rows)
+    _wait_for_previous_kernel = triton.jit(_wait_for_previous_kernel)
 
 
 def _merge_kernel(
@@ -247,8 +255,7 @@ def _merge_kernel(
     HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous_kernel()
     row = tl.program_id(0)
     b, h = (row // HQ).to(tl.int64), (row % HQ).to(tl.int64)
     _merge_rows(MidO, MidLse, Out, row, b, h, sob, soh, sod, 1, 1, D, NUM_SPLITS, S_PAD, S_PAD)
@@ -305,7 +312,8 @@ def decode_attention(
     kpos, kpos_strides = (key_positions, key_positions.stride()) if has_window else (lengths, (0, 0, 0))
     qpos, qpos_stride = (query_positions, query_positions.stride(0)) if has_window else (lengths, 0)
     # Triton launches on the current device: make it the operands' (a model on cuda:1, say).
-    early = {"launch_pdl": True} if launches_early(query.device) else {}
+    pdl = launches_early(query.device)
+    early = {"launch_pdl": True} if pdl else {}
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         split_kernel, merge_kernel = _jit(interpret)
         s_pad = triton.next_power_of_2(splits)
@@ -321,11 +329,11 @@ def decode_attention(
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             MERGE_HERE=arrivals is not None, G_MERGE=g_pow2,
             S_CHUNK=min(s_pad, max(1, MERGE_CHUNK // (g_pow2 * d))),
-            PDL=bool(early), num_warps=tile["num_warps"], num_stages=tile["num_stages"], **early,
+            PDL=pdl, num_warps=tile["num_warps"], num_stages=tile["num_stages"], **early,
         )  # fmt: skip
         if arrivals is None:
             merge_kernel[(b * hq,)](
                 mid_o, mid_lse, out, *out.stride(), HQ=hq, D=d, NUM_SPLITS=splits, S_PAD=s_pad,
-                PDL=bool(early), num_warps=4, **early,
+                PDL=pdl, num_warps=4, **early,
             )  # fmt: skip
     return out

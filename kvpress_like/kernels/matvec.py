@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpress_like.kernels.decode_attention import launches_early, sm_count
+from kvpress_like.kernels.decode_attention import _wait_for_previous_kernel, launches_early, sm_count
 
 try:  # CPU builds of torch ship without triton
     import triton
@@ -82,7 +82,7 @@ MANY_ROWS_TILE = Tile(block_n=32, block_k=128, num_warps=4, num_stages=4)
 # Splitting the columns of few-rows launches of at most one program per SM (o: 128 blocks of 32
 # rows; down: 128, on cuBLAS by FEW_ROWS_MAX_K unless split) into this many parts; 1: no split. The
 # parts' partial sums are added by the last part of each block to finish, in a fixed order (the
-# same result every run). Off: more programs did not stream faster. H200, 8 rows, us (matvec.py
+# same result every run). Off: 2 parts within 2%, 4 and 8 slower. H200, 8 rows, us (matvec.py
 # --rows 8,16 --splits 2,4,8): o 12.4 unsplit, 12.2 / 14.6 / 17.7 in 2 / 4 / 8 parts; down 32.5 on
 # cuBLAS, 32.0 / 34.4 / 37.8; the 32K x8 step took 5.60 ms in 4 parts against 5.49 unsplit
 # (docs/performance.md, session 14). Read when a pipeline is built (its projection groups hold the
@@ -168,14 +168,6 @@ def _rows_tile(x_ptr, batch, offs_k, k0, K, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(x_ptr, mask=batch[None, :], other=0.0)
     return tl.load(x_ptr, mask=batch[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
-
-
-def _wait_for_previous_kernel():
-    """Programmatic dependent launch: wait until the kernel before has finished and its writes are
-    visible (nothing before this may read them, or write what it reads), then let the next kernel's
-    programs launch as they find room."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
 
 
 def _few_rows_block(X, W, B, Y, block, M, N, K, sxm, swn, Part, Counters, counter, part, n_off, NT,
@@ -275,7 +267,6 @@ if triton is not None:  # device functions of the kernel below (jitted now: they
     _weight_tile = triton.jit(_weight_tile)
     _vector_tile = triton.jit(_vector_tile)
     _rows_tile = triton.jit(_rows_tile)
-    _wait_for_previous_kernel = triton.jit(_wait_for_previous_kernel)
     _rows_block = triton.jit(_rows_block)
     _store_block = triton.jit(_store_block)
     _few_rows_block = triton.jit(_few_rows_block)
@@ -372,12 +363,13 @@ def launch(
     bs = [b if b is not None else ys[0] for b in biases] + [ys[0]] * pad  # not read without bias
     # The parts' partial sums [split_k, rows, sum(sizes)] in fp32 (not read unsplit).
     part = mat.new_empty(tile.split_k, rows, sum(sizes), dtype=torch.float32) if tile.split_k > 1 else ys[0]
-    early = {"launch_pdl": True} if launches_early(x.device) else {}
+    pdl = launches_early(x.device)
+    early = {"launch_pdl": True} if pdl else {}
     _jit(triton.knobs.runtime.interpret)[(sum(blocks) * tile.split_k,)](
         mat, *ws, *bs, *ys, part, ys[0] if counters is None else counters, rows, *(sizes + [0] * pad), k,
         mat.stride(0), *(w.stride(0) for w in ws), blocks[0], sum(blocks[:2]), HAS_BIAS=has_bias,
         BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % (tile.block_k * tile.split_k) == 0, SPLIT_K=tile.split_k, PDL=bool(early),
+        EVEN_K=k % (tile.block_k * tile.split_k) == 0, SPLIT_K=tile.split_k, PDL=pdl,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **early,
     )  # fmt: skip
     return outs
