@@ -8,6 +8,7 @@ GPU-busy and span ms, so the gaps between kernels) and compiled without graphs
 buffers does not count. Writes ``profile.json`` under ``--out``.
 
     python benchmarks/profile_fastkv.py --length 131072 --out results/profile
+    python benchmarks/profile_fastkv.py --decode-only --length 32768 --batch 8 --prefill-rows 4 --out R
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def layer_memory(model, run) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    parser.add_argument("--prefill-rows", type=int, help="rows per prefill part (prefill_rows)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("results/profile"))
     only = parser.add_mutually_exclusive_group()
@@ -118,11 +121,14 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: {sorted(unknown)} not among {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"length": args.length}
+    report: dict = {"length": args.length, "batch": args.batch}
 
     model = load_model(tiny=False)
-    ids = torch.randint(3, model.config.vocab_size, (1, args.length), device="cuda")
-    pipe = pipeline(model, "fastkv", max_new_tokens=args.steps + 1, stop_on_eos=False, **FASTKV)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.length), device="cuda")
+    pipe = pipeline(
+        model, "fastkv", max_new_tokens=args.steps + 1, stop_on_eos=False, prefill_rows=args.prefill_rows,
+        **FASTKV,
+    )  # fmt: skip
     pipe.compress(ids)  # warm-up
     torch.cuda.synchronize()
     if args.peak_tensors:
