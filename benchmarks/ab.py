@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from speed import SYSTEMS, load_model
 from throughput import constant, override
 
 from kvpress_like import pipeline
+from kvpress_like.kernels.decode_attention import launches_early
 
 
 def paired(args: argparse.Namespace) -> dict:
@@ -47,14 +49,15 @@ def paired(args: argparse.Namespace) -> dict:
         for setting in variants[name]:
             override(setting)
 
-    for name in variants:  # a bad setting fails before the model is built
+    for name in ("b", "a"):  # a bad setting fails before the model is built; A's settings load it
         use(name)
     model = load_model(args.tiny)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.length), device=model.device)
     strategy, options = SYSTEMS["fastkv"]
-    pipes, context = {}, None
+    pipes, context, early = {}, None, {}
     for name in variants:
         use(name)
+        early[name] = launches_early(model.device)
         pipes[name] = pipeline(
             model, strategy, max_new_tokens=args.steps + 1, stop_on_eos=False, prefill_rows=args.prefill_rows,
             **options,
@@ -76,6 +79,7 @@ def paired(args: argparse.Namespace) -> dict:
     medians = {name: statistics.median(values) for name, values in ms.items()}
     return {
         "settings": variants,
+        "launches_early": early,
         "ms_per_step": ms,
         "median_ms": medians,
         "b_over_a": medians["b"] / medians["a"],
@@ -100,6 +104,8 @@ def main() -> None:
             help=f"a kvpress_like constant for variant {name.upper()} (repeatable; none: the defaults)",
         )  # fmt: skip
     args = parser.parse_args()
+    # As throughput.py runs both systems; read when CUDA first allocates, which is after this.
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if not args.a and not args.b:
         parser.error("--a or --b: give at least one setting, or both variants are the same")
     if args.rounds < 1 or args.steps < 1:
@@ -110,6 +116,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
         },
         **paired(args),
     }
