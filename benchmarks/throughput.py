@@ -126,7 +126,7 @@ def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool
         if out_of_memory is not None:
             yield {**record, "error": f"not tried: batch {out_of_memory} ran out of memory"}
             continue
-        print(f"{system} {length}x{batch}", flush=True)
+        print(f"{system} {length}x{batch} at {time.strftime('%H:%M:%S')}", flush=True)
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
         try:
             if SYSTEMS[system] is None:
