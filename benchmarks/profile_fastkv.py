@@ -3,9 +3,10 @@
 On the Llama-3.1-8B-shaped random model of ``speed.py``: one warm prefill under the profiler
 (kernel time by name, wall time, GPU-busy fraction), the peak memory reached in each decoder layer,
 and the decode step's kernels per step, in its CUDA graph as it runs (``graph_timeline``: kernels,
-GPU-busy and span ms, so the gaps between kernels) and compiled without graphs
-(``decode_kernels``), each the difference of a long and a two-token decode so that loading the
-buffers does not count. Writes ``profile.json`` under ``--out``.
+GPU-busy and span ms) and compiled without graphs (``decode_kernels``), each the difference of a
+long and a two-token decode so that loading the buffers does not count. The span's difference
+also carries the two decodes' different host gaps, and has come out below the busy time (32K x8 on
+the H200): the busy time is the figure to read. Writes ``profile.json`` under ``--out``.
 
     python benchmarks/profile_fastkv.py --length 131072 --out results/profile
     python benchmarks/profile_fastkv.py --graph-only --length 32768 --batch 8 --prefill-rows 4 --out R
