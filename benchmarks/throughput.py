@@ -8,7 +8,9 @@ seconds a fresh pipeline at this batch size takes to prefill a short prompt and 
 two tokens (compiling or capturing its decode step). Each system runs in a process of its own,
 with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and the batch sizes in
 order: ``start_s`` of the first is a compile, of the later ones a new batch size's start. After
-the first batch that runs out of memory, larger ones are not tried. Writes
+the first batch that runs out of memory, larger ones are not tried. ``--largest`` then searches
+for the largest batch that fits the GPU: a line through the two largest batches' peaks predicts
+it, a batch that runs out of memory halves the interval, at most four tries. Writes
 ``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
 
     python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
@@ -114,18 +116,19 @@ def override(setting: str) -> None:
         raise SystemExit(f"{setting}: the value must be a Python literal (True, 4, 'always')") from None
 
 
-def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows):
-    """One record per batch size, in order; after an out-of-memory batch the larger ones are skipped."""
+def measure(
+    system: str, length: int, batches: list[int], steps: int, tiny: bool, prefill_rows, largest: bool
+):
+    """One record per batch size, in order; after an out-of-memory batch the larger ones are skipped.
+    With ``largest``, then the batch sizes ``next_largest`` proposes, until it has found the largest
+    that fits (those records have ``"search": True``)."""
     model = load_model(tiny)
     cfg, device = model.config, model.device
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    out_of_memory = None
-    for batch in batches:
+
+    def case(batch: int) -> dict:
         record = {"system": system, "length": length, "batch": batch, "device": name, "weights_gib": weights}
-        if out_of_memory is not None:
-            yield {**record, "error": f"not tried: batch {out_of_memory} ran out of memory"}
-            continue
         print(f"{system} {length}x{batch} at {time.strftime('%H:%M:%S')}", flush=True)
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
         try:
@@ -138,8 +141,7 @@ def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool
             else:
                 result = run_kvpress(model, ids, steps, system, prefill_rows)
         except torch.OutOfMemoryError as exc:
-            out_of_memory = batch
-            result = {"error": f"OutOfMemoryError: {exc}"[:300]}
+            result = {"error": f"OutOfMemoryError: {exc}"[:300], "out_of_memory": True}
         except Exception as exc:  # report and go on: one failing case must not hide the others
             result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         if device.type == "cuda":  # kvpress_like's phases reset the peak: the whole call's is their max
@@ -149,9 +151,68 @@ def measure(system: str, length: int, batches: list[int], steps: int, tiny: bool
         if "decode_ms" in result:
             result["tokens_per_s"] = 1e3 * batch / result["decode_ms"]
             result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
-        yield {**record, "decode_floor_ms": floors["decode_floor_ms"], **result}
         del ids
         free_between_cases(model)
+        return {**record, "decode_floor_ms": floors["decode_floor_ms"], **result}
+
+    out_of_memory = None
+    fitted: list[tuple[int, float]] = []  # (batch, peak GiB) of the batches that decoded
+    for batch in batches:
+        if out_of_memory is not None:
+            yield {
+                "system": system,
+                "length": length,
+                "batch": batch,
+                "error": f"not tried: batch {out_of_memory} ran out of memory",
+            }
+            continue
+        record = case(batch)
+        if record.get("out_of_memory"):
+            out_of_memory = batch
+        elif "decode_ms" in record:
+            fitted.append((batch, record.get("peak_gib", 0.0)))
+        yield record
+    if not largest:
+        return
+    capacity = CAPACITY_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
+    for _ in range(SEARCH_TRIES):
+        batch = next_largest(fitted, out_of_memory, capacity, prefill_rows or 1)
+        if batch is None:
+            return
+        record = {**case(batch), "search": True}
+        if record.get("out_of_memory"):
+            out_of_memory = min(batch, out_of_memory or batch)
+        elif "decode_ms" in record:
+            fitted.append((batch, record["peak_gib"]))
+        else:
+            yield record  # another failure: the search has nothing to go on
+            return
+        yield record
+
+
+CAPACITY_SHARE = 0.97  # of the GPU's memory, what a batch's predicted peak may take (the rest: CUDA's own)
+SEARCH_TRIES = 4  # batch sizes the search for the largest may try (a 32K x256 case takes ~4 minutes)
+
+
+def next_largest(
+    fitted: list[tuple[int, float]], out_of_memory: int | None, capacity_gib: float, multiple: int
+):
+    """The next batch size to try in the search for the largest that fits, or None when it is found.
+
+    ``fitted``: (batch, peak GiB) of the batches that decoded; ``out_of_memory``: the smallest batch
+    that did not. A batch's peak is its weights and working set plus its kept caches, so it grows
+    linearly with the batch: the line through the two largest fitted batches predicts the largest
+    whose peak stays within ``capacity_gib`` (rounded down to a ``multiple``, the prefill's rows per
+    part). Below a batch that ran out of memory, the search halves the interval instead."""
+    if len(fitted) < 2:
+        raise ValueError(f"--largest: needs two batch sizes that decode to fit a line through, got {fitted}")
+    (small, small_peak), (best, best_peak) = sorted(fitted)[-2:]
+    per_row = (best_peak - small_peak) / (best - small)
+    predicted = best + (capacity_gib - best_peak) / per_row if per_row > 0 else 2 * best
+    if out_of_memory is not None:
+        predicted = min(predicted, (best + out_of_memory) / 2)
+    candidate = int(predicted) // multiple * multiple
+    return candidate if candidate > best else None
 
 
 def main() -> None:
@@ -166,6 +227,11 @@ def main() -> None:
     parser.add_argument("--prefill-rows", type=int, help="kvpress_like: rows per prefill part")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     parser.add_argument(
+        "--largest",
+        action="store_true",
+        help="then search for the largest batch that fits the GPU (CUDA only)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="MODULE.NAME=VALUE", help="a kvpress_like constant"
     )
     parser.add_argument("--system", help=argparse.SUPPRESS)  # run this one system in this process
@@ -175,10 +241,21 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: {unknown} not among {list(SYSTEMS)}")
+    if args.largest and (args.tiny or not torch.cuda.is_available()):
+        parser.error(
+            "--largest: the search for the largest batch measures GPU memory; needs CUDA, not --tiny"
+        )
+    if args.largest and len(batches) < 2:
+        parser.error(
+            f"--largest: needs at least two --batches to fit the peak's growth per row, got {batches}"
+        )
     for setting in args.set:  # in the parent too: a bad setting stops it, not every measuring process
         override(setting)
     if args.system:
-        for record in measure(args.system, args.length, batches, args.steps, args.tiny, args.prefill_rows):
+        records = measure(
+            args.system, args.length, batches, args.steps, args.tiny, args.prefill_rows, args.largest
+        )
+        for record in records:
             print("RECORD " + json.dumps(record), flush=True)
         return
 
@@ -210,6 +287,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--system", system, "--length", str(args.length)]
         command += ["--batches", args.batches, "--steps", str(args.steps)]
         command += ["--tiny"] if args.tiny else []
+        command += ["--largest"] if args.largest else []
         command += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
         command += [f"--set={setting}" for setting in args.set]
         error = run_child(command, started, receive, environment)
@@ -230,10 +308,11 @@ def print_table(records: list[dict]) -> None:
         if "decode_ms" not in r:
             print(f"{r['system']:>14} {r['batch']:>6}  {r.get('error', '')[:90]}")
             continue
+        searched = " (the search for the largest)" if r.get("search") else ""
         print(
             f"{r['system']:>14} {r['batch']:>6} {r['prefill_s']:>10.2f} {r['decode_ms']:>10.2f} "
             f"{r['tokens_per_s']:>9.0f} {r['decode_floor_ms']:>9.2f} {r['decode_vs_floor']:>7.2f} "
-            f"{r.get('peak_gib', 0):>9.1f} {r['start_s']:>8.1f}"
+            f"{r.get('peak_gib', 0):>9.1f} {r['start_s']:>8.1f}{searched}"
         )
 
 
@@ -243,7 +322,9 @@ def plot(records: list[dict], path: Path) -> None:
         return
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for system in dict.fromkeys(r["system"] for r in records):
-        done = [r for r in records if r["system"] == system and "decode_ms" in r]
+        done = sorted(
+            (r for r in records if r["system"] == system and "decode_ms" in r), key=lambda r: r["batch"]
+        )
         if done:
             speed.plot([r["batch"] for r in done], [r["tokens_per_s"] for r in done], "o-", label=system)
             memory.plot([r["batch"] for r in done], [r.get("peak_gib", 0) for r in done], "o-", label=system)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from conftest import torchrun
 
@@ -188,3 +192,72 @@ def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
         throughput.override("decode.OWN_GRAPHS=always")
     with pytest.raises(SystemExit, match=r"no module kvpress_like\.decoder$"):
         throughput.override("decoder.KEPT_DECODERS=7")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    """benchmarks/throughput.py as a module (it puts benchmarks/ on the path for its own imports)."""
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT.parent / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    small=st.integers(1, 64),
+    step=st.integers(1, 64),
+    weights=st.floats(1, 40),
+    per_row=st.floats(0.1, 4),
+    capacity=st.floats(20, 200),
+    multiple=st.integers(1, 8),
+    out_of_memory_gap=st.one_of(st.none(), st.integers(1, 400)),
+)
+def test_the_largest_batch_search_proposes_the_largest_batch_its_line_lets_fit(
+    throughput, small, step, weights, per_row, capacity, multiple, out_of_memory_gap
+):
+    """Against a brute-force walk over batch sizes: with peaks on a line, the search proposes the
+    largest multiple of the prefill's rows whose peak stays within the capacity (and, below a batch
+    that ran out of memory, within the lower half of the interval), or nothing if no larger batch
+    than the best that fitted qualifies."""
+    best = small + step
+    peak = lambda batch: Fraction(weights) + Fraction(per_row) * batch  # noqa: E731
+    fitted = [(small, float(peak(small))), (best, float(peak(best)))]
+    out_of_memory = None if out_of_memory_gap is None else best + out_of_memory_gap
+    allowed = [
+        batch
+        for batch in range(multiple, 2200, multiple)
+        if peak(batch) <= Fraction(capacity) and (out_of_memory is None or 2 * batch <= best + out_of_memory)
+    ]
+    expected = max(allowed, default=None)
+    expected = expected if expected is not None and expected > best else None
+    # the float line and the exact one may round a batch right at the capacity either way
+    edge = any(abs(float(peak(b)) - capacity) < 1e-6 for b in range(multiple, 2200, multiple))
+    assume(not edge)
+    assert throughput.next_largest(fitted, out_of_memory, capacity, multiple) == expected
+
+
+def test_the_largest_batch_search_ends_once_its_proposal_fits(throughput):
+    first = throughput.next_largest([(8, 24.0), (16, 28.0)], None, 100.0, 4)  # 0.5 GiB a row
+    assert first == 160
+    assert throughput.next_largest([(8, 24.0), (16, 28.0), (first, 100.0)], None, 100.0, 4) is None
+    with pytest.raises(ValueError, match="needs two batch sizes that decode"):
+        throughput.next_largest([(8, 24.0)], None, 100.0, 4)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--tiny", "--batches", "1,2"], "--largest: .*needs CUDA, not --tiny"),
+        (["--batches", "8"], r"--largest: needs at least two --batches .*\[8\]"),
+    ],
+)
+def test_the_largest_batch_search_is_refused_before_any_work(
+    throughput, monkeypatch, capsys, arguments, message
+):
+    monkeypatch.setattr(throughput.torch.cuda, "is_available", lambda: True)  # the rule, not the machine
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--largest", *arguments])
+    monkeypatch.setattr(throughput, "run_child", lambda *a, **k: pytest.fail("a measuring process started"))
+    with pytest.raises(SystemExit):
+        throughput.main()
+    assert re.search(message, capsys.readouterr().err)
