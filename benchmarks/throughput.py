@@ -1,6 +1,6 @@
 """Serving throughput: decode tokens/s against batch size at one context length (8B shape, random bf16).
 
-For every batch size and system: the batch's prefill seconds, decode ms/step (median of the
+For every batch size and system: the batch's prefill seconds (and each part's), decode ms/step (median of the
 measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like also by phase:
 held before the call, the prefill's peak, held after it, the decode's peak), the decode's bandwidth floor
 (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it, and ``start_s``: the
@@ -58,12 +58,14 @@ def run_kvpress(model, ids: torch.Tensor, steps: int, system: str, prefill_rows:
     pipe.compress(ids[: prefill_rows or batch])  # one part at full length: prefill compiles here
     pipe.close()  # the short call's decode buffers: at batch 128 a 256-slot bucket, 4 GiB
     memory = phase_memory(pipe) if model.device.type == "cuda" else {}
+    parts = part_seconds(pipe)
     stats = pipe(ids).stats
     pipe.close()
     if memory:
         memory["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return {
         "prefill_s": stats.prefill_seconds,
+        "prefill_part_s": parts,
         "decode_ms": 1e3 * stats.decode_seconds_per_token,
         "steps": len(stats.decode_step_seconds),
         "start_s": start_s,
@@ -93,6 +95,22 @@ def phase_memory(pipe) -> dict:
 
     pipe._prefill = measured_prefill
     return memory
+
+
+def part_seconds(pipe) -> list[float]:
+    """Filled in as the call runs: each prefill part's seconds (``prefill_rows`` rows at a time),
+    in order, to tell a part that runs slower than the others. Benchmark instrumentation: the
+    pipeline's part prefill is wrapped on this instance only."""
+    seconds: list[float] = []
+    prefill_rows = pipe._prefill_rows
+
+    def timed_prefill_rows(*args, **kwargs):
+        context = prefill_rows(*args, **kwargs)
+        seconds.append(context.stats.prefill_seconds)
+        return context
+
+    pipe._prefill_rows = timed_prefill_rows
+    return seconds
 
 
 def constant(setting: str) -> tuple[object, str]:

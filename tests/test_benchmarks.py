@@ -147,7 +147,8 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_throughput_benchmark_smoke_run(tmp_path):
     done = run_benchmark(
         "throughput.py", "--tiny", "--length", "80", "--batches", "1,2", "--steps", "2",
-        "--systems", "fastkv", "--out", str(tmp_path), "--set", "decode.KEPT_DECODERS=3",
+        "--prefill-rows", "1", "--systems", "fastkv", "--out", str(tmp_path),
+        "--set", "decode.KEPT_DECODERS=3",
     )  # fmt: skip
     result = json.loads((tmp_path / "throughput-80.json").read_text())
     assert result["meta"]["complete"] and result["meta"]["allocator"] == "expandable_segments:True"
@@ -156,6 +157,9 @@ def test_throughput_benchmark_smoke_run(tmp_path):
     for record in result["records"]:
         assert "error" not in record, record
         assert record["steps"] == 2 and record["start_s"] > 0 and record["tokens_per_s"] > 0
+        # a part per row, whose seconds add up to the batch's prefill
+        assert len(record["prefill_part_s"]) == record["batch"]
+        assert sum(record["prefill_part_s"]) == pytest.approx(record["prefill_s"])
     assert (tmp_path / "throughput-80.png").stat().st_size > 0
     assert "tokens/s" in done.stdout
 
