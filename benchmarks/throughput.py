@@ -1,9 +1,10 @@
 """Serving throughput: decode tokens/s against batch size at one context length (8B shape, random bf16).
 
-For every batch size and system: the batch's prefill seconds (and each part's), decode ms/step (median of the
-measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like also by phase:
-held before the call, the prefill's peak, held after it, the decode's peak), the decode's bandwidth floor
-(weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it, and ``start_s``: the
+For every batch size and system: the batch's prefill seconds (and each part's), decode ms/step
+(median of the measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like
+also by phase: held before the call, the prefill's peak, held after it, the decode's peak), the
+decode's bandwidth floor (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it,
+and ``start_s``: the
 seconds a fresh pipeline at this batch size takes to prefill a short prompt and make its first
 two tokens (compiling or capturing its decode step). Each system runs in a process of its own,
 with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and the batch sizes in
@@ -145,8 +146,10 @@ def measure(
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     weights = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0
 
+    def about(batch: int) -> dict:
+        return {"system": system, "length": length, "batch": batch, "device": name, "weights_gib": weights}
+
     def case(batch: int) -> dict:
-        record = {"system": system, "length": length, "batch": batch, "device": name, "weights_gib": weights}
         print(f"{system} {length}x{batch} at {time.strftime('%H:%M:%S')}", flush=True)
         ids = torch.randint(3, cfg.vocab_size, (batch, length), device=device)
         try:
@@ -171,18 +174,13 @@ def measure(
             result["decode_vs_floor"] = result["decode_ms"] / floors["decode_floor_ms"]
         del ids
         free_between_cases(model)
-        return {**record, "decode_floor_ms": floors["decode_floor_ms"], **result}
+        return {**about(batch), "decode_floor_ms": floors["decode_floor_ms"], **result}
 
     out_of_memory = None
     fitted: list[tuple[int, float]] = []  # (batch, peak GiB) of the batches that decoded
     for batch in batches:
         if out_of_memory is not None:
-            yield {
-                "system": system,
-                "length": length,
-                "batch": batch,
-                "error": f"not tried: batch {out_of_memory} ran out of memory",
-            }
+            yield {**about(batch), "error": f"not tried: batch {out_of_memory} ran out of memory"}
             continue
         record = case(batch)
         if record.get("out_of_memory"):
@@ -192,20 +190,22 @@ def measure(
         yield record
     if not largest:
         return
+    if len(fitted) < 2:
+        print(f"no search for the largest batch: {len(fitted)} batch size(s) decoded, it needs two")
+        return
     capacity = CAPACITY_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
     for _ in range(SEARCH_TRIES):
         batch = next_largest(fitted, out_of_memory, capacity, prefill_rows or 1)
         if batch is None:
             return
         record = {**case(batch), "search": True}
+        yield record
         if record.get("out_of_memory"):
-            out_of_memory = min(batch, out_of_memory or batch)
+            out_of_memory = batch  # below the last one: proposals stay under the interval's middle
         elif "decode_ms" in record:
             fitted.append((batch, record["peak_gib"]))
         else:
-            yield record  # another failure: the search has nothing to go on
-            return
-        yield record
+            return  # another failure: the search has nothing to go on
 
 
 CAPACITY_SHARE = 0.97  # of the GPU's memory, what a batch's predicted peak may take (the rest: CUDA's own)

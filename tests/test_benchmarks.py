@@ -207,7 +207,7 @@ def throughput():
     return module
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     small=st.integers(1, 64),
     step=st.integers(1, 64),
