@@ -4,15 +4,14 @@ For every batch size and system: the batch's prefill seconds (and each part's), 
 (median of the measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like
 also by phase: held before the call, the prefill's peak, held after it, the decode's peak), the
 decode's bandwidth floor (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it,
-and ``start_s``: the
-seconds a fresh pipeline at this batch size takes to prefill a short prompt and make its first
-two tokens (compiling or capturing its decode step). Each system runs in a process of its own,
-with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and the batch sizes in
-order: ``start_s`` of the first is a compile, of the later ones a new batch size's start. After
-the first batch that runs out of memory, larger ones are not tried. ``--largest`` then searches
-for the largest batch that fits the GPU: a line through the two largest batches' peaks predicts
-it, a batch that runs out of memory halves the interval, at most four tries. Writes
-``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
+and ``start_s``: the seconds a fresh pipeline at this batch size takes to prefill a short prompt
+and make its first two tokens (compiling or capturing its decode step). Each system runs in a
+process of its own, with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and
+the batch sizes in order: ``start_s`` of the first is a compile, of the later ones a new batch
+size's start. After the first batch that runs out of memory, larger ones are not tried.
+``--largest`` then searches for the largest batch that fits the GPU: a line through the two
+largest batches' peaks predicts it, a batch that runs out of memory halves the interval, at most
+four tries. Writes ``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
 
     python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
         --systems fastkv,transformers --out results/throughput          # H200
@@ -190,12 +189,13 @@ def measure(
         yield record
     if not largest:
         return
-    if len(fitted) < 2:
-        print(f"no search for the largest batch: {len(fitted)} batch size(s) decoded, it needs two")
-        return
     capacity = CAPACITY_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
     for _ in range(SEARCH_TRIES):
-        batch = next_largest(fitted, out_of_memory, capacity, prefill_rows or 1)
+        try:
+            batch = next_largest(fitted, out_of_memory, capacity, prefill_rows or 1)
+        except ValueError as exc:  # too few batch sizes decoded to fit a line through
+            print(f"no search for the largest batch: {exc}")
+            return
         if batch is None:
             return
         record = {**case(batch), "search": True}

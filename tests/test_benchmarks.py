@@ -71,11 +71,22 @@ def test_targets_say_which_are_met_and_by_how_much_the_others_miss():
     assert speed.check_targets(records[1:], 550.0) == []  # no baseline at 128K: nothing to check
 
 
-def _load_speed_module():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
+def _load_benchmark(script: str, name: str):
+    """benchmarks/<script> as a module named ``name`` (it puts benchmarks/ on the path for its own
+    imports)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_speed_module():
+    return _load_benchmark("speed.py", "speed_benchmark")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load_benchmark("throughput.py", "throughput")
 
 
 def test_speed_benchmark_rejects_an_unknown_system_before_any_work(tmp_path):
@@ -182,11 +193,9 @@ def test_paired_benchmark_smoke_run(tmp_path):
     assert refused.returncode != 0 and "kvpress_like.decode has no KEPT_DECODER" in refused.stderr
 
 
-def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
+def test_throughput_benchmark_sets_only_constants_the_library_has(throughput, monkeypatch):
     from kvpress_like import decode
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    throughput = importlib.import_module("throughput")
     monkeypatch.setattr(decode, "KEPT_DECODERS", decode.KEPT_DECODERS)  # restored after the test
     throughput.override("decode.KEPT_DECODERS=7")
     assert decode.KEPT_DECODERS == 7
@@ -196,15 +205,6 @@ def test_throughput_benchmark_sets_only_constants_the_library_has(monkeypatch):
         throughput.override("decode.OWN_GRAPHS=always")
     with pytest.raises(SystemExit, match=r"no module kvpress_like\.decoder$"):
         throughput.override("decoder.KEPT_DECODERS=7")
-
-
-@pytest.fixture(scope="module")
-def throughput():
-    """benchmarks/throughput.py as a module (it puts benchmarks/ on the path for its own imports)."""
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT.parent / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @settings(max_examples=100, deadline=None)
