@@ -209,6 +209,7 @@ def measure(
 
 
 CAPACITY_SHARE = 0.97  # of the GPU's memory, what a batch's predicted peak may take (the rest: CUDA's own)
+MIN_GAIN = 1 / 16  # the least growth over the best fitted batch that the search still tries
 SEARCH_TRIES = 4  # batch sizes the search for the largest may try (a 32K x256 case takes ~4 minutes)
 
 
@@ -221,7 +222,8 @@ def next_largest(
     that did not. A batch's peak is its weights and working set plus its kept caches, so it grows
     linearly with the batch: the line through the two largest fitted batches predicts the largest
     whose peak stays within ``capacity_gib`` (rounded down to a ``multiple``, the prefill's rows per
-    part). Below a batch that ran out of memory, the search halves the interval instead."""
+    part). Below a batch that ran out of memory, the search halves the interval instead. A proposal
+    less than ``MIN_GAIN`` above the best is not worth its prefill (minutes at 32K): the search ends."""
     if len(fitted) < 2:
         raise ValueError(f"--largest: needs two batch sizes that decode to fit a line through, got {fitted}")
     (small, small_peak), (best, best_peak) = sorted(fitted)[-2:]
@@ -230,7 +232,7 @@ def next_largest(
     if out_of_memory is not None:
         predicted = min(predicted, (best + out_of_memory) / 2)
     candidate = int(predicted) // multiple * multiple
-    return candidate if candidate > best else None
+    return candidate if candidate >= best * (1 + MIN_GAIN) else None
 
 
 def main() -> None:
