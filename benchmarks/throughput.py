@@ -6,12 +6,13 @@ also by phase: held before the call, the prefill's peak, held after it, the deco
 decode's bandwidth floor (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it,
 and ``start_s``: the seconds a fresh pipeline at this batch size takes to prefill a short prompt
 and make its first two tokens (compiling or capturing its decode step). Each system runs in a
-process of its own, with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them, and
-the batch sizes in order: ``start_s`` of the first is a compile, of the later ones a new batch
-size's start. After the first batch that runs out of memory, larger ones are not tried.
-``--largest`` then searches for the largest batch that fits the GPU: a line through the two
-largest batches' peaks predicts it, a batch that runs out of memory halves the interval, at most
-four tries. Writes ``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
+process of its own, with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them
+(``--allocator`` sets another), and the batch sizes in order: ``start_s`` of the first is a
+compile, of the later ones a new batch size's start. After the first batch that runs out of memory,
+larger ones are not tried. ``--largest`` then searches for the largest batch that fits the GPU:
+for each phase (prefill, decode), a line through the two largest batches' peaks predicts it, the
+smaller prediction is tried, a batch that runs out of memory halves the interval, at most four
+tries. Writes ``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
 
     python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
         --systems fastkv,transformers --out results/throughput          # H200
@@ -176,7 +177,7 @@ def measure(
         return {**about(batch), "decode_floor_ms": floors["decode_floor_ms"], **result}
 
     out_of_memory = None
-    fitted: list[tuple[int, float]] = []  # (batch, peak GiB) of the batches that decoded
+    fitted: list[tuple[int, tuple[float, ...]]] = []  # (batch, its phases' peaks) of those that decoded
     for batch in batches:
         if out_of_memory is not None:
             yield {**about(batch), "error": f"not tried: batch {out_of_memory} ran out of memory"}
@@ -185,7 +186,7 @@ def measure(
         if record.get("out_of_memory"):
             out_of_memory = batch
         elif "decode_ms" in record:
-            fitted.append((batch, record.get("peak_gib", 0.0)))
+            fitted.append((batch, phase_peaks(record)))
         yield record
     if not largest:
         return
@@ -203,32 +204,47 @@ def measure(
         if record.get("out_of_memory"):
             out_of_memory = batch  # below the last one: proposals stay under the interval's middle
         elif "decode_ms" in record:
-            fitted.append((batch, record["peak_gib"]))
+            fitted.append((batch, phase_peaks(record)))
         else:
             return  # another failure: the search has nothing to go on
 
 
-CAPACITY_SHARE = 0.97  # of the GPU's memory, what a batch's predicted peak may take (the rest: CUDA's own)
+# Of the GPU's memory, what a batch's predicted peak may take. H200 (139.8 GiB), 32K x272: an
+# allocation failed with 130.5 GiB allocated and 1.75 more asked (94.6%), the process holding
+# 138.5 GiB in all (docs/results/session17-h200): 0.92 (128.6 GiB) keeps ~4 GiB below that.
+CAPACITY_SHARE = 0.92
 MIN_GAIN = 1 / 16  # the least growth over the best fitted batch that the search still tries
 SEARCH_TRIES = 4  # batch sizes the search for the largest may try (a 32K x256 case takes ~4 minutes)
 
 
+def phase_peaks(record: dict) -> tuple[float, ...]:
+    """A record's peak GiB per phase (kvpress_like: prefill, decode), else the whole call's."""
+    phases = [record[key] for key in ("prefill_peak_gib", "decode_peak_gib") if key in record]
+    return tuple(phases) if len(phases) == 2 else (record.get("peak_gib", 0.0),)
+
+
 def next_largest(
-    fitted: list[tuple[int, float]], out_of_memory: int | None, capacity_gib: float, multiple: int
+    fitted: list[tuple[int, tuple[float, ...]]], out_of_memory: int | None, capacity_gib: float, multiple: int
 ):
     """The next batch size to try in the search for the largest that fits, or None when it is found.
 
-    ``fitted``: (batch, peak GiB) of the batches that decoded; ``out_of_memory``: the smallest batch
-    that did not. A batch's peak is its weights and working set plus its kept caches, so it grows
-    linearly with the batch: the line through the two largest fitted batches predicts the largest
-    whose peak stays within ``capacity_gib`` (rounded down to a ``multiple``, the prefill's rows per
-    part). Below a batch that ran out of memory, the search halves the interval instead. A proposal
-    less than ``MIN_GAIN`` above the best is not worth its prefill (minutes at 32K): the search ends."""
+    ``fitted``: (batch, peak GiB of each phase) of the batches that decoded; ``out_of_memory``: the
+    smallest batch that did not. A phase's peak is the weights and its working set plus caches that
+    grow with the batch (the prefill holds the kept entries, the decode its buffers of the widest
+    row's slots: H200, 32K, 0.408 and 0.465 GiB a row), so each grows linearly with the batch: per
+    phase, the line through the two largest fitted batches predicts the largest whose peak stays
+    within ``capacity_gib``; the smaller prediction, rounded down to a ``multiple`` (the prefill's
+    rows per part), is proposed. Below a batch that ran out of memory, the search halves the
+    interval instead. A proposal less than ``MIN_GAIN`` above the best is not worth its prefill
+    (minutes at 32K): the search ends."""
     if len(fitted) < 2:
         raise ValueError(f"--largest: needs two batch sizes that decode to fit a line through, got {fitted}")
-    (small, small_peak), (best, best_peak) = sorted(fitted)[-2:]
-    per_row = (best_peak - small_peak) / (best - small)
-    predicted = best + (capacity_gib - best_peak) / per_row if per_row > 0 else 2 * best
+    (small, small_peaks), (best, best_peaks) = sorted(fitted)[-2:]
+    predictions = []
+    for small_peak, best_peak in zip(small_peaks, best_peaks, strict=True):
+        per_row = (best_peak - small_peak) / (best - small)
+        predictions.append(best + (capacity_gib - best_peak) / per_row if per_row > 0 else 2 * best)
+    predicted = min(predictions)
     if out_of_memory is not None:
         predicted = min(predicted, (best + out_of_memory) / 2)
     candidate = int(predicted) // multiple * multiple
@@ -250,6 +266,11 @@ def main() -> None:
         "--largest",
         action="store_true",
         help="then search for the largest batch that fits the GPU (CUDA only)",
+    )
+    parser.add_argument(
+        "--allocator",
+        default="expandable_segments:True",
+        help="PYTORCH_CUDA_ALLOC_CONF of the measuring processes ('' for torch's default allocator)",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="MODULE.NAME=VALUE", help="a kvpress_like constant"
@@ -282,7 +303,11 @@ def main() -> None:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throughput-{args.length}.json"
-    environment = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    }
+    if args.allocator:
+        environment["PYTORCH_CUDA_ALLOC_CONF"] = args.allocator
     records: list[dict] = []
 
     def write(complete: bool) -> None:
@@ -291,7 +316,7 @@ def main() -> None:
             "complete": complete,
             "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__,
-            "allocator": environment["PYTORCH_CUDA_ALLOC_CONF"],
+            "allocator": args.allocator or "torch's default",
             "seconds": round(time.perf_counter() - started),
             "settings": args.set,
         }

@@ -207,49 +207,62 @@ def test_throughput_benchmark_sets_only_constants_the_library_has(throughput, mo
         throughput.override("decoder.KEPT_DECODERS=7")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     small=st.integers(1, 64),
     step=st.integers(1, 64),
-    weights=st.floats(1, 40),
-    per_row=st.floats(0.1, 4),
+    phases=st.lists(st.tuples(st.floats(1, 40), st.floats(0.1, 4)), min_size=1, max_size=2),
     capacity=st.floats(20, 200),
     multiple=st.integers(1, 8),
     out_of_memory_gap=st.one_of(st.none(), st.integers(1, 400)),
 )
-def test_the_largest_batch_search_proposes_the_largest_batch_its_line_lets_fit(
-    throughput, small, step, weights, per_row, capacity, multiple, out_of_memory_gap
+def test_the_largest_batch_search_proposes_the_largest_batch_its_lines_let_fit(
+    throughput, small, step, phases, capacity, multiple, out_of_memory_gap
 ):
-    """Against a brute-force walk over batch sizes: with peaks on a line, the search proposes the
-    largest multiple of the prefill's rows whose peak stays within the capacity (and, below a batch
-    that ran out of memory, within the lower half of the interval), or nothing if no batch at least
-    1/16 larger than the best that fitted qualifies."""
+    """Against a brute-force walk over batch sizes: with each phase's peak on a line of its own
+    (weights and working set, GiB per row), the search proposes the largest multiple of the
+    prefill's rows whose peaks all stay within the capacity (and, below a batch that ran out of
+    memory, within the lower half of the interval), or nothing if no batch at least 1/16 larger
+    than the best that fitted qualifies."""
     best = small + step
-    peak = lambda batch: Fraction(weights) + Fraction(per_row) * batch  # noqa: E731
-    fitted = [(small, float(peak(small))), (best, float(peak(best)))]
+    peaks = lambda batch: [Fraction(fixed) + Fraction(per_row) * batch for fixed, per_row in phases]  # noqa: E731
+    fitted = [(b, tuple(float(p) for p in peaks(b))) for b in (small, best)]
     out_of_memory = None if out_of_memory_gap is None else best + out_of_memory_gap
     allowed = [
         batch
         for batch in range(multiple, 2200, multiple)
-        if peak(batch) <= Fraction(capacity) and (out_of_memory is None or 2 * batch <= best + out_of_memory)
+        if max(peaks(batch)) <= Fraction(capacity)
+        and (out_of_memory is None or 2 * batch <= best + out_of_memory)
     ]
     expected = max(allowed, default=None)
     expected = expected if expected is not None and 16 * expected >= 17 * best else None  # MIN_GAIN
-    # the float line and the exact one may round a batch right at the capacity either way
-    edge = any(abs(float(peak(b)) - capacity) < 1e-6 for b in range(multiple, 2200, multiple))
+    # the float lines and the exact ones may round a batch right at the capacity either way
+    edge = any(abs(float(p) - capacity) < 1e-6 for b in range(multiple, 2200, multiple) for p in peaks(b))
     assume(not edge)
     assert throughput.next_largest(fitted, out_of_memory, capacity, multiple) == expected
 
 
 def test_the_largest_batch_search_ends_once_its_proposal_fits(throughput):
-    first = throughput.next_largest([(8, 24.0), (16, 28.0)], None, 100.0, 4)  # 0.5 GiB a row
+    first = throughput.next_largest([(8, (24.0,)), (16, (28.0,))], None, 100.0, 4)  # 0.5 GiB a row
     assert first == 160
-    assert throughput.next_largest([(8, 24.0), (16, 28.0), (first, 100.0)], None, 100.0, 4) is None
+    assert throughput.next_largest([(8, (24.0,)), (16, (28.0,)), (first, (100.0,))], None, 100.0, 4) is None
     # room for 164 rows, 2.5% more than 160: not worth another prefill of minutes
-    assert throughput.next_largest([(16, 28.0), (first, 97.0)], None, 100.0, 4) is None
-    assert throughput.next_largest([(16, 28.0), (first, 97.0)], None, 104.0, 4) == 172
+    assert throughput.next_largest([(16, (28.0,)), (first, (97.0,))], None, 100.0, 4) is None
+    assert throughput.next_largest([(16, (28.0,)), (first, (97.0,))], None, 104.0, 4) == 172
     with pytest.raises(ValueError, match="needs two batch sizes that decode"):
-        throughput.next_largest([(8, 24.0)], None, 100.0, 4)
+        throughput.next_largest([(8, (24.0,))], None, 100.0, 4)
+
+
+def test_the_largest_batch_search_fits_each_phase_of_the_h200_runs(throughput):
+    """Session 17's H200 peaks at 32K (GiB, prefill and decode): the decode's buffers grow faster
+    per row than the prefill's kept entries, so the decode's line sets the proposal; the records
+    give their phases, a record without them its whole call's peak."""
+    x16 = {"prefill_peak_gib": 27.68, "decode_peak_gib": 22.42, "peak_gib": 27.68}
+    x64 = {"prefill_peak_gib": 47.26, "decode_peak_gib": 44.72, "peak_gib": 47.26}
+    fitted = [(16, throughput.phase_peaks(x16)), (64, throughput.phase_peaks(x64))]
+    decode_line = 64 + (128.6 - 44.72) / ((44.72 - 22.42) / 48)
+    assert throughput.next_largest(fitted, None, 128.6, 4) == int(decode_line) // 4 * 4 == 244
+    assert throughput.phase_peaks({"peak_gib": 9.5}) == (9.5,)
 
 
 @pytest.mark.parametrize(
