@@ -24,7 +24,8 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _rows_of_tensor(prompts: torch.Tensor) -> list[list[int]]:
+def _tensor_rows(prompts: torch.Tensor) -> torch.Tensor:
+    """A tensor of token ids as ``[B, T]``, once its dtype, rank and size are checked."""
     if prompts.dtype == torch.bool or prompts.is_floating_point() or prompts.is_complex():
         raise ConfigError(f"prompts: a tensor of token ids must have an integer dtype (got {prompts.dtype})")
     if prompts.dim() not in (1, 2):
@@ -36,7 +37,14 @@ def _rows_of_tensor(prompts: torch.Tensor) -> list[list[int]]:
         raise ConfigError(
             f"prompts: a tensor of token ids must not be empty (got shape {list(prompts.shape)})"
         )
-    return (prompts[None] if prompts.dim() == 1 else prompts).tolist()
+    return prompts[None] if prompts.dim() == 1 else prompts
+
+
+def _out_of_range(index: int, vocab_size: int, first: int, count: int) -> ConfigError:
+    return ConfigError(
+        f"prompts[{index}]: token ids must be in [0, {vocab_size}), the model's vocabulary "
+        f"(got {first}, one of {count} out of range)"
+    )
 
 
 def use_chat_template(tokenizer: Any, asked: bool | None) -> bool:
@@ -62,9 +70,14 @@ class PromptEncoder:
         self, prompts: Prompts, mode: Mode, chat_template: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids ``[B, T]`` and valid mask ``[B, T]``."""
+        device = self.model.get_input_embeddings().weight.device
+        if isinstance(prompts, torch.Tensor):  # checked where it lies: no trip through host lists
+            ids = _tensor_rows(prompts).to(device=device, dtype=torch.long, copy=True)
+            self._check_range(ids)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
         rows = [self._row(i, prompt, mode, chat_template) for i, prompt in enumerate(self._split(prompts))]
         width = max(map(len, rows))
-        pad, device = self.pad_id(), self.model.get_input_embeddings().weight.device
+        pad = self.pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
         return ids, valid
@@ -72,8 +85,6 @@ class PromptEncoder:
     @staticmethod
     def _split(prompts: Any) -> list[Any]:
         """The prompts as a list of rows (each a string or a sequence of ids)."""
-        if isinstance(prompts, torch.Tensor):
-            return _rows_of_tensor(prompts)
         if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray) or len(prompts) == 0:
             raise ConfigError(
                 "prompts: must be a non-empty string, list of strings, list of token ids, list of such "
@@ -88,7 +99,7 @@ class PromptEncoder:
         if isinstance(prompt, str):
             ids = self._tokenize(prompt, mode, chat_template)
         elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
-            ids = _rows_of_tensor(prompt)[0]
+            ids = _tensor_rows(prompt)[0].tolist()
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
             ids = list(prompt)
             wrong = [t for t in ids if not _is_token_id(t)]
@@ -103,13 +114,20 @@ class PromptEncoder:
             )
         if not ids:
             raise ConfigError(f"{where}: must contain at least one token (got {prompt!r:.40})")
-        out_of_range = [t for t in ids if not 0 <= t < self.vocab_size]
+        vocab_size = self.vocab_size
+        out_of_range = [t for t in ids if not 0 <= t < vocab_size]
         if out_of_range:
-            raise ConfigError(
-                f"{where}: token ids must be in [0, {self.vocab_size}), the model's vocabulary "
-                f"(got {out_of_range[0]}, one of {len(out_of_range)} out of range)"
-            )
+            raise _out_of_range(index, vocab_size, out_of_range[0], len(out_of_range))
         return ids
+
+    def _check_range(self, ids: torch.Tensor) -> None:
+        """``ids [B, T]`` all within the vocabulary, else the first offending row's error."""
+        vocab_size = self.vocab_size
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bool(bad.any()):  # the one host sync, before any model work
+            row = int(bad.any(dim=1).nonzero()[0])
+            wrong = ids[row][bad[row]]
+            raise _out_of_range(row, vocab_size, int(wrong[0]), wrong.numel())
 
     def _tokenize(self, text: str, mode: Mode, chat_template: bool | None) -> list[int]:
         tok = self.tokenizer

@@ -30,6 +30,14 @@ def counted():
 BAD_PROMPTS = {
     "negative id": ([[3, -1, 5]], "token ids must be in [0, 256)"),
     "id past the vocabulary": ([[3, 256, 5]], "token ids must be in [0, 256)"),
+    "negative ids in a tensor": (
+        torch.tensor([[3, 4, 5], [3, -1, -2]]),
+        "prompts[1]: token ids must be in [0, 256), the model's vocabulary (got -1, one of 2 out of range)",
+    ),
+    "an id past the vocabulary in a tensor": (
+        torch.tensor([300, 4], dtype=torch.int16),
+        "prompts[0]: token ids must be in [0, 256), the model's vocabulary (got 300, one of 1 out of range)",
+    ),
     "float tensor": (torch.tensor([[3.0, 4.0]]), "integer dtype (got torch.float32)"),
     "bool tensor": (torch.tensor([[True, False]]), "integer dtype (got torch.bool)"),
     "3-D tensor": (torch.ones(1, 2, 3, dtype=torch.long), "1-D [T] or 2-D [B, T] (got 3-D"),
