@@ -2,18 +2,18 @@
 
 For every batch size and system: the batch's prefill seconds (from the call's start to its first
 token; ``model_prefill_s``: the layers alone, the sum of each part's ``prefill_part_s``), decode
-ms/step (median of the measured steps) and tokens/s (rows / step time), peak GPU memory (for kvpress_like
-also by phase: held before the call, the prefill's peak, held after it, the decode's peak), the
-decode's bandwidth floor (weights plus the batch's kept caches at 4.3 TB/s) and the ratio to it,
-and ``start_s``: the seconds a fresh pipeline at this batch size takes to prefill a short prompt
-and make its first two tokens (compiling or capturing its decode step). Each system runs in a
+ms/step (median of the measured steps) and tokens/s (rows / step time), peak GPU memory (for
+kvpress_like also by phase: held before the call, the prefill's peak, held after it, the decode's
+peak), the decode's bandwidth floor (weights plus the batch's kept caches at 4.3 TB/s) and the ratio
+to it, and ``start_s``: the seconds a fresh pipeline at this batch size takes to prefill a short
+prompt and make its first two tokens (compiling or capturing its decode step). Each system runs in a
 process of its own, with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for all of them
-(``--allocator`` sets another), and the batch sizes in order: ``start_s`` of the first is a
-compile, of the later ones a new batch size's start. After the first batch that runs out of memory,
-larger ones are not tried. ``--largest`` then searches for the largest batch that fits the GPU:
-for each phase (prefill, decode), a line through the two largest batches' peaks predicts it, the
-smaller prediction is tried, a batch that runs out of memory halves the interval, at most four
-tries. Writes ``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
+(``--allocator`` sets another), and the batch sizes in order: ``start_s`` of the first is a compile,
+of the later ones a new batch size's start. After the first batch that runs out of memory, larger
+ones are not tried. ``--largest`` then searches for the largest batch that fits the GPU: for each
+phase (prefill, decode), a line through the two largest batches' peaks predicts it, the smaller
+prediction is tried, a batch that runs out of memory halves the interval, at most four tries. Writes
+``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
 
     python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
         --systems fastkv,transformers --out results/throughput          # H200
