@@ -242,8 +242,8 @@ def next_largest(
 
     ``fitted``: (batch, peak GiB of each phase) of the batches that decoded; ``out_of_memory``: the
     smallest batch that did not. A phase's peak is the weights and its working set plus caches that
-    grow with the batch (the prefill holds the kept entries, the decode its buffers of the widest
-    row's slots: H200, 32K, 0.408 and 0.465 GiB a row), so each grows linearly with the batch: per
+    grow with the batch (the prefill holds the kept entries, the decode its static buffers of a
+    capacity bucket: H200, 32K, 0.408 and 0.465 GiB a row), so each grows linearly with the batch: per
     phase, the line through the two largest fitted batches predicts the largest whose peak stays
     within ``capacity_gib``; the smaller prediction, rounded down to a ``multiple`` (the prefill's
     rows per part), is proposed. Below a batch that ran out of memory, the search halves the
