@@ -25,6 +25,14 @@ from kvpress_like.adapter import ModelAdapter
 # 4096 was the best of 2K-16K: 65 ms at 128K tokens (causal attention of every query: 246 ms),
 # 6.0 ms at 32K (15.1 ms); 8192 took 69 and 6.9 ms, 16384 76 and 8.8 ms.
 SELECTED_BLOCK = 4096
+# A block's selected queries attend over the earlier keys in a call whose query count is rounded up
+# to a multiple of this (the last selected query repeated, its copies dropped), so that the shapes
+# recur from prompt to prompt. cuDNN builds an execution plan for each new shape (flashinfer
+# measured 55-70 ms per build on SM100), and how many queries a block selects depends on the
+# prompt: unrounded, a new 128K row can bring 31 new shapes. The likely cause of the H200's 1.2-1.5 s
+# with the GPU idle in every prefill part whose rows the process had not seen (docs/performance.md,
+# session 17; not yet measured with the rounding). 1 turns it off.
+SELECTED_BUCKET = 128
 
 
 def causal_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> Tensor:
@@ -124,15 +132,23 @@ def selected_causal_attention(
             own, lse = own.index_select(2, rows), lse.index_select(2, rows)
             if start > 0:
                 earlier, earlier_lse = attention_with_lse(
-                    q[:, :, start:end].index_select(2, rows), k[:, :, :start], v[:, :, :start], scaling,
-                    causal=False,
+                    q[:, :, start:end].index_select(2, _bucketed(rows, end - start)),
+                    k[:, :, :start], v[:, :, :start], scaling, causal=False,
                 )  # fmt: skip
-                own = merge_by_lse(own, lse, earlier, earlier_lse)
+                count = rows.numel()
+                own = merge_by_lse(own, lse, earlier[:, :, :count], earlier_lse[:, :, :count])
             if packed:
                 out[row, :, offset + first : offset + last] = own[0]
             else:
                 out[row].index_copy_(1, rows + start, own[0])
     return out
+
+
+def _bucketed(rows: Tensor, most: int) -> Tensor:
+    """``rows`` ``[n]`` padded to a multiple of ``SELECTED_BUCKET`` (at most ``most``) with copies
+    of its last index: a query count that recurs from prompt to prompt (``SELECTED_BUCKET``)."""
+    size = min(-(-rows.numel() // SELECTED_BUCKET) * SELECTED_BUCKET, most)
+    return torch.cat([rows, rows[-1:].expand(size - rows.numel())]) if size > rows.numel() else rows
 
 
 def attention_with_lse(

@@ -113,6 +113,37 @@ def test_random_selections_equal_causal_attention(batch, seq, block, share, seed
     assert_packed_rows_exact(packed, query, keys, values, selected)
 
 
+@pytest.mark.parametrize(("bucket", "recur"), [(16, True), (1, False)])
+def test_two_prompts_give_the_earlier_keys_the_same_query_counts(monkeypatch, bucket, recur):
+    """cuDNN plans each new shape once: two prompts selecting 20 and 25 queries per block send the
+    kernel the same rounded count (32) and every one of their rows stays exact; unrounded, each
+    prompt's own counts, which the test's second case shows it would notice."""
+    monkeypatch.setattr(prefill_attention, "SELECTED_BUCKET", bucket)
+    calls = []
+    original = prefill_attention.attention_with_lse
+
+    def recording(query, keys, values, scaling, causal):
+        if not causal:
+            calls.append((query.shape[2], keys.shape[2]))
+        return original(query, keys, values, scaling, causal)
+
+    monkeypatch.setattr(prefill_attention, "attention_with_lse", recording)
+    seq, block, shapes = 256, 64, []
+    for per_block in (20, 25):
+        query, keys, values = random_qkv(1, seq, seed=per_block)
+        selected = torch.zeros(1, seq, dtype=torch.bool)
+        for start in range(0, seq, block):
+            selected[
+                0, start + torch.randperm(block, generator=torch.Generator().manual_seed(start))[:per_block]
+            ] = True
+        calls.clear()
+        out = selected_causal_attention(query, keys, values, 0.3, selected, block)
+        assert_selected_rows_exact(out, query, keys, values, selected)
+        shapes.append(list(calls))
+    assert shapes[0] == [(32 if recur else 20, start) for start in (64, 128, 192)]
+    assert (shapes[0] == shapes[1]) is recur
+
+
 class Propagate:
     """Answers ``propagate`` at one layer with a fixed mask (and, optionally, asks to restart)."""
 
