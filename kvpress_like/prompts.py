@@ -24,6 +24,11 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# Unsigned dtypes wider than a byte: torch compares few of them, and uint64 values past int64's
+# range would wrap in the cast, so these go the host's way (as lists) to report the true value.
+_CHECKED_AS_LISTS = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _tensor_rows(prompts: torch.Tensor) -> torch.Tensor:
     """A tensor of token ids as ``[B, T]``, once its dtype, rank and size are checked."""
     if prompts.dtype == torch.bool or prompts.is_floating_point() or prompts.is_complex():
@@ -40,7 +45,7 @@ def _tensor_rows(prompts: torch.Tensor) -> torch.Tensor:
     return prompts[None] if prompts.dim() == 1 else prompts
 
 
-def _out_of_range(index: int, vocab_size: int, first: int, count: int) -> ConfigError:
+def _out_of_range_error(index: int, vocab_size: int, first: int, count: int) -> ConfigError:
     return ConfigError(
         f"prompts[{index}]: token ids must be in [0, {vocab_size}), the model's vocabulary "
         f"(got {first}, one of {count} out of range)"
@@ -71,7 +76,8 @@ class PromptEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids ``[B, T]`` and valid mask ``[B, T]``."""
         device = self.model.get_input_embeddings().weight.device
-        if isinstance(prompts, torch.Tensor):  # checked where it lies: no trip through host lists
+        if isinstance(prompts, torch.Tensor) and prompts.dtype not in _CHECKED_AS_LISTS:
+            # checked where it lies: no trip through host lists
             ids = _tensor_rows(prompts).to(device=device, dtype=torch.long, copy=True)
             self._check_range(ids)
             return ids, torch.ones_like(ids, dtype=torch.bool)
@@ -85,6 +91,8 @@ class PromptEncoder:
     @staticmethod
     def _split(prompts: Any) -> list[Any]:
         """The prompts as a list of rows (each a string or a sequence of ids)."""
+        if isinstance(prompts, torch.Tensor):
+            return _tensor_rows(prompts).tolist()
         if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray) or len(prompts) == 0:
             raise ConfigError(
                 "prompts: must be a non-empty string, list of strings, list of token ids, list of such "
@@ -117,7 +125,7 @@ class PromptEncoder:
         vocab_size = self.vocab_size
         out_of_range = [t for t in ids if not 0 <= t < vocab_size]
         if out_of_range:
-            raise _out_of_range(index, vocab_size, out_of_range[0], len(out_of_range))
+            raise _out_of_range_error(index, vocab_size, out_of_range[0], len(out_of_range))
         return ids
 
     def _check_range(self, ids: torch.Tensor) -> None:
@@ -127,7 +135,7 @@ class PromptEncoder:
         if bool(bad.any()):  # the one host sync, before any model work
             row = int(bad.any(dim=1).nonzero()[0])
             wrong = ids[row][bad[row]]
-            raise _out_of_range(row, vocab_size, int(wrong[0]), wrong.numel())
+            raise _out_of_range_error(row, vocab_size, int(wrong[0]), wrong.numel())
 
     def _tokenize(self, text: str, mode: Mode, chat_template: bool | None) -> list[int]:
         tok = self.tokenizer

@@ -73,6 +73,44 @@ def test_integer_tensors_of_any_width_are_token_ids():
     assert pipe(torch.tensor(PROMPT)).token_ids == expected
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+    ],
+)
+def test_a_tensor_of_ids_is_checked_as_its_list_is(dtype):
+    """The tensor path (checked where it lies) against the list of the same ids: the same ids, or
+    the same error, naming the first bad row, its first bad value and its count (vocabulary: 256);
+    the caller's tensor is never the one the pipeline goes on with."""
+    from kvpress_like.prompts import PromptEncoder
+
+    encoder = PromptEncoder(None, tiny_model("llama"))
+    info = torch.iinfo(dtype)
+    low, high = max(info.min, -2), min(info.max, 2**64 - 1)  # each dtype's own extremes near the rules
+    tensor = torch.tensor([[3, 4, 5], [7, low, high], [high, 1, high]], dtype=dtype)
+    as_list = [[int(v) for v in row] for row in tensor.tolist()]
+
+    def outcome(prompts):
+        try:
+            ids, valid = encoder.encode(prompts, "prompt")
+        except ConfigError as exc:
+            return str(exc)
+        assert ids.data_ptr() != getattr(prompts, "data_ptr", lambda: None)()
+        return ids.tolist(), valid.tolist()
+
+    assert outcome(tensor) == outcome(as_list)
+    if high >= 256 or low < 0:  # a dtype that can hold a bad id: the error is there to compare
+        assert isinstance(outcome(tensor), str) and "prompts[1]" in outcome(tensor)
+
+
 def test_max_new_tokens_beyond_the_models_positions_is_refused_at_once(counted):
     model, calls = counted  # max_position_embeddings=1024
     pipe = pipeline(model, "fastkv", **TINY_FASTKV)
