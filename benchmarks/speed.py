@@ -120,7 +120,8 @@ def run_transformers(model, ids: torch.Tensor, steps: int) -> dict:
 
 def timed_call(pipe, ids: torch.Tensor):
     """A kvpress_like call and its seconds to the first token: the whole call's less its decode
-    steps' (like transformers' from ``generate``'s start, which counts its input preparation)."""
+    steps' (like transformers' from ``generate``'s start, which counts its input preparation); the
+    call's closing work after the last step counts too, so this bounds it from above."""
     begin = time.perf_counter()
     out = pipe(ids)
     return out, time.perf_counter() - begin - sum(out.stats.decode_step_seconds)

@@ -222,8 +222,8 @@ def measure(
 
 
 # Of the GPU's memory, what a batch's predicted peak may take. H200 (139.8 GiB), 32K x272: an
-# allocation failed with 130.5 GiB allocated and 1.75 more asked (94.6%), the process holding
-# 138.5 GiB in all (docs/results/session17-h200): 0.92 (128.6 GiB) keeps ~4 GiB below that.
+# allocation failed with 129.9 GiB allocated and 1.75 more asked (94.2%), the process holding
+# 138.5 GiB in all (docs/results/session17-h200): 0.92 (128.6 GiB) keeps ~3 GiB below that.
 CAPACITY_SHARE = 0.92
 MIN_GAIN = 1 / 16  # the least growth over the best fitted batch that the search still tries
 SEARCH_TRIES = 4  # batch sizes the search for the largest may try (a 32K x256 case takes ~4 minutes)

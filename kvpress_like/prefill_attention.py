@@ -25,13 +25,13 @@ from kvpress_like.adapter import ModelAdapter
 # 4096 was the best of 2K-16K: 65 ms at 128K tokens (causal attention of every query: 246 ms),
 # 6.0 ms at 32K (15.1 ms); 8192 took 69 and 6.9 ms, 16384 76 and 8.8 ms.
 SELECTED_BLOCK = 4096
-# A block's selected queries attend over the earlier keys in a call whose query count is rounded up
-# to a multiple of this (the last selected query repeated, its copies dropped), so that the shapes
-# recur from prompt to prompt. cuDNN builds an execution plan for each new shape (flashinfer
-# measured 55-70 ms per build on SM100), and how many queries a block selects depends on the
-# prompt: unrounded, a new 128K row can bring 31 new shapes. The likely cause of the H200's 1.2-1.5 s
-# with the GPU idle in every prefill part whose rows the process had not seen (docs/performance.md,
-# session 17; not yet measured with the rounding). 1 turns it off.
+# A block's selected queries attend over the earlier keys in a call whose query count is rounded
+# up to a multiple of this (the last selected query repeated, its copies dropped), so that the
+# shapes recur from prompt to prompt. cuDNN builds an execution plan for each new shape
+# (flashinfer measured 55-70 ms per build on SM100), and how many queries a block selects depends
+# on the prompt: unrounded, a new 128K row can bring 31 new shapes. The likely cause of the H200's
+# ~1.5 s with the GPU idle in every prefill part whose rows the process had not seen
+# (docs/performance.md, session 17; not yet measured with the rounding). 1 turns it off.
 SELECTED_BUCKET = 128
 
 

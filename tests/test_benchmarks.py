@@ -257,9 +257,9 @@ def test_the_largest_batch_search_ends_once_its_proposal_fits(throughput):
 
 
 def test_the_largest_batch_search_fits_each_phase_of_the_h200_runs(throughput):
-    """Session 17's H200 peaks at 32K (GiB, prefill and decode): the decode's buffers grow faster
-    per row than the prefill's kept entries, so the decode's line sets the proposal; the records
-    give their phases, a record without them its whole call's peak."""
+    """Session 16's H200 peaks at 32K x16 and x64 (GiB, prefill and decode): the decode's buffers
+    grow faster per row than the prefill's kept entries, so the decode's line sets the proposal;
+    the records give their phases, a record without them its whole call's peak."""
     x16 = {"prefill_peak_gib": 27.68, "decode_peak_gib": 22.42, "peak_gib": 27.68}
     x64 = {"prefill_peak_gib": 47.26, "decode_peak_gib": 44.72, "peak_gib": 47.26}
     fitted = [(16, throughput.phase_peaks(x16)), (64, throughput.phase_peaks(x64))]
