@@ -145,8 +145,8 @@ def selected_causal_attention(
 
 
 def _bucketed(rows: Tensor, most: int) -> Tensor:
-    """``rows`` ``[n]`` padded to a multiple of ``SELECTED_BUCKET`` (at most ``most``) with copies
-    of its last index: a query count that recurs from prompt to prompt (``SELECTED_BUCKET``)."""
+    """``rows`` ``[n]`` padded with copies of its last index to a multiple of ``SELECTED_BUCKET``
+    (at most ``most``): a query count that recurs from prompt to prompt."""
     size = min(-(-rows.numel() // SELECTED_BUCKET) * SELECTED_BUCKET, most)
     return torch.cat([rows, rows[-1:].expand(size - rows.numel())]) if size > rows.numel() else rows
 
