@@ -42,7 +42,7 @@ from kvpress_like.parallel import local_shard, shard_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_fastkv import kernel_table
-from speed import pyplot
+from speed_report import pyplot
 
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=4,

@@ -44,11 +44,11 @@ from speed import (
     free_between_cases,
     limits,
     load_model,
-    pyplot,
     run_child,
     run_transformers,
     timed_call,
 )
+from speed_report import pyplot
 
 from kvpress_like import pipeline
 
