@@ -29,9 +29,11 @@ SELECTED_BLOCK = 4096
 # up to a multiple of this (the last selected query repeated, its copies dropped), so that the
 # shapes recur from prompt to prompt. cuDNN builds an execution plan for each new shape
 # (flashinfer measured 55-70 ms per build on SM100), and how many queries a block selects depends
-# on the prompt: unrounded, a new 128K row can bring 31 new shapes. The likely cause of the H200's
-# ~1.5 s with the GPU idle in every prefill part whose rows the process had not seen
-# (docs/performance.md, session 17; not yet measured with the rounding). 1 turns it off.
+# on the prompt: unrounded, a new 128K row can bring 31 new shapes. H200, 32K x16 in 4-row parts:
+# 2.81-2.96 s a part rounded, 2.81 then 3.91-4.46 s unrounded (docs/performance.md, session 18;
+# session 17 logged the GPU idle ~1.5 s of each such part). The count is capped at the block's
+# queries: only a block shorter than the rounded count (a prompt's last) sends a count of its own,
+# as its own causal call does anyway. 1 turns the rounding off; it must be >= 1.
 SELECTED_BUCKET = 128
 
 
