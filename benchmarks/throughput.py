@@ -13,7 +13,8 @@ of the later ones a new batch size's start. After the first batch that runs out 
 ones are not tried. ``--largest`` then searches for the largest batch that fits the GPU: for each
 phase (prefill, decode), a line through the two largest batches' peaks predicts it, the smaller
 prediction is tried, a batch that runs out of memory halves the interval, at most four tries. Writes
-``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table.
+``throughput-<length>.json`` and ``.png`` under ``--out`` and prints a table; ``--join`` puts earlier
+runs at one length (transformers' and FastKV's, say) into one table and plot.
 
     python benchmarks/throughput.py --length 32768 --batches 1,8,16,32,64,128 --prefill-rows 4 \\
         --systems fastkv,transformers --out results/throughput          # H200
@@ -287,8 +288,18 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="MODULE.NAME=VALUE", help="a kvpress_like constant"
     )
+    parser.add_argument(
+        "--join",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: one table and plot of earlier runs at one length (e.g. each system's)",
+    )
     parser.add_argument("--system", help=argparse.SUPPRESS)  # run this one system in this process
     args = parser.parse_args()
+    if args.join:
+        join_runs(args.join, args.out, parser)
+        return
     batches = [int(b) for b in args.batches.split(",")]
     systems = args.systems.split(",")
     unknown = sorted(set(systems) - set(SYSTEMS))
@@ -354,6 +365,28 @@ def main() -> None:
     write(complete=True)
     print_table(records)
     plot(records, path.with_suffix(".png"))
+
+
+def join_runs(paths: list[Path], out: Path, parser: argparse.ArgumentParser) -> None:
+    """Write ``throughput-<length>-joined.json`` and ``.png`` under ``out`` from the records of the
+    runs in ``paths``, in their order, and print their table."""
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(path.read_text())
+            runs.append((path, run["meta"], run["records"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--join: {path} must be a throughput.py JSON file ({type(exc).__name__}: {exc})")
+    records = [record for _, _, run_records in runs for record in run_records]
+    lengths = sorted({record["length"] for record in records})
+    if len(lengths) != 1:
+        parser.error(f"--join: the runs must share one context length, got {lengths}")
+    out.mkdir(parents=True, exist_ok=True)
+    joined = out / f"throughput-{lengths[0]}-joined.json"
+    meta = {"joined": [{"file": str(path), **run_meta} for path, run_meta, _ in runs]}
+    joined.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    print_table(records)
+    plot(records, joined.with_suffix(".png"))
 
 
 def print_table(records: list[dict]) -> None:

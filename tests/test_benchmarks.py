@@ -178,6 +178,44 @@ def test_throughput_benchmark_smoke_run(tmp_path):
     assert "tokens/s" in done.stdout
 
 
+def test_throughput_join_puts_runs_into_one_table_and_plot(tmp_path):
+    """Each system's run, written apart, joined in the order given; runs at two lengths refused."""
+
+    def run(system: str, length: int, batches: list[int]) -> Path:
+        path = tmp_path / system / f"throughput-{length}.json"
+        path.parent.mkdir(exist_ok=True)
+        records = [
+            dict(system=system, length=length, batch=b, prefill_s=0.5 * b, decode_ms=4.0 + b,
+                 tokens_per_s=1000 * b / (4.0 + b), decode_floor_ms=3.5, decode_vs_floor=(4.0 + b) / 3.5,
+                 peak_gib=16.0 + b, start_s=20.0)
+            for b in batches
+        ]  # fmt: skip
+        path.write_text(json.dumps({"meta": {"command": system}, "records": records}))
+        return path
+
+    fastkv, transformers = run("fastkv", 80, [1, 8, 244]), run("transformers", 80, [1, 8])
+    out = tmp_path / "joined"
+    done = run_benchmark("throughput.py", "--join", str(fastkv), str(transformers), "--out", str(out))
+    joined = json.loads((out / "throughput-80-joined.json").read_text())
+    assert [m["file"] for m in joined["meta"]["joined"]] == [str(fastkv), str(transformers)]
+    expected = [("fastkv", 1), ("fastkv", 8), ("fastkv", 244), ("transformers", 1), ("transformers", 8)]
+    assert [(r["system"], r["batch"]) for r in joined["records"]] == expected
+    printed = [
+        line.split()[:2]
+        for line in done.stdout.splitlines()
+        if line.split()[:1] in (["fastkv"], ["transformers"])
+    ]
+    assert [(system, int(batch)) for system, batch in printed] == expected
+    assert (out / "throughput-80-joined.png").stat().st_size > 0
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "throughput.py"), "--join", str(fastkv),
+         str(run("transformers", 96, [1])), "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "--join: the runs must share one context length, got [80, 96]" in refused.stderr
+
+
 def test_paired_benchmark_smoke_run(tmp_path):
     """Both variants decode the same context in alternating rounds; the ratio is of their medians."""
     args = ["--tiny", "--length", "80", "--batch", "2", "--steps", "2", "--rounds", "3"]
