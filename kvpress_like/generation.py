@@ -132,10 +132,16 @@ def decode_loop(context: Context, request: Request, step: Step) -> Generation:
     gen, eos = request.generation, request.eos
     logits = context.last_logits
     device, rows = logits.device, logits.shape[0]
-    pad_lengths = (context.valid.cumsum(dim=-1) == 0).sum(dim=-1)  # each row's left padding
+    # What processors read, [B, T]: each row's tokens right-aligned and its padding (left, or
+    # between a context and its continuation) before them, as in a left-padded model.generate batch,
+    # so that the repetition penalty can leave the padding out.
+    pad_lengths = (~context.valid.bool()).sum(dim=-1)
     processors = logits_processors(request, context.ids.shape[1], pad_lengths)
     criteria = stopping_criteria(request)
-    history = context.ids if processors or criteria else None  # [B, T]: what processors read
+    history = None
+    if processors or criteria:
+        padding_first = torch.sort(context.valid.to(torch.int8), dim=-1, stable=True).indices
+        history = context.ids.gather(1, padding_first)
     generator = None
     if gen.do_sample and request.seed is not None:
         generator = torch.Generator(device=device).manual_seed(request.seed)

@@ -159,6 +159,11 @@ class Pipeline:
         ``logits_processor`` / ``stopping_criteria`` lists, a ``streamer`` (transformers' streamer
         protocol) or an ``on_token`` callback, on every decode path."""
         strategy_fields = set(type(self.strategy.config).model_fields)
+        if isinstance(settings.get("generation_config"), GenerationConfig):
+            settings = {
+                **settings,
+                "generation_config": default_generation(self.model, settings["generation_config"]),
+            }
         call = call_settings(self.engine, self.generation, settings, strategy_fields)
         if context is None:
             if prompts is None:
@@ -183,10 +188,12 @@ class Pipeline:
 
     @property
     def generation(self) -> GenerationConfig:
-        """The generation settings a call starts from: the given GenerationConfig, else the model's
-        own ``generation_config`` as it is now, with the pipeline's keyword settings applied."""
-        base = self._generation_base or default_generation(self.model)
-        return generation_config(base, self._generation_settings)
+        """The generation settings a call starts from: the given GenerationConfig completed from the
+        model's own ``generation_config`` as it is now (as ``model.generate`` completes it), else the
+        model's own, with the pipeline's keyword settings applied."""
+        return generation_config(
+            default_generation(self.model, self._generation_base), self._generation_settings
+        )
 
     def close(self) -> None:
         """Free the static decoders (buffers and captured steps) this pipeline holds."""

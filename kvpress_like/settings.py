@@ -171,10 +171,16 @@ def check_generation(config: GenerationConfig) -> None:
             )
 
 
-def default_generation(model: Any) -> GenerationConfig:
-    """The model's own generation settings, as ``model.generate`` starts from them."""
+def default_generation(model: Any, given: GenerationConfig | None = None) -> GenerationConfig:
+    """The generation settings ``model.generate`` starts from: a copy of ``given`` with the model's
+    own settings where it leaves one unset (None; its end-of-sequence ids, say), else the model's."""
     own = getattr(model, "generation_config", None)
-    return copy.deepcopy(own) if isinstance(own, GenerationConfig) else GenerationConfig()
+    own = own if isinstance(own, GenerationConfig) else GenerationConfig()
+    if given is None:
+        return copy.deepcopy(own)
+    completed = copy.deepcopy(given)
+    completed.update(**own.to_dict(), defaults_only=True)
+    return completed
 
 
 # Keywords of one call that are neither engine nor generation settings.

@@ -117,6 +117,42 @@ def test_generation_config_fields_change_greedy_outputs_as_in_generate(case, dec
 
 
 @pytest.mark.parametrize("decode", PATHS)
+def test_the_repetition_penalty_leaves_out_padding_between_a_context_and_its_continuation(decode):
+    """Rows compressed as a batch, continued by questions of different lengths: the shorter one is
+    padded between its context and its continuation. With the pad id made the token the row says
+    first, penalising the padding would change that row's answer."""
+    model = tiny_model("llama")
+    rows, cuts = random_rows([20, 31], seed=3), [15, 10]  # continuations of 5 and 21 tokens
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, repetition_penalty=3.0)
+    expected = _reference(model, rows, config)
+    model.generation_config.pad_token_id = expected[0][0]
+    assert expected[0][0] not in rows[0]  # so the penalty would touch it only as padding
+    pipe = pipeline(model, "full", generation=config, decode=decode, stop_on_eos=False)
+    context = pipe.compress([row[:cut] for row, cut in zip(rows, cuts, strict=True)])
+    got = pipe.generate([row[cut:] for row, cut in zip(rows, cuts, strict=True)], context=context)
+    assert got.token_ids == expected
+
+
+@pytest.mark.parametrize("given_to", ["pipeline", "call"])
+def test_a_given_generation_config_keeps_the_models_own_end_of_sequence(given_to):
+    """model.generate completes a GenerationConfig it is given from the model's own settings where
+    it leaves one unset: here the end-of-sequence id, a token greedy decoding emits early."""
+    model, ids = tiny_model("llama"), torch.tensor([PROMPT])
+    config = GenerationConfig(max_new_tokens=10, do_sample=False)
+    model.generation_config.eos_token_id = None
+    free = model.generate(ids, generation_config=config)[0, len(PROMPT) :].tolist()
+    stop_at = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    model.generation_config.eos_token_id = free[stop_at]
+    expected = model.generate(ids, generation_config=config)[0, len(PROMPT) :].tolist()
+    assert expected == free[: stop_at + 1]  # the reference stops there
+    if given_to == "pipeline":
+        got = pipeline(model, "full", generation=config)([PROMPT])
+    else:
+        got = pipeline(model, "full", max_new_tokens=3)([PROMPT], generation_config=config)
+    assert got.token_ids == [expected]
+
+
+@pytest.mark.parametrize("decode", PATHS)
 def test_seeded_sampling_draws_what_generate_draws(decode):
     model = tiny_model("llama")
     config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
