@@ -37,6 +37,14 @@ STATE_KWARG = "kvpress_state"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 
+def _rope_types(rotary: nn.Module) -> set[str]:
+    """transformers' rotary module's RoPE types (one per layer type where the family has several)."""
+    rope_type = getattr(rotary, "rope_type", None)
+    return {
+        t for t in (rope_type.values() if isinstance(rope_type, dict) else [rope_type]) if isinstance(t, str)
+    }
+
+
 class AttentionRouter(Protocol):
     """What the routed attention hands each call to (the pipeline's per-forward state)."""
 
@@ -227,6 +235,14 @@ class ModelAdapter:
             sliding = getattr(config, "sliding_window", None) is not None
             self.layer_types = ("sliding_attention" if sliding else "full_attention",) * len(self.layers)
         self._rotary_by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        # transformers' dynamic and longrope RoPE rewrite their module's frequencies at every forward
+        # (dynamic_rope_update): such a module is twinned here, never run, so that neither the model
+        # nor a call in another thread sees this pipeline's frequencies.
+        rope_types = _rope_types(base.rotary_emb)
+        self._rotary_rewrites = any("dynamic" in t or t == "longrope" for t in rope_types)
+        # dynamic NTK's recompute sits behind a data-dependent branch, which torch.compile cannot trace
+        self.decode_compiles = not any("dynamic" in t for t in rope_types)
+        self._rotary = copy.deepcopy(base.rotary_emb) if self._rotary_rewrites else base.rotary_emb
         self.head_dim = self.layers[0].self_attn.head_dim
         self.local_kv_heads = config.num_key_value_heads // self.parallel.size
         self.info = ModelInfo(
@@ -271,9 +287,14 @@ class ModelAdapter:
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str) -> tuple:
         """(cos, sin) for true ``positions`` ``[B, T]``, per layer type where the family has several."""
+        rotary = self._rotary
+        if self._rotary_rewrites and not torch.compiler.is_compiling():
+            # a twin per call, from the frequencies at build: each forward's as on a fresh model,
+            # whatever ran before or runs beside it (a compiled step keeps rewriting its own twin)
+            rotary = copy.deepcopy(rotary)
         if self._rotary_by_type:
-            return self.base.rotary_emb(hidden, positions, layer_type)
-        return self.base.rotary_emb(hidden, positions)
+            return rotary(hidden, positions, layer_type)
+        return rotary(hidden, positions)
 
     def run_layer(
         self,

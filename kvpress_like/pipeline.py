@@ -312,8 +312,14 @@ class Pipeline:
 
     def _decode(self, context: Context, call: CallSettings) -> Generation:
         mode = call.engine.decode
-        if mode == "auto":
-            mode = "compiled" if self.adapter.device.type == "cuda" else "eager"
+        if mode == "auto" and self.adapter.device.type != "cuda":
+            mode = "eager"
+        elif mode == "auto":
+            mode = "compiled" if self.adapter.decode_compiles else "static"
+            if mode == "static":
+                logger.info(
+                    "decode: static, not compiled: torch.compile cannot trace the model's dynamic RoPE"
+                )
         request = Request(
             generation=call.generation,
             eos=self._prompts.eos_ids(call.generation, self.adapter.device),

@@ -241,6 +241,12 @@ def check_call(
     pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one.
     ``make_room(bytes)`` frees what can be freed (idle decoders) before the memory is read."""
     rows = prompt_lengths.shape[0]
+    if call.engine.decode == "compiled" and not adapter.decode_compiles:
+        raise ConfigError(
+            "engine.decode: 'compiled' cannot trace this model's dynamic RoPE (transformers recomputes "
+            "its frequencies behind a data-dependent branch); 'static' runs the same buffers uncompiled "
+            "(got 'compiled')"
+        )
     if "streamer" in call.options and rows > 1:
         raise ConfigError(f"streamer: takes one row, as transformers' streamers do (got {rows} rows)")
     if call.generation.stop_strings and prompts.tokenizer is None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvpress_like import hookimpl, pipeline
+from kvpress_like.errors import ConfigError
 
 from conftest import tiny_model
 
@@ -65,3 +66,68 @@ def test_model_is_unchanged_after_successful_calls():
     context = pipe.compress(PROMPT)
     pipe.generate([5, 6, 7], context=context)
     _assert_same(before, _snapshot(model))
+
+
+def _rope_rewriting_model(kind: str):
+    """A tiny model whose RoPE module rewrites its frequencies in its forward past 32 positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from conftest import COMMON
+
+    torch.manual_seed(0)
+    if kind == "longrope":  # Phi-3-mini-128k's kind
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 8,
+            "long_factor": [8.0 + i for i in range(8)],
+        }
+        model = Phi3ForCausalLM(Phi3Config(**COMMON, original_max_position_embeddings=32, rope_scaling=rope))
+    else:
+        rope = {"rope_type": "dynamic", "factor": 4.0}
+        model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "max_position_embeddings": 32}, rope_scaling=rope))
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _rotary_state(model) -> dict:
+    rotary = model.model.rotary_emb
+    state = {name: value for name, value in vars(rotary).items() if not name.startswith("_")}
+    return {**state, **{name: buffer.clone() for name, buffer in rotary.named_buffers()}}
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("kind", ["longrope", "dynamic"])
+def test_a_rope_that_rewrites_its_frequencies_is_never_rewritten_on_the_model(kind, decode):
+    """transformers' dynamic and longrope RoPE write their module's frequencies at every forward:
+    the pipeline computes its own, so the model's stay as they were, and every call answers what
+    model.generate answers on a fresh model, also after other calls (a long prompt, then a short one)."""
+    long_prompt, short_prompt = PROMPT.repeat(1, 2)[:, :70], PROMPT[:, :20]
+
+    def fresh_generate(prompt):
+        return _rope_rewriting_model(kind).generate(prompt, max_new_tokens=6, do_sample=False)[
+            0, prompt.shape[1] :
+        ]
+
+    expected = [fresh_generate(long_prompt).tolist(), fresh_generate(short_prompt).tolist()]
+    model = _rope_rewriting_model(kind)
+    before = _rotary_state(model)
+    pipe = pipeline(model, "full", max_new_tokens=6, stop_on_eos=False, decode=decode)
+    got = [pipe(long_prompt).token_ids[0], pipe(short_prompt).token_ids[0], pipe(long_prompt).token_ids[0]]
+    assert got == [*expected, expected[0]]
+    after = _rotary_state(model)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value) if isinstance(value, torch.Tensor) else after[name] == value, (
+            name
+        )
+
+
+def test_a_compiled_decode_of_a_dynamic_rope_is_refused_before_any_work():
+    pipe = pipeline(_rope_rewriting_model("dynamic"), "full", max_new_tokens=2, decode="compiled")
+    prefills = []
+    pipe._prefill = lambda *args: prefills.append(args)  # a call that got this far would prefill
+    with pytest.raises(
+        ConfigError, match=r"engine.decode: 'compiled' cannot trace this model's dynamic RoPE"
+    ):
+        pipe(PROMPT)
+    assert prefills == []
