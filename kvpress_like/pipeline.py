@@ -221,6 +221,13 @@ class Pipeline:
             raise ConfigError(f"prompts: must have one row per context row ({rows}) (got {ids.shape[0]})")
         return ids, valid
 
+    def check_settings(self, prompt_tokens: int, **settings: Any) -> None:
+        """Raise the error a call with these settings on one row of ``prompt_tokens`` would raise
+        before its prefill, without running anything (e.g. before compressing a context)."""
+        strategy_fields = set(type(self.strategy.config).model_fields)
+        call = call_settings(self.engine, self.generation, settings, strategy_fields)
+        self._check_call(torch.tensor([prompt_tokens]), call)
+
     def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
         check_call(self.adapter, self._prompts, prompt_lengths, call, self._decoders.make_room)
 
@@ -411,6 +418,11 @@ def _build(
     """A pipeline from sorted settings: all are checked before a model is loaded, those against
     the model (its depth, its generation_config) right after."""
     generation_config(generation or GenerationConfig(), generation_kw)
+    if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise ConfigError(
+            f"tokenizer: must be a tokenizer object (callable, with decode()), as "
+            f"AutoTokenizer.from_pretrained gives (got {tokenizer!r:.60})"
+        )
     if isinstance(strategy, StrategyConfig):
         cls, config = strategy_class(strategy), strategy
     elif not isinstance(strategy, Strategy):

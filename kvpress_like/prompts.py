@@ -155,12 +155,14 @@ class PromptEncoder:
         return tok(text)["input_ids"]
 
     def pad_id(self) -> int:
+        """The id padding takes (masked everywhere): the first pad or EOS id the tokenizer or the
+        model names that the embedding table holds (a tokenizer's added pad token may lie past it)."""
         for source in (self.tokenizer, self.model.generation_config, self.model.config):
             for name in ("pad_token_id", "eos_token_id"):
                 value = getattr(source, name, None)
                 if isinstance(value, list):
                     value = value[0] if value else None
-                if value is not None:
+                if value is not None and 0 <= int(value) < self.vocab_size:
                     return int(value)
         return 0
 

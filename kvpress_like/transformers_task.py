@@ -146,6 +146,8 @@ class KVPressLikeTask(TransformersPipeline):
         engine, kind = self.engine, inputs["kind"]
         if kind == "plain":
             return {"kind": kind, "generations": [engine.generate(inputs["prompt"], **generation)]}
+        longest = inputs["context"].shape[-1] + max(q.shape[-1] for q in inputs["questions"])
+        engine.check_settings(longest, **generation)  # a bad setting fails before the compression
         context = engine.compress(inputs["context"])
         generations = [
             # an empty question part (no separator, question nor template tail): answer from the context

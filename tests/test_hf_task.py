@@ -248,6 +248,26 @@ def test_mistakes_are_config_errors_before_model_work(model):
         shouting(CONTEXT, question="a")
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(max_new_tokens=0), "generation.max_new_tokens: Input should be greater than or equal to 1"),
+        (dict(eos_token_id=9999), "generation.eos_token_id: must be in [0, 256)"),
+        (dict(num_beams=3), "generation.num_beams"),
+    ],
+)
+def test_a_bad_generation_setting_fails_before_the_context_is_compressed(model, setting, message):
+    calls = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        task = make_task(model, char_tokenizer(TEMPLATE), "full")
+        with pytest.raises(ConfigError) as caught:
+            task(CONTEXT, questions=["a?", "b?"], **setting)
+    finally:
+        handle.remove()
+    assert message in str(caught.value) and calls == []
+
+
 # ---- the registration's results (started by ``import_orders`` with the module) -----------------
 
 

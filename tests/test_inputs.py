@@ -192,6 +192,28 @@ def test_a_context_from_another_model_or_tokenizer_is_refused():
     assert first.generate(" more", context=context).token_ids  # its own pipeline takes it
 
 
+@pytest.mark.parametrize("tokenizer", ["gpt2", 3, object()])
+def test_something_that_is_no_tokenizer_is_refused_when_the_pipeline_is_built(tokenizer):
+    with pytest.raises(
+        ConfigError, match=r"tokenizer: must be a tokenizer object \(callable, with decode\(\)\)"
+    ):
+        pipeline(tiny_model("llama"), "full", tokenizer=tokenizer)
+
+
+def test_a_pad_id_past_the_vocabulary_pads_with_one_inside_it():
+    """A tokenizer's added pad token the embeddings were not resized for: padding (masked) takes
+    the next id the model names, and each row of a padded batch answers as alone."""
+
+    class AddedPad(CharTokenizer):
+        pad_token_id = 300
+
+    model = tiny_model("llama")
+    rows = random_rows([6, 9], seed=4)
+    pipe = pipeline(model, "full", tokenizer=AddedPad(), max_new_tokens=4, stop_on_eos=False)
+    alone = [pipe([row]).token_ids[0] for row in rows]
+    assert pipe(rows).token_ids == alone
+
+
 @pytest.mark.parametrize("model", [None, 3, "/nonexistent/model", torch.nn.Linear(2, 2)])
 def test_something_that_is_no_model_is_refused(model):
     with pytest.raises(ConfigError, match="model"):
