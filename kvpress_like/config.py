@@ -16,15 +16,37 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kvpress_like.errors import ConfigError, config_error_from
 
 
-class StrictModel(BaseModel):
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes True/False as such (bool, Any, a Literal of one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(value, bool) for value in get_args(annotation))
+    if get_origin(annotation) is Annotated:
+        return _admits_bool(get_args(annotation)[0])
+    return any(_admits_bool(arg) for arg in get_args(annotation))
+
+
+class NoBoolNumbers(BaseModel):
+    """Pydantic's lax mode reads True as 1: a number field refuses a bool instead."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must not be a bool")
+        return value
+
+
+class StrictModel(NoBoolNumbers):
     """Unknown keys are an error, and assignments are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)

@@ -33,7 +33,7 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.forward import Forward
 from kvpress_like.generation import Request, Step, decode_loop, elapsed
 from kvpress_like.identity import origin
-from kvpress_like.plugins import Strategy, make_plugin_manager, strategy_class, strategy_config
+from kvpress_like.plugins import Strategy, check_plugins, make_plugin_manager, strategy_class, strategy_config
 from kvpress_like.prefill_attention import chunk_kernels_available
 from kvpress_like.prompts import PromptEncoder, Prompts
 from kvpress_like.results import Context, Generation, Stats, check_context, context_source
@@ -41,6 +41,7 @@ from kvpress_like.sampling import Sampling, choose
 from kvpress_like.settings import (
     CallSettings,
     call_settings,
+    check_arguments,
     check_call,
     default_generation,
     engine_config,
@@ -104,6 +105,7 @@ class Pipeline:
         """Build from a YAML/TOML file (see ``kvpress_like.config``); keyword arguments override it.
         The file's sections are never merged: ``settings`` are the strategy's, ``generation`` the
         engine's and transformers' GenerationConfig's."""
+        check_arguments(tokenizer=tokenizer)
         cfg = load_config(path)
         name = cfg.strategy
         strategy_kw, engine_kw, generation_kw = split_keywords(
@@ -391,6 +393,7 @@ def pipeline(
     (``tsp_rate=0.2, max_new_tokens=64, decode="eager"``); a name two of them know is refused,
     naming both. Everything is validated before the model is loaded or run.
     """
+    check_arguments(generation=generation, engine=engine, tokenizer=tokenizer)
     cls = strategy_class(strategy)
     name = getattr(cls, "name", cls.__name__)
     strategy_kw, engine_kw, generation_kw = split_keywords(settings, name, set(cls.Config.model_fields))
@@ -418,11 +421,7 @@ def _build(
     """A pipeline from sorted settings: all are checked before a model is loaded, those against
     the model (its depth, its generation_config) right after."""
     generation_config(generation or GenerationConfig(), generation_kw)
-    if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
-        raise ConfigError(
-            f"tokenizer: must be a tokenizer object (callable, with decode()), as "
-            f"AutoTokenizer.from_pretrained gives (got {tokenizer!r:.60})"
-        )
+    plugins = check_plugins(plugins)
     if isinstance(strategy, StrategyConfig):
         cls, config = strategy_class(strategy), strategy
     elif not isinstance(strategy, Strategy):

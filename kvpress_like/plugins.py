@@ -168,6 +168,28 @@ def list_strategies() -> dict[str, str]:
     return {info.name: info.description for info in describe_strategies()}
 
 
+def check_plugins(plugins: Any) -> list[object]:
+    """``plugins`` as a list, each implementing at least one of the project's hooks."""
+    if isinstance(plugins, str | bytes) or not isinstance(plugins, Iterable):
+        raise ConfigError(f"plugins: must be a list of plugin objects (got {plugins!r:.60})")
+    plugins = list(plugins)
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs.StrategySpec)
+    for index, plugin in enumerate(plugins):
+        if any(plugin is earlier for earlier in plugins[:index]):
+            raise ConfigError(f"plugins[{index}]: must be given once (got {plugin!r:.60} again)")
+        try:
+            pm.register(plugin)
+        except pluggy.PluginValidationError as exc:  # a hook's arguments that its spec lacks, say
+            raise ConfigError(f"plugins[{index}]: {exc} (got {plugin!r:.60})") from None
+        if not pm.get_hookcallers(plugin):
+            raise ConfigError(
+                f"plugins[{index}]: must implement at least one of kvpress_like's hooks (methods "
+                f"marked with kvpress_like.hookimpl) (got {plugin!r:.60})"
+            )
+    return plugins
+
+
 def make_plugin_manager(strategy: Strategy, extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
     """A fresh manager: the strategy first, extra plugins on top (asked before it)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from transformers import GenerationConfig
 
-from kvpress_like.config import EngineConfig
+from kvpress_like.config import EngineConfig, NoBoolNumbers
 from kvpress_like.errors import ConfigError, config_error_from
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ HONOURED = frozenset(
 NonNegative = Annotated[int, Field(ge=0)]
 
 
-class _GenerationChecks(BaseModel):
+class _GenerationChecks(NoBoolNumbers):
     """The rules of the generation settings the decode loop honours (transformers checks less)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -136,7 +136,11 @@ def generation_config(base: GenerationConfig, overrides: Mapping[str, Any]) -> G
         )
     given = {k: v for k, v in overrides.items() if v is not None}  # None: the setting stays
     try:
-        _GenerationChecks.model_validate({**config.to_dict(), "max_new_tokens": 1, **given})
+        checked = _GenerationChecks.model_validate({**config.to_dict(), "max_new_tokens": 1, **given})
+        # the checked types ("5" -> 5), which transformers' own validation compares
+        given = {
+            k: getattr(checked, k) if k in _GenerationChecks.model_fields else v for k, v in given.items()
+        }
         config.update(**given)  # transformers validates too
     except ValidationError as exc:
         raise config_error_from(exc, "generation") from None
@@ -169,6 +173,26 @@ def check_generation(config: GenerationConfig) -> None:
                 f"generation.{name}: is not supported by kvpress_like's decoding (its default, "
                 f"{defaults[name]!r}, is) (got {value!r})"
             )
+
+
+def check_arguments(generation: Any = None, engine: Any = None, tokenizer: Any = None) -> None:
+    """Refuse a pipeline's argument of the wrong kind (a dict for a config, a name for a tokenizer),
+    naming it, before anything is built."""
+    given = (
+        ("generation", generation, GenerationConfig, "transformers' GenerationConfig"),
+        ("engine", engine, EngineConfig, "kvpress_like's EngineConfig"),
+    )
+    for argument, value, kind, what in given:
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(
+                f"{argument}: must be {what}, or its fields given as keywords "
+                f"(got {type(value).__name__} {value!r:.60})"
+            )
+    if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise ConfigError(
+            f"tokenizer: must be a tokenizer object (callable, with decode()), as "
+            f"AutoTokenizer.from_pretrained gives (got {tokenizer!r:.60})"
+        )
 
 
 def default_generation(model: Any, given: GenerationConfig | None = None) -> GenerationConfig:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kvpress_like import ConfigError, Pipeline, UnsupportedModelError, load_config, pipeline
+from kvpress_like import ConfigError, Pipeline, UnsupportedModelError, hookimpl, load_config, pipeline
 
 from conftest import CharTokenizer, tiny_model
 
@@ -44,6 +44,20 @@ def forward_calls(model):
         ({"tsp_rat": 0.2}, ["fastkv.tsp_rat", "Extra inputs are not permitted"]),
         ({"max_new_tokens": 0}, ["generation.max_new_tokens", "greater than or equal to 1", "0"]),
         ({"top_p": 1.5}, ["generation.top_p", "1.5"]),
+        ({"tsp_layer": True}, ["fastkv.tsp_layer", "must not be a bool", "True"]),
+        ({"max_new_tokens": True}, ["generation.max_new_tokens", "must not be a bool", "True"]),
+        ({"max_new_tokens": "many"}, ["generation.max_new_tokens", "valid integer", "many"]),
+        ({"seed": False}, ["engine.seed", "must not be a bool", "False"]),
+        (
+            {"generation": {"max_new_tokens": 3}},
+            ["generation: must be transformers' GenerationConfig", "dict"],
+        ),
+        ({"engine": {"decode": "eager"}}, ["engine: must be kvpress_like's EngineConfig", "'eager'"]),
+        ({"plugins": 5}, ["plugins: must be a list of plugin objects", "5"]),
+        (
+            {"plugins": [object()]},
+            ["plugins[0]: must implement at least one of kvpress_like's hooks", "object"],
+        ),
     ],
 )
 def test_bad_settings_name_field_rule_and_value(model, settings, expected):
@@ -51,6 +65,24 @@ def test_bad_settings_name_field_rule_and_value(model, settings, expected):
         pipeline(model, "fastkv", **settings)
     for fragment in expected:
         assert fragment in str(err.value)
+
+
+def test_settings_are_read_as_their_types_and_a_plugin_is_given_once(model):
+    """A number in a string is read as the number (pydantic's lax mode, as a config file's values
+    are); a flag stays a flag; one plugin object twice would run its hooks twice."""
+    pipe = pipeline(model, "fastkv", max_new_tokens="5", temperature="0.5", do_sample=True)
+    assert (pipe.generation.max_new_tokens, pipe.generation.temperature) == (5, 0.5)
+    assert pipe.generation.do_sample is True
+
+    class Scores:
+        @hookimpl
+        def score(self, layer):
+            return None
+
+    once = Scores()
+    pipeline(model, "fastkv", plugins=[once])
+    with pytest.raises(ConfigError, match=r"plugins\[1\]: must be given once"):
+        pipeline(model, "fastkv", plugins=[once, once])
 
 
 def test_settings_are_checked_before_a_model_is_loaded():
