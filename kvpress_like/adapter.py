@@ -45,6 +45,14 @@ def _rope_types(rotary: nn.Module) -> set[str]:
     }
 
 
+def _rotary_twin(rotary: nn.Module) -> nn.Module:
+    """A copy of a rotary module whose buffers and attributes are its own (its config shared):
+    what transformers' frequency update writes lands on it alone."""
+    twin = copy.copy(rotary)
+    twin._buffers = {name: None if b is None else b.clone() for name, b in rotary._buffers.items()}
+    return twin
+
+
 class AttentionRouter(Protocol):
     """What the routed attention hands each call to (the pipeline's per-forward state)."""
 
@@ -242,7 +250,7 @@ class ModelAdapter:
         self._rotary_rewrites = any("dynamic" in t or t == "longrope" for t in rope_types)
         # dynamic NTK's recompute sits behind a data-dependent branch, which torch.compile cannot trace
         self.decode_compiles = not any("dynamic" in t for t in rope_types)
-        self._rotary = copy.deepcopy(base.rotary_emb) if self._rotary_rewrites else base.rotary_emb
+        self._rotary = _rotary_twin(base.rotary_emb) if self._rotary_rewrites else base.rotary_emb
         self.head_dim = self.layers[0].self_attn.head_dim
         self.local_kv_heads = config.num_key_value_heads // self.parallel.size
         self.info = ModelInfo(
@@ -291,7 +299,7 @@ class ModelAdapter:
         if self._rotary_rewrites and not torch.compiler.is_compiling():
             # a twin per call, from the frequencies at build: each forward's as on a fresh model,
             # whatever ran before or runs beside it (a compiled step keeps rewriting its own twin)
-            rotary = copy.deepcopy(rotary)
+            rotary = _rotary_twin(rotary)
         if self._rotary_by_type:
             return rotary(hidden, positions, layer_type)
         return rotary(hidden, positions)

@@ -160,13 +160,7 @@ class Pipeline:
         ``generation_config=GenerationConfig(...)``, ``decode="eager"``, ...), and
         ``logits_processor`` / ``stopping_criteria`` lists, a ``streamer`` (transformers' streamer
         protocol) or an ``on_token`` callback, on every decode path."""
-        strategy_fields = set(type(self.strategy.config).model_fields)
-        if isinstance(settings.get("generation_config"), GenerationConfig):
-            settings = {
-                **settings,
-                "generation_config": default_generation(self.model, settings["generation_config"]),
-            }
-        call = call_settings(self.engine, self.generation, settings, strategy_fields)
+        call = self._call_settings(settings)
         if context is None:
             if prompts is None:
                 raise ConfigError("prompts: must be given unless a context is (got None)")
@@ -226,9 +220,16 @@ class Pipeline:
     def check_settings(self, prompt_tokens: int, **settings: Any) -> None:
         """Raise the error a call with these settings on one row of ``prompt_tokens`` would raise
         before its prefill, without running anything (e.g. before compressing a context)."""
+        self._check_call(torch.tensor([prompt_tokens]), self._call_settings(settings))
+
+    def _call_settings(self, settings: dict[str, Any]) -> CallSettings:
+        """One call's settings, checked; a GenerationConfig among them is completed from the
+        model's own, as ``model.generate`` completes one it is given."""
+        given = settings.get("generation_config")
+        if isinstance(given, GenerationConfig):
+            settings = {**settings, "generation_config": default_generation(self.model, given)}
         strategy_fields = set(type(self.strategy.config).model_fields)
-        call = call_settings(self.engine, self.generation, settings, strategy_fields)
-        self._check_call(torch.tensor([prompt_tokens]), call)
+        return call_settings(self.engine, self.generation, settings, strategy_fields)
 
     def _check_call(self, prompt_lengths: Tensor, call: CallSettings) -> None:
         check_call(self.adapter, self._prompts, prompt_lengths, call, self._decoders.make_room)
