@@ -325,7 +325,7 @@ class Pipeline:
         if mode == "auto" and self.adapter.device.type != "cuda":
             mode = "eager"
         elif mode == "auto":
-            mode = "compiled" if self.adapter.decode_compiles else "static"
+            mode = "compiled" if self.adapter.rotary_embedding.compiles else "static"
             if mode == "static":
                 logger.info(
                     "decode: static, not compiled: torch.compile cannot trace the model's dynamic RoPE"

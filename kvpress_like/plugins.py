@@ -176,11 +176,14 @@ def check_plugins(plugins: Any) -> list[object]:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.StrategySpec)
     for index, plugin in enumerate(plugins):
+        if isinstance(plugin, type):
+            raise ConfigError(f"plugins[{index}]: must be an instance, not a class (got {plugin!r:.60})")
         if any(plugin is earlier for earlier in plugins[:index]):
             raise ConfigError(f"plugins[{index}]: must be given once (got {plugin!r:.60} again)")
         try:
             pm.register(plugin)
-        except pluggy.PluginValidationError as exc:  # a hook's arguments that its spec lacks, say
+            pm.check_pending()  # a hook name no spec declares (a misspelling)
+        except pluggy.PluginValidationError as exc:  # or a hook's arguments that its spec lacks
             raise ConfigError(f"plugins[{index}]: {exc} (got {plugin!r:.60})") from None
         if not pm.get_hookcallers(plugin):
             raise ConfigError(

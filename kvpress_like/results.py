@@ -40,7 +40,9 @@ class Context:
     last_logits: torch.Tensor  # [B, V] float: logits for the token after the prompt
     stats: Stats
     source: dict[str, str]  # what made it, compared with the pipeline it is given to
-    ids: torch.Tensor  # [B, T] long: the prompt's ids, left-padded (what logits processors read)
+    # [B, T] long: the prompt's ids, padded (left, and between a context and its continuation);
+    # logits processors read each row's ids right-aligned (generation.decode_loop)
+    ids: torch.Tensor
     valid: torch.Tensor  # [B, T] bool: False for padding
     # model and tokenizer identity (``identity.py``) and the strategy, as a saved file records them
     origin: dict[str, Any] = field(default_factory=dict)

@@ -265,7 +265,7 @@ def check_call(
     pass the model's positions. ``prompt_lengths`` ``[B]``: tokens before the first new one.
     ``make_room(bytes)`` frees what can be freed (idle decoders) before the memory is read."""
     rows = prompt_lengths.shape[0]
-    if call.engine.decode == "compiled" and not adapter.decode_compiles:
+    if call.engine.decode == "compiled" and not adapter.rotary_embedding.compiles:
         raise ConfigError(
             "engine.decode: 'compiled' cannot trace this model's dynamic RoPE (transformers recomputes "
             "its frequencies behind a data-dependent branch); 'static' runs the same buffers uncompiled "

@@ -83,6 +83,16 @@ def test_settings_are_read_as_their_types_and_a_plugin_is_given_once(model):
     pipeline(model, "fastkv", plugins=[once])
     with pytest.raises(ConfigError, match=r"plugins\[1\]: must be given once"):
         pipeline(model, "fastkv", plugins=[once, once])
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: must be an instance, not a class"):
+        pipeline(model, "fastkv", plugins=[Scores])
+
+    class Misspelled:
+        @hookimpl
+        def scores(self, layer):
+            return None
+
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: unknown hook 'scores'"):
+        pipeline(model, "fastkv", plugins=[Misspelled()])
 
 
 def test_settings_are_checked_before_a_model_is_loaded():
