@@ -28,6 +28,21 @@ def _rope_types(rotary: nn.Module) -> set[str]:
     return {t for t in types if isinstance(t, str)}
 
 
+def _fresh_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with buffers and attributes of its own (the config shared), holding the
+    frequencies a fresh model starts from, whatever the model has run."""
+    twin = copy.copy(module)
+    twin._buffers = {name: None if b is None else b.clone() for name, b in module._buffers.items()}
+    for name in [n for n in twin._buffers if n.endswith("inv_freq")]:
+        prefix = name.removesuffix("inv_freq")
+        original = getattr(twin, f"{prefix}original_inv_freq", None)
+        if original is not None:
+            twin._buffers[name] = original.clone()
+        if hasattr(twin, f"{prefix}max_seq_len_cached") and hasattr(twin, "original_max_seq_len"):
+            setattr(twin, f"{prefix}max_seq_len_cached", twin.original_max_seq_len)
+    return twin
+
+
 class RotaryEmbedding:
     """(cos, sin) ``[B, T, D]`` for positions ``[B, T]``, from the model's rotary module."""
 
@@ -37,29 +52,20 @@ class RotaryEmbedding:
         # dynamic NTK's update sits behind a data-dependent branch, which torch.compile cannot trace
         self.compiles = not any("dynamic" in t for t in rope_types)
         self.rewrites = any("dynamic" in t or t == "longrope" for t in rope_types)
-        if not self.rewrites:
-            self.module = module
-            return
-        twin = copy.copy(module)
-        twin._buffers = {name: None if b is None else b.clone() for name, b in module._buffers.items()}
-        for name in [n for n in twin._buffers if n.endswith("inv_freq")]:
-            prefix = name.removesuffix("inv_freq")
-            original = getattr(twin, f"{prefix}original_inv_freq", None)
-            if original is not None:  # what a fresh model starts from (the model may have grown)
-                twin._buffers[name] = original.clone()
-            if hasattr(twin, f"{prefix}max_seq_len_cached") and hasattr(twin, "original_max_seq_len"):
-                setattr(twin, f"{prefix}max_seq_len_cached", twin.original_max_seq_len)
-        self.module = twin
-        self._fresh = (dict(twin.__dict__), dict(twin._buffers))
-        self._lock = threading.Lock()
+        self.module = _fresh_twin(module) if self.rewrites else module
+        if self.rewrites:
+            # compiled steps write a twin of their own, so an eager call beside them never races them
+            self._compiled_module = _fresh_twin(module)
+            self._fresh = (dict(self.module.__dict__), dict(self.module._buffers))
+            self._lock = threading.Lock()
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str) -> tuple:
         args = (hidden, positions, layer_type) if self.by_layer_type else (hidden, positions)
         if not self.rewrites:
             return self.module(*args)
         forward = type(self.module).forward  # not an instance's, which may be bound to the model's
-        if torch.compiler.is_compiling():  # a compiled step keeps its twin's state from call to call
-            return forward(self.module, *args)
+        if torch.compiler.is_compiling():  # keeps its state from step to step, as transformers does
+            return forward(self._compiled_module, *args)
         with self._lock:
             attributes, buffers = self._fresh
             self.module.__dict__.update(attributes)
