@@ -202,16 +202,19 @@ def test_something_that_is_no_tokenizer_is_refused_when_the_pipeline_is_built(to
 
 def test_a_pad_id_past_the_vocabulary_pads_with_one_inside_it():
     """A tokenizer's added pad token the embeddings were not resized for: padding (masked) takes
-    the next id the model names, and each row of a padded batch answers as alone."""
+    the next id the model names, and each row of a padded batch answers as model.generate does."""
 
     class AddedPad(CharTokenizer):
         pad_token_id = 300
 
     model = tiny_model("llama")
+    model.generation_config.eos_token_id = None  # four tokens from both
     rows = random_rows([6, 9], seed=4)
-    pipe = pipeline(model, "full", tokenizer=AddedPad(), max_new_tokens=4, stop_on_eos=False)
-    alone = [pipe([row]).token_ids[0] for row in rows]
-    assert pipe(rows).token_ids == alone
+    expected = [
+        model.generate(torch.tensor([row]), max_new_tokens=4, do_sample=False)[0, len(row) :] for row in rows
+    ]
+    got = pipeline(model, "full", tokenizer=AddedPad(), max_new_tokens=4)(rows).token_ids
+    assert got == [row.tolist() for row in expected]
 
 
 @pytest.mark.parametrize("model", [None, 3, "/nonexistent/model", torch.nn.Linear(2, 2)])
