@@ -70,12 +70,18 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def _new_manager() -> pluggy.PluginManager:
+    """An empty manager that knows the project's hook specs."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs.StrategySpec)
+    return pm
+
+
 def _check_class(cls: object, where: str) -> type[Strategy]:
     """A Strategy subclass whose hook implementations match the hook specs."""
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise TypeError(f"{where} must be a kvpress_like.Strategy subclass (got {cls!r})")
-    probe = pluggy.PluginManager(hookspecs.PROJECT)
-    probe.add_hookspecs(hookspecs.StrategySpec)
+    probe = _new_manager()
     probe.register(cls)  # wrong argument names raise here
     probe.check_pending()  # unknown hook names raise here
     return cls
@@ -173,8 +179,7 @@ def check_plugins(plugins: Any) -> list[object]:
     if isinstance(plugins, str | bytes) or not isinstance(plugins, Iterable):
         raise ConfigError(f"plugins: must be a list of plugin objects (got {plugins!r:.60})")
     plugins = list(plugins)
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs.StrategySpec)
+    pm = _new_manager()  # a probe: the pipeline's own manager needs the built strategy
     for index, plugin in enumerate(plugins):
         if isinstance(plugin, type):
             raise ConfigError(f"plugins[{index}]: must be an instance, not a class (got {plugin!r:.60})")
@@ -195,8 +200,7 @@ def check_plugins(plugins: Any) -> list[object]:
 
 def make_plugin_manager(strategy: Strategy, extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
     """A fresh manager: the strategy first, extra plugins on top (asked before it)."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs.StrategySpec)
+    pm = _new_manager()
     pm.register(strategy)
     for plugin in extra_plugins:
         pm.register(plugin)
